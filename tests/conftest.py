@@ -1,0 +1,88 @@
+"""Shared test helpers: which backends can run here, on which device, and the nearest-code check."""
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+import vqvae_fast
+from vqvae_fast import _extension
+from vqvae_fast.ops import triton_available, triton_interpreting
+from vqvae_fast.reference import exact_sq_distances
+
+HAS_CUDA = torch.cuda.is_available()
+ALL_BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+def backend_device(backend: str) -> str:
+    """Device the backend's tests run on; pytest.skip when it cannot run on this machine."""
+    if backend == "cpu":
+        return "cpu"  # never skipped: a missing compiled extension must fail the tests
+    if backend == "reference":
+        return "cuda" if HAS_CUDA else "cpu"
+    if backend == "triton":
+        if not triton_available():
+            pytest.skip("triton is not installed")
+        if HAS_CUDA and not triton_interpreting():
+            return "cuda"
+        if triton_interpreting():
+            return "cpu"
+        pytest.skip("Triton needs a GPU, or TRITON_INTERPRET=1 to run on the CPU")
+    if backend == "cuda":
+        if not HAS_CUDA:
+            pytest.skip("backend='cuda' needs a GPU")
+        return "cuda"
+    raise ValueError(backend)
+
+
+# Largest allowed excess of the chosen code's exact distance over the true minimum,
+# relative to ||z - c||^2 + max_k ||e_k - c||^2 (c: the codebook mean), per backend and dtype.
+# The C++ CPU kernel re-checks close candidates in float64: exact for every dtype.
+# The GPU kernels score in fp32 (fp64 for fp64) with exact 16-bit products.
+def distance_rtol(backend: str, dtype: torch.dtype) -> float:
+    if backend in ("reference", "cpu") or dtype == torch.float64:
+        return 1e-12
+    return 2e-5
+
+
+def assert_nearest(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, rtol: float) -> None:
+    """The chosen code's exact (float64) distance is the true minimum, within rtol of the scale."""
+    n, k = z.shape[0], codebook.shape[0]
+    assert indices.dtype == torch.int64 and indices.shape == (n,), (indices.dtype, indices.shape)
+    assert indices.device == z.device
+    indices = indices.cpu()
+    assert bool(((indices >= 0) & (indices < k)).all()), f"index out of range [0, {k}): {indices}"
+    if n == 0:
+        return
+    z64, e64 = z.detach().cpu().double(), codebook.detach().cpu().double()
+    d = exact_sq_distances(z64, e64)
+    chosen, best = d.gather(1, indices[:, None])[:, 0], d.min(1).values
+    centre = e64.mean(0)
+    scale = ((z64 - centre) ** 2).sum(1) + ((e64 - centre) ** 2).sum(1).max()
+    gap = chosen - best
+    bad = gap > rtol * scale + 1e-300
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} of {n} rows chose a code farther than the nearest: worst excess "
+        f"{float((gap / scale).max()):.3g} of the scale (allowed {rtol:g})")
+
+
+# Fresh random inputs on every run; set VQVAE_FAST_TEST_SEED to replay a failing one.
+SEED = int(os.environ.get("VQVAE_FAST_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"vqvae_fast test seed: VQVAE_FAST_TEST_SEED={SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore_determinism(request):
+    torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+__all__ = ["ALL_BACKENDS", "HAS_CUDA", "assert_nearest", "backend_device", "distance_rtol", "vqvae_fast",
+           "_extension"]

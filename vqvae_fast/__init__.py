@@ -1,0 +1,17 @@
+"""vqvae_fast: a fused nearest-codebook vector quantizer for VQ-VAEs, and the model around it."""
+from __future__ import annotations
+
+from . import _extension
+from .functional import BACKENDS, InputError, QuantizeOutput, nearest_code, quantize
+from .vector_quantizer import VectorQuantizer, VQOutput
+
+__all__ = [
+    "BACKENDS",
+    "InputError",
+    "QuantizeOutput",
+    "VQOutput",
+    "VectorQuantizer",
+    "nearest_code",
+    "quantize",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,43 @@
+"""Loads the compiled library `vqvae_fast._C` (C++ CPU kernels, CUDA kernels if built).
+
+Importing `_C` registers the ops `vqvae_fast::nearest_code_fwd` and `quantize_bwd`. If it
+cannot load, the package still works through the Triton and reference backends and says
+so once.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers the ops)
+
+    LOAD_ERROR: str | None = None
+except ImportError as error:  # not built, or built against another torch
+    LOAD_ERROR = str(error)
+    warnings.warn(
+        f"vqvae_fast: the compiled extension could not be loaded ({error}); the 'cpu' and 'cuda' "
+        "backends are unavailable and backend='auto' falls back to 'triton'/'reference'. "
+        "Rebuild with `pip install -e . --no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_compiled() -> bool:
+    """True when the C++ library loaded (the 'cpu' backend is available)."""
+    return LOAD_ERROR is None
+
+
+def has_cuda_kernels() -> bool:
+    """True when the compiled library carries the CUDA kernels (the 'cuda' backend)."""
+    if not has_compiled():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("vqvae_fast::nearest_code_fwd", "CUDA")
+
+
+if has_compiled():
+    from .ops.registration import register_op_pair
+
+    register_op_pair("vqvae_fast::nearest_code_fwd", "vqvae_fast::quantize_bwd")

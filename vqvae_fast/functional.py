@@ -1,0 +1,126 @@
+"""Public functional API and the one place that maps `backend=` to an implementation."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _extension, reference
+from .ops import triton_available, triton_interpreting
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+
+
+class InputError(ValueError, TypeError, RuntimeError):
+    """Bad input to a quantizer op (shape, dtype or device).
+
+    Subclasses ValueError and TypeError, and RuntimeError (what torch raises for the same
+    mistakes), so any of those except clauses catches it.
+    """
+
+
+class QuantizeOutput(NamedTuple):
+    quantized: torch.Tensor  # (N, D), codebook[indices] forward, identity gradient to z
+    indices: torch.Tensor  # (N,) int64
+    loss: torch.Tensor  # () codebook loss + beta * commitment loss
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    """Raise InputError naming the problem unless z (N, D) and codebook (K, D) fit together."""
+    for name, t in (("z", z), ("codebook", codebook)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise InputError(f"{name} must be 2-D ({'N' if name == 'z' else 'K'}, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise InputError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+    if z.shape[1] != codebook.shape[1]:
+        raise InputError(f"D mismatch: z is {tuple(z.shape)} but codebook is {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise InputError("codebook is empty (K = 0): there is no code to choose")
+    if z.dtype != codebook.dtype:
+        raise InputError(f"dtype mismatch: z is {z.dtype} but codebook is {codebook.dtype}")
+    if z.device != codebook.device:
+        raise InputError(f"device mismatch: z is on {z.device} but codebook is on {codebook.device}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs for tensors on `device`, or a clear error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cuda":
+            backend = "triton" if triton_available() else "cuda" if _extension.has_cuda_kernels() else "reference"
+        elif device.type == "cpu":
+            backend = "cpu" if _extension.has_compiled() else "reference"
+        else:
+            backend = "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable")
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+            raise InputError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+                             f"got tensors on {device}")
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise InputError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not _extension.has_cuda_kernels():
+            raise RuntimeError("backend='cuda' is unavailable: vqvae_fast._C was built without CUDA kernels "
+                               f"({_extension.LOAD_ERROR or 'no nvcc at build time'})")
+    elif backend == "cpu":
+        if device.type != "cpu":
+            raise InputError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+        if not _extension.has_compiled():
+            raise RuntimeError(f"backend='cpu' is unavailable: {_extension.LOAD_ERROR}")
+    return backend
+
+
+def _fused_op(backend: str):
+    if backend == "triton":
+        from .ops import triton_ops  # noqa: F401  (imported lazily: registers the ops)
+
+        return torch.ops.vqvae_fast.triton_nearest_code_fwd
+    return torch.ops.vqvae_fast.nearest_code_fwd  # 'cpu' and 'cuda': one op, dispatched by device
+
+
+def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto") -> QuantizeOutput:
+    """Nearest-code quantization with a straight-through gradient and the VQ-VAE losses.
+
+    Args:
+        z: (N, D) float32/float64/bfloat16/float16 encoder outputs.
+        codebook: (K, D), same dtype and device as z.
+        beta: weight of the commitment loss.
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+
+    Returns:
+        QuantizeOutput(quantized, indices, loss): quantized (N, D) is bitwise codebook[indices]
+        and passes its gradient straight through to z; indices (N,) int64;
+        loss () = mean((codebook[indices] - sg[z])**2) + beta * mean((z - sg[codebook[indices]])**2),
+        differentiable w.r.t. z and codebook.
+    """
+    check_inputs(z, codebook)
+    backend = resolve_backend(backend, z.device)
+    if backend == "reference":
+        return QuantizeOutput(*reference.quantize(z, codebook, beta))
+    return QuantizeOutput(*_fused_op(backend)(z, codebook, float(beta)))
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Index of the nearest code by squared Euclidean distance.
+
+    Args:
+        z: (N, D) float tensor; codebook: (K, D), same dtype and device.
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+
+    Returns:
+        (N,) int64; exact ties go to the lowest index.
+    """
+    check_inputs(z, codebook)
+    backend = resolve_backend(backend, z.device)
+    if backend == "reference":
+        return reference.nearest_code(z, codebook)
+    with torch.no_grad():
+        return _fused_op(backend)(z, codebook, 0.0)[1]

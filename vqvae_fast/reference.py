@@ -1,0 +1,58 @@
+"""Plain-PyTorch versions of the ops: the ground truth every test trusts.
+
+Slow and memory-hungry on purpose (they form the N x K distance matrix, in chunks),
+but simple enough to be obviously right.
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk of the N x K float64 distance matrix: bounds the reference's memory.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def exact_sq_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """float64 squared distances (N, K) between rows of z (N, D) and codebook (K, D).
+
+    Summed from the differences (no ||z||^2 - 2 z.e + ||e||^2 expansion), so a large
+    shared offset cannot cancel and identical codes get identical distances.
+    """
+    z64, e64 = z.detach().double(), codebook.detach().double()
+    return torch.cdist(z64, e64, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index (N,) int64 of the nearest code, computed in float64; ties to the lowest index."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, codebook.shape[0]))
+    out = [exact_sq_distances(chunk, codebook).argmin(1) for chunk in z.split(rows)]
+    if not out:
+        return torch.empty(0, dtype=torch.long, device=z.device)
+    return torch.cat(out)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the chosen codes, bit for bit. Backward: the gradient goes to z unchanged."""
+
+    @staticmethod
+    def forward(ctx, z, chosen):
+        return chosen.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25):
+    """Straight-through quantization with the VQ-VAE codebook and commitment losses.
+
+    Returns (quantized, indices, loss) where quantized == codebook[indices] in the forward
+    pass and passes its gradient to z unchanged, and
+    loss = mean((codebook[indices] - sg[z])**2) + beta * mean((z - sg[codebook[indices]])**2).
+    """
+    indices = nearest_code(z, codebook)
+    chosen = codebook[indices]
+    codebook_loss = torch.mean((chosen - z.detach()) ** 2)
+    commitment_loss = torch.mean((z - chosen.detach()) ** 2)
+    loss = codebook_loss + beta * commitment_loss
+    quantized = _StraightThrough.apply(z, chosen)
+    return quantized, indices, loss
