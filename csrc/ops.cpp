@@ -1,0 +1,35 @@
+// Op schemas of the `vqvae_fast` library, and the Python module `vqvae_fast._C`.
+//
+// The schemas are declared here, once. Each backend adds its kernels in its own
+// file with TORCH_LIBRARY_IMPL(vqvae_fast, <DispatchKey>, m):
+//   csrc/cpu/nearest_code.cpp   CPU
+//   csrc/cuda/nearest_code.cu   CUDA (built only when a CUDA toolkit is found)
+// Fake (meta) implementations and the autograd formula are registered from Python
+// (vqvae_fast/ops/registration.py).
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+// `import vqvae_fast._C` only has to load this shared library: the static
+// registrations below run at load time. The module itself is empty (no pybind11).
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "Registers the vqvae_fast::* operators (see torch.ops.vqvae_fast).",
+      -1,    // no per-module state
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(vqvae_fast, m) {
+  // z (N, D), codebook (K, D) -> quantized = codebook[indices] (N, D), indices int64 (N,),
+  // loss = (1 + beta) * mean((z - quantized)^2), a 0-dim tensor in z's dtype.
+  m.def("nearest_code_fwd(Tensor z, Tensor codebook, float beta) -> (Tensor quantized, Tensor indices, Tensor loss)");
+  // Gradients of (quantized straight-through, loss) with respect to (z, codebook).
+  m.def("quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices, float beta) -> (Tensor grad_z, Tensor grad_codebook)");
+}
