@@ -3,7 +3,7 @@
 The extension `vqvae_fast._C` is csrc/ops.cpp + csrc/cpu/*.cpp, plus csrc/cuda/*.cu when
 a CUDA toolkit matching torch's CUDA is found (no GPU needed to build).
   VQVAE_FAST_CUDA=0   never build the CUDA kernels
-  VQVAE_FAST_CUDA=1   always build them (fails if nvcc is missing)
+  VQVAE_FAST_CUDA=1   always build them (fails if nvcc is missing); FORCE_CUDA=1 too
   TORCH_CUDA_ARCH_LIST  GPU architectures, default "8.0;9.0"
   MAX_JOBS            parallel compile jobs (ninja only)
 """
@@ -19,6 +19,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_SWITCH = os.environ.get("VQVAE_FAST_CUDA", "").strip()  # "", "0" or "1"
+if not CUDA_SWITCH and os.environ.get("FORCE_CUDA", "").strip() == "1":  # the usual torch-extension switch
+    CUDA_SWITCH = "1"
 
 
 def _run(*cmd):

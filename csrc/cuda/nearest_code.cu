@@ -1,6 +1,6 @@
 // CUDA implementation of the vqvae_fast ops (schemas live in csrc/ops.cpp):
 //
-//   nearest_code_fwd(z, codebook, beta) -> (indices, quantized, loss)
+//   nearest_code_fwd(z, codebook, beta) -> (quantized, indices, loss)
 //   quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta) -> (grad_z, grad_codebook)
 //
 // Forward pipeline (all on the current stream, no host synchronisation, no float atomics,
