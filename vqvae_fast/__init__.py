@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from . import _extension
 from .functional import BACKENDS, InputError, QuantizeOutput, nearest_code, quantize
+from .model import VQVAE, load_checkpoint
 from .vector_quantizer import VectorQuantizer, VQOutput
 
 __all__ = [
     "BACKENDS",
     "InputError",
     "QuantizeOutput",
+    "VQVAE",
     "VQOutput",
     "VectorQuantizer",
+    "load_checkpoint",
     "nearest_code",
     "quantize",
 ]

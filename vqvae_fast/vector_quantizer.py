@@ -1,23 +1,31 @@
-"""VectorQuantizer: the fused quantizer as an nn.Module for feature maps and sequences."""
+"""VectorQuantizer: the fused quantizer as an nn.Module for feature maps and sequences.
+
+Beyond the plain quantizer, it keeps the codebook healthy, each part optional:
+k-means initialisation from the first training batch, EMA codebook updates, and restart of
+dead codes from recent encoder outputs. All state lives in buffers (so it checkpoints),
+and the per-step updates are tensor ops with no host syncs.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .functional import InputError, quantize
+from .functional import InputError, nearest_code, quantize
 
 
 class VQOutput(tuple):
     """(quantized, indices, loss), with the batch statistics as attributes.
 
-    Unpacks as three values; `perplexity` (exp of the code-usage entropy) and `codes_used`
-    (distinct codes chosen in the batch) are 0-dim tensors alongside.
+    Unpacks as three values; `perplexity` (exp of the code-usage entropy), `codes_used`
+    (distinct codes chosen in the batch) and `dead_codes` (codes whose running usage is below
+    the dead threshold) are 0-dim tensors alongside.
     """
 
-    def __new__(cls, quantized, indices, loss, perplexity, codes_used):
+    def __new__(cls, quantized, indices, loss, perplexity, codes_used, dead_codes=None):
         out = super().__new__(cls, (quantized, indices, loss))
         out.perplexity = perplexity
         out.codes_used = codes_used
+        out.dead_codes = dead_codes
         return out
 
     quantized = property(lambda self: self[0])
@@ -25,14 +33,41 @@ class VQOutput(tuple):
     loss = property(lambda self: self[2])
 
 
-def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(perplexity, codes_used) of a batch of code indices, without host syncs."""
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """(num_codes,) float32 number of times each code occurs in `indices`, without host syncs."""
     counts = torch.zeros(num_codes, device=indices.device, dtype=torch.float32)
-    counts.index_put_((indices.reshape(-1),), torch.ones_like(indices, dtype=torch.float32).reshape(-1),
-                      accumulate=True)
+    flat = indices.reshape(-1)
+    return counts.index_put_((flat,), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
+
+
+def usage_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perplexity, codes_used) from per-code counts (K,)."""
     probs = counts / counts.sum().clamp_min(1)
     perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
     return perplexity, (counts > 0).sum()
+
+
+def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perplexity, codes_used) of a batch of code indices, without host syncs."""
+    return usage_stats(code_counts(indices, num_codes))
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, backend: str = "auto") -> torch.Tensor:
+    """(k, D) centroids of x (N, D) by Lloyd's algorithm, seeded with k random rows of x.
+
+    Uses the global torch RNG of x's device (deterministic given the seed). A cluster that
+    empties keeps its previous centroid.
+    """
+    n = x.shape[0]
+    seeds = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(n, (k,), device=x.device)
+    centroids = x[seeds].clone()
+    for _ in range(iters):
+        assign = nearest_code(x, centroids, backend=backend)
+        counts = code_counts(assign, k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+    return centroids
 
 
 class VectorQuantizer(nn.Module):
@@ -41,21 +76,55 @@ class VectorQuantizer(nn.Module):
     Input: feature maps (B, dim, H, W) (4-D input is taken as channels-first unless
     `channels_last=True`), or channel-last (..., dim). Returns VQOutput(quantized, indices,
     loss) in the input's layout, indices shaped like the input without its channel dim.
+
+    Codebook health (all off by default: the classic quantizer):
+        ema_decay: if set, the codebook follows an exponential moving average of the encoder
+            outputs assigned to each code (the codebook gets no gradient; `loss` still carries
+            the commitment term for the encoder). The codebook is then ema_sum / ema_count
+            (buffers): writing the codebook by hand needs the same write to ema_sum.
+        kmeans_init: replace the codebook by k-means centroids (`kmeans_iters` Lloyd steps)
+            of the first training batch's vectors.
+        restart_dead: before each training step, codes whose running usage fell below
+            `dead_threshold` are re-placed on random vectors of the current batch.
+        Running usage is an EMA (`usage_decay`) of each code's share of the vectors, scaled so
+        that uniform use is 1; it is tracked in training mode whatever the options.
+    State changes happen only in training mode (or with `update=True` in forward).
     """
 
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25, *, backend: str = "auto",
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, ema_decay: float | None = None,
+                 kmeans_init: bool = False, kmeans_iters: int = 10, restart_dead: bool = False,
+                 dead_threshold: float = 0.1, usage_decay: float = 0.9):
         super().__init__()
         if num_codes < 1 or dim < 1:
             raise ValueError(f"num_codes and dim must be >= 1, got {num_codes} and {dim}")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}")
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.backend = backend
         self.channels_last = channels_last
+        self.ema_decay, self.kmeans_iters = ema_decay, kmeans_iters
+        self.kmeans_init, self.restart_dead = kmeans_init, restart_dead
+        self.dead_threshold, self.usage_decay = dead_threshold, usage_decay
         # The classic VQ-VAE init: uniform in +-1/K.
-        self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes))
+        self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes),
+                                     requires_grad=ema_decay is None)
+        self.register_buffer("usage", torch.ones(num_codes))
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self._needs_init = kmeans_init  # host copy of `initialized`: no sync per step
+        if ema_decay is not None:
+            # codebook = ema_sum / ema_count; a count of 1 makes the initial codebook a weak prior.
+            self.register_buffer("ema_count", torch.ones(num_codes))
+            self.register_buffer("ema_sum", self.codebook.detach().clone())
 
     def extra_repr(self) -> str:
-        return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, backend={self.backend!r}"
+        extras = "".join(f", {name}={getattr(self, name)}" for name in ("ema_decay", "kmeans_init", "restart_dead")
+                         if getattr(self, name))
+        return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, backend={self.backend!r}{extras}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._needs_init = not bool(self.initialized)
 
     def _channel_dim(self, x: torch.Tensor) -> int:
         channels_first = x.dim() == 4 if self.channels_last is None else not self.channels_last
@@ -65,13 +134,65 @@ class VectorQuantizer(nn.Module):
             raise InputError(f"expected input of layout {layout} with dim={self.dim}, got shape {tuple(x.shape)}")
         return channel_dim
 
-    def forward(self, x: torch.Tensor) -> VQOutput:
+    def dead_mask(self) -> torch.Tensor:
+        """(num_codes,) bool: codes whose running usage is below `dead_threshold`."""
+        return self.usage < self.dead_threshold
+
+    def forward(self, x: torch.Tensor, *, update: bool | None = None) -> VQOutput:
+        """Quantize x; `update` (default: self.training) runs init, restarts and the running statistics."""
+        update = self.training if update is None else update
         channel_dim = self._channel_dim(x)
         moved = x.movedim(channel_dim, -1)
         # Quantize in the codebook's precision (fp32 under bf16 autocast): argmin and the
         # codebook gradient stay accurate; the result goes back to the input's dtype.
         flat = moved.reshape(-1, self.dim).to(self.codebook.dtype)
-        quantized, indices, loss = quantize(flat, self.codebook, beta=self.beta, backend=self.backend)
-        perplexity, codes_used = code_usage(indices, self.num_codes)
+        if update and flat.shape[0] > 0:
+            self._before_step(flat.detach())
+        codebook = self.codebook
+        if self.ema_decay is not None:
+            codebook = codebook.detach().clone()  # the EMA step below rewrites the codebook in place
+        quantized, indices, loss = quantize(flat, codebook, beta=self.beta, backend=self.backend)
+        counts = code_counts(indices, self.num_codes)
+        if update and flat.shape[0] > 0:
+            self._after_step(flat.detach(), indices, counts)
+        perplexity, codes_used = usage_stats(counts)
         quantized = quantized.to(x.dtype).reshape(moved.shape).movedim(-1, channel_dim)
-        return VQOutput(quantized, indices.reshape(moved.shape[:-1]), loss, perplexity, codes_used)
+        return VQOutput(quantized, indices.reshape(moved.shape[:-1]), loss, perplexity, codes_used,
+                        self.dead_mask().sum())
+
+    @torch.no_grad()
+    def init_codebook(self, vectors: torch.Tensor) -> None:
+        """Set the codebook to k-means centroids of `vectors` (N, dim) and mark it initialised."""
+        centroids = kmeans(vectors.to(self.codebook.dtype), self.num_codes, self.kmeans_iters, self.backend)
+        self.codebook.copy_(centroids)
+        if self.ema_decay is not None:
+            self.ema_count.fill_(1.0)
+            self.ema_sum.copy_(centroids)
+        self.usage.fill_(1.0)
+        self.initialized.fill_(True)
+        self._needs_init = False
+
+    @torch.no_grad()
+    def _before_step(self, flat: torch.Tensor) -> None:
+        if self._needs_init:
+            self.init_codebook(flat)
+        if self.restart_dead:
+            # Every dead code moves onto a random vector of this batch: a place the encoder uses now.
+            dead = self.dead_mask()
+            candidates = flat[torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)]
+            self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
+            self.usage.copy_(torch.where(dead, torch.ones_like(self.usage), self.usage))  # grace period
+            if self.ema_decay is not None:
+                self.ema_count.copy_(torch.where(dead, torch.ones_like(self.ema_count), self.ema_count))
+                self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
+
+    @torch.no_grad()
+    def _after_step(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        share = counts * (self.num_codes / flat.shape[0])
+        self.usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
+        if self.ema_decay is not None:
+            decay = self.ema_decay
+            sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
+            self.ema_count.mul_(decay).add_(counts, alpha=1.0 - decay)
+            self.ema_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
+            self.codebook.copy_(self.ema_sum / self.ema_count.clamp_min(1e-5)[:, None])

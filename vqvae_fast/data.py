@@ -1,0 +1,92 @@
+"""CIFAR-10 as uint8 tensors, read from the standard python-pickle folder (`cifar-10-batches-py`).
+
+The reader is our own (a few lines of pickle) so that any folder in the standard layout works,
+whatever its size or checksums: torchvision's CIFAR10 rejects files whose md5 differs from the
+official release. torchvision is used only to download the official release when no folder exists.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+FOLDER_NAME = "cifar-10-batches-py"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """CIFAR-10 is not in the given folder and could not be downloaded; the message says what to pass."""
+
+
+def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    # The official release has bytes keys (b"data"); re-packed copies often have str keys.
+    batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    data = torch.as_tensor(batch["data"], dtype=torch.uint8)
+    labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
+    if data.dim() != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+        raise ValueError(f"{path}: expected 'data' of shape (n, 3072) and n labels, "
+                         f"got {tuple(data.shape)} and {tuple(labels.shape)}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def is_cifar10_folder(folder: Path) -> bool:
+    """True when `folder` holds a test batch and at least one training batch in the pickle layout."""
+    return (folder / "test_batch").is_file() and any(folder.glob("data_batch_*"))
+
+
+def load_split(folder: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one split of a `cifar-10-batches-py` folder.
+
+    The training split is every `data_batch_<i>` file present, in order of i; the test split is `test_batch`.
+    """
+    folder = Path(folder)
+    if train:
+        paths = sorted(folder.glob("data_batch_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    else:
+        paths = [folder / "test_batch"]
+    if not paths or not all(p.is_file() for p in paths):
+        raise DataNotFoundError(f"no CIFAR-10 {'training' if train else 'test'} batches in {folder}")
+    parts = [_read_batch(p) for p in paths]
+    return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+def find_cifar10(data_dir: str | Path, download: bool = True) -> Path:
+    """The `cifar-10-batches-py` folder for `data_dir`, downloading the official release if needed.
+
+    `data_dir` may be the `cifar-10-batches-py` folder itself or its parent. When neither holds the
+    data, the official release is downloaded into `data_dir` through torchvision (if `download`);
+    if that fails, DataNotFoundError explains what to pass instead.
+    """
+    data_dir = Path(data_dir).expanduser()
+    for folder in (data_dir, data_dir / FOLDER_NAME):
+        if is_cifar10_folder(folder):
+            return folder
+    why = "downloading is disabled"
+    if download:
+        existed = data_dir.exists()
+        try:
+            import torchvision
+
+            torchvision.datasets.CIFAR10(root=str(data_dir), train=True, download=True)
+            if is_cifar10_folder(data_dir / FOLDER_NAME):
+                return data_dir / FOLDER_NAME
+            why = "the download finished but the folder is incomplete"
+        except Exception as error:  # no network, proxy, disk full, ...: all mean the same to the caller
+            why = f"downloading it failed ({type(error).__name__}: {error})"
+            if not existed and data_dir.is_dir() and not any(data_dir.iterdir()):
+                data_dir.rmdir()  # torchvision created it; leave no empty folder behind
+    raise DataNotFoundError(
+        f"CIFAR-10 not found in {data_dir} and {why}.\n"
+        f"Pass --data-dir pointing at an existing '{FOLDER_NAME}' folder (python-pickle format, any number "
+        f"of images, e.g. ../shared/data/cifar-10-subset/{FOLDER_NAME}) or at its parent, or run where "
+        "the network allows the download.")
+
+
+def load_cifar10(data_dir: str | Path, download: bool = True) -> dict[str, torch.Tensor]:
+    """{"train": (N, 3, 32, 32) uint8, "train_labels": (N,), "test": (M, 3, 32, 32) uint8, "test_labels": (M,)}."""
+    folder = find_cifar10(data_dir, download=download)
+    train, train_labels = load_split(folder, train=True)
+    test, test_labels = load_split(folder, train=False)
+    return {"train": train, "train_labels": train_labels, "test": test, "test_labels": test_labels}
