@@ -1,163 +1,67 @@
-"""Side-by-side timing and peak memory of the nearest-code search against torch.cdist.
+"""Side by side at one shape: vqvae_fast against cdist, addmm, compiled addmm and the bare GEMM.
 
-    python benchmarks/compare.py                          # CPU, N=65536 K=1024 D=64 fp32
+    python benchmarks/compare.py                          # CPU, N=65536 K=1024 D=64 fp32, forward
+    python benchmarks/compare.py --backward               # forward + backward of a VQ layer
+    python benchmarks/compare.py --task nearest           # indices only (nearest_code)
     python benchmarks/compare.py --device cuda --shape 262144 16384 256 --dtype bfloat16
-    python benchmarks/compare.py --backward               # forward + backward of a VQ step
 
-Every provider runs on the same inputs, interleaved round by round so that machine noise
-hits all of them alike; the table reports medians and each provider's ratio to cdist.
-Peak memory is measured in a fresh subprocess per provider: the growth of the process's
-maximum RSS on CPU, the caching allocator's max-allocated bytes on CUDA.
+Every provider runs on the same inputs, interleaved round by round so that machine noise hits
+all of them alike. The table gives the median and min..max per call, GFLOP/s from 2*N*K*D,
+speedups over cdist and addmm (>1: faster), time relative to the bare GEMM z @ E^T measured in
+the same run (xGEMM, the floor), peak extra memory and the correctness check of what was timed.
+--json writes all of it, with the machine's description, to a file.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
-import platform
-import resource
-import statistics
-import time
+import os
+import sys
 
 import torch
 
-import vqvae_fast
+from harness import DTYPES, Point, format_point, machine_info, measure_undisturbed, run_point, write_json
+from providers import TASKS
 
 
-def _cdist_argmin_gather(z, e):
-    idx = torch.cdist(z, e).argmin(1)
-    return e[idx], idx
-
-
-def _addmm_argmin_gather(z, e):
-    idx = torch.addmm((e * e).sum(1), z, e.T, alpha=-2).argmin(1)
-    return e[idx], idx
-
-
-def _ours(backend):
-    def run(z, e):
-        return vqvae_fast.quantize(z, e, backend=backend)[:2]
-    run.backend = backend
-    return run
-
-
-def _training_step(lookup, beta=0.25):
-    """Forward + backward of a VQ step: straight-through output and the VQ-VAE losses."""
-    def step(z, e):
-        z, e = z.detach().requires_grad_(), e.detach().requires_grad_()
-        backend = getattr(lookup, "backend", None)
-        if backend:  # ours: the fused op computes the loss itself
-            quantized, _, loss = vqvae_fast.quantize(z, e, beta=beta, backend=backend)
-        else:
-            chosen, _ = lookup(z, e)
-            loss = ((chosen - z.detach()) ** 2).mean() + beta * ((z - chosen.detach()) ** 2).mean()
-            quantized = z + (chosen - z).detach()
-        (quantized.float().sum() + loss).backward()
-        return z.grad, e.grad
-    return step
-
-
-def providers(device: str, backward: bool = False) -> dict:
-    found = {"cdist+argmin+gather": _cdist_argmin_gather, "addmm+argmin+gather": _addmm_argmin_gather}
-    for backend in (("cpu",) if device == "cpu" else ("triton", "cuda")):
-        try:
-            vqvae_fast.functional.resolve_backend(backend, torch.device(device))
-        except (RuntimeError, ValueError):
-            continue
-        found[f"vqvae_fast[{backend}]"] = _ours(backend)
-    if backward:
-        found = {name: _training_step(fn) for name, fn in found.items()}
-    return found
-
-
-def make_inputs(shape, dtype, device, seed=0):
-    n, k, d = shape
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, d, generator=g).to(dtype=dtype, device=device)
-    e = torch.randn(k, d, generator=g).to(dtype=dtype, device=device)
-    return z, e
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_all(fns, z, e, device, rounds):
-    for fn in fns.values():  # warm-up: compilation, autotuning, allocator
-        fn(z, e)
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn(z, e)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def _peak_child(name, shape, dtype, device, backward, queue):
-    fn = providers(device, backward)[name]
-    z, e = make_inputs(shape, dtype, device)
-    fn(z[:64], e)  # load kernels before the baseline
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(z, e)
-        torch.cuda.synchronize()
-        queue.put(torch.cuda.max_memory_allocated() - base)
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn(z, e)
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
-
-
-def peak_extra_bytes(name, shape, dtype, device, backward):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(name, shape, dtype, device, backward, queue))
-    proc.start()
-    proc.join()
-    return queue.get() if proc.exitcode == 0 else None
-
-
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=(65536, 1024, 64), metavar=("N", "K", "D"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rounds", type=int, default=7, help="timed runs per provider (median reported)")
-    parser.add_argument("--backward", action="store_true", help="time forward + backward of a VQ training step")
+    parser.add_argument("--task", choices=TASKS, default="forward",
+                        help="nearest: indices only; forward: a VQ layer's forward; backward: forward + backward")
+    parser.add_argument("--backward", action="store_true", help="shorthand for --task backward")
+    parser.add_argument("--rounds", type=int, default=7, help="timed samples per provider (median reported)")
+    parser.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (default: all)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--max-other-load", type=float, default=None, metavar="SHARE",
+                        help="on a shared machine: if other processes used more than this share of the CPUs "
+                             "while timing, wait for an idle machine and measure again (up to 4 tries)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    z, e = make_inputs(args.shape, dtype, args.device)
-    fns = providers(args.device, args.backward)
-    times = time_all(fns, z, e, args.device, args.rounds)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    task = "backward" if args.backward else args.task
+    point = Point(*args.shape, dtype=args.dtype)
+    load_before = os.getloadavg()  # other jobs on a shared machine: recorded with the numbers
 
-    n, k, d = args.shape
-    base = statistics.median(times["cdist+argmin+gather"])
-    rows = []
-    what = "forward+backward" if args.backward else "forward"
-    print(f"{what}: N={n} K={k} D={d} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), median of {args.rounds}")
-    print(f"{'provider':<24}{'median ms':>11}{'min..max ms':>18}{'GFLOP/s':>9}{'vs cdist':>10}{'extra MiB':>11}")
-    for name, samples in times.items():
-        med = statistics.median(samples)
-        peak = peak_extra_bytes(name, args.shape, dtype, args.device, args.backward)
-        row = dict(provider=name, median_s=med, min_s=min(samples), max_s=max(samples),
-                   gflops=2 * n * k * d / med / 1e9, speedup_vs_cdist=base / med, peak_extra_bytes=peak)
-        rows.append(row)
-        mib = "n/a" if peak is None else f"{peak / 2**20:.0f}"
-        print(f"{name:<24}{med * 1e3:>11.1f}{min(samples) * 1e3:>9.1f}..{max(samples) * 1e3:<7.1f}"
-              f"{row['gflops']:>9.1f}{row['speedup_vs_cdist']:>9.2f}x{mib:>11}")
+    result = measure_undisturbed(
+        lambda: run_point(point, args.device, task, args.rounds, only=args.providers, memory=not args.no_memory),
+        lambda r: r["other_processes_cpu_share"], args.max_other_load)
+    info = machine_info(args.device)
+    info["load_average_start"] = load_before
+    print(f"{task}: {point.label()} on {args.device} ({info['cpu']}, {info['torch_threads']} threads"
+          f"{', ' + info['gpu'] if args.device == 'cuda' else ''}), median of {args.rounds}; "
+          f"large-GEMM rate {result['large_gemm_gflops']:.0f} GFLOP/s")
+    print(format_point(result))
+    print(f"other processes used {result['other_processes_cpu_share']:.0%} of the machine's CPU time while timing")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(shape=args.shape, dtype=args.dtype, device=args.device, rounds=args.rounds, what=what,
-                           torch=torch.__version__, threads=torch.get_num_threads(), results=rows), f, indent=2)
+        write_json(args.json, dict(machine=info, **result))
+    failed = [row["provider"] for row in result["rows"] if not row.get("check", {}).get("ok", True)]
+    if failed:
+        print(f"WRONG RESULTS from: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
