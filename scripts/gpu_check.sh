@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh OUTDIR                  # everything, in order
 #   scripts/gpu_check.sh OUTDIR sweep training   # only these stages (OUTDIR accumulates)
 #
-# Stages: build tests memcheck compare pytest-bench sweep training. Where one command may only
+# Stages: build tests memcheck compare pytest-bench sweep training train-cifar10. Where one command may only
 # run for a limited time, run the stages in a few calls with the same OUTDIR. SWEEP_MINUTES
 # (default 15) bounds each sweep: points not reached are listed in its JSON as not run.
 # Afterwards, to publish: copy OUTDIR/*.json into benchmarks/results/ and OUTDIR/plots/*.png
@@ -15,7 +15,7 @@
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [STAGE ...]}
 shift
-stages=${*:-build tests memcheck compare pytest-bench sweep training}
+stages=${*:-build tests memcheck compare pytest-bench sweep training train-cifar10}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
@@ -91,6 +91,16 @@ if want training; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
   note "training benchmark done (training.txt)"
+fi
+
+if want train-cifar10; then
+  # The trainer on the GPU: 20k steps at batch 256 on the CIFAR-10 folder beside the repo
+  # (CIFAR_DIR to override), bf16 autocast; final.json has test PSNR, codes used, wall time.
+  cifar=${CIFAR_DIR:-../shared/data/cifar-10-subset/cifar-10-batches-py}
+  python examples/train_cifar10.py --data-dir "$cifar" --device cuda --amp --steps 20000 --batch-size 256 \
+    --out "$out/train_cifar10_20k" --quiet 2>&1 | tee "$out/train_cifar10_20k.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  note "train-cifar10 done (train_cifar10_20k/final.json)"
 fi
 
 note "gpu_check status=$status; results in $out"
