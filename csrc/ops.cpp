@@ -27,9 +27,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(vqvae_fast, m) {
-  // z (N, D), codebook (K, D) -> quantized = codebook[indices] (N, D), indices int64 (N,),
-  // loss = (1 + beta) * mean((z - quantized)^2), a 0-dim tensor in z's dtype.
-  m.def("nearest_code_fwd(Tensor z, Tensor codebook, float beta) -> (Tensor quantized, Tensor indices, Tensor loss)");
-  // Gradients of (quantized straight-through, loss) with respect to (z, codebook).
-  m.def("quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices, float beta) -> (Tensor grad_z, Tensor grad_codebook)");
+  // z (N, D), codebook (K, D) -> indices int64 (N,) of the nearest codes (no gather, no loss).
+  m.def("nearest_code(Tensor z, Tensor codebook) -> Tensor");
+  // -> quantized = codebook[indices] (N, D), indices int64 (N,),
+  //    loss = (1 + beta) * mean((z - quantized)^2), a 0-dim tensor in z's dtype.
+  m.def("quantize_fwd(Tensor z, Tensor codebook, float beta) -> (Tensor quantized, Tensor indices, Tensor loss)");
+  // Gradients of (quantized straight-through, loss) with respect to (z, codebook); one that is
+  // not needed (need_grad_* false) is returned as an empty tensor and not computed.
+  m.def("quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices, "
+        "float beta, bool need_grad_z, bool need_grad_codebook) -> (Tensor grad_z, Tensor grad_codebook)");
 }

@@ -15,7 +15,7 @@ from vqvae_fast import _extension
 
 def test_compiled_library_loaded():
     assert _extension.has_compiled(), f"vqvae_fast._C did not load: {_extension.LOAD_ERROR}"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("vqvae_fast::nearest_code_fwd", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("vqvae_fast::quantize_fwd", "CPU")
 
 
 def _nvcc_major():

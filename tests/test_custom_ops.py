@@ -6,7 +6,7 @@ import torch
 
 from conftest import backend_device
 from vqvae_fast import VectorQuantizer, quantize
-from vqvae_fast.functional import _fused_op
+from vqvae_fast.functional import _op
 
 FUSED_BACKENDS = ("cpu", "triton", "cuda")
 
@@ -14,14 +14,50 @@ FUSED_BACKENDS = ("cpu", "triton", "cuda")
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_opcheck(backend):
     device = backend_device(backend)
-    fwd = _fused_op(backend)
-    bwd = torch.ops.vqvae_fast.triton_quantize_bwd if backend == "triton" else torch.ops.vqvae_fast.quantize_bwd
     z = torch.randn(19, 5, device=device, requires_grad=True)
     codebook = torch.randn(7, 5, device=device, requires_grad=True)
-    torch.library.opcheck(fwd, (z, codebook, 0.25))
-    indices = fwd(z, codebook, 0.25)[1]
-    torch.library.opcheck(bwd, (torch.randn(19, 5, device=device), torch.tensor(1.5, device=device),
-                                z.detach(), codebook.detach(), indices, 0.25))
+    torch.library.opcheck(_op(backend, "nearest_code"), (z.detach(), codebook.detach()))
+    torch.library.opcheck(_op(backend, "quantize_fwd"), (z, codebook, 0.25))
+    indices = _op(backend, "nearest_code")(z.detach(), codebook.detach())
+    for need_z, need_codebook in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(_op(backend, "quantize_bwd"), (
+            torch.randn(19, 5, device=device), torch.tensor(1.5, device=device), z.detach(), codebook.detach(),
+            indices, 0.25, need_z, need_codebook))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_backward_skips_the_gradients_nobody_needs(backend):
+    """An EMA codebook (no grad) gets no codebook gradient computed: the op returns it empty."""
+    device = backend_device(backend)
+    z, codebook = torch.randn(23, 6, device=device), torch.randn(9, 6, device=device)
+    bwd = _op(backend, "quantize_bwd")
+    indices = _op(backend, "nearest_code")(z, codebook)
+    args = (torch.randn(23, 6, device=device), torch.tensor(1.0, device=device), z, codebook, indices, 0.25)
+    grad_z, grad_codebook = bwd(*args, True, False)
+    assert grad_z.shape == z.shape and grad_codebook.numel() == 0
+    grad_z, grad_codebook = bwd(*args, False, True)
+    assert grad_z.numel() == 0 and grad_codebook.shape == codebook.shape
+
+
+def test_autograd_asks_only_for_needed_gradients():
+    """The registered backward passes ctx.needs_input_grad on, and skips the op when nothing is needed."""
+    from types import SimpleNamespace
+
+    from vqvae_fast.ops.registration import _make_backward
+
+    calls = []
+
+    def fake_bwd(grad_q, grad_loss, z, codebook, indices, beta, need_z, need_codebook):
+        calls.append((need_z, need_codebook))
+        return z.new_ones(z.shape if need_z else (0,)), codebook.new_ones(codebook.shape if need_codebook else (0,))
+
+    z, codebook, indices = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long)
+    backward = _make_backward(fake_bwd)
+    for needs in ((True, False, False), (False, True, False), (True, True, False), (False, False, False)):
+        ctx = SimpleNamespace(needs_input_grad=needs, saved_tensors=(z, codebook, indices), beta=0.25)
+        grad_z, grad_codebook, grad_beta = backward(ctx, torch.ones(4, 3), None, torch.tensor(1.0))
+        assert (grad_z is not None) == needs[0] and (grad_codebook is not None) == needs[1] and grad_beta is None
+    assert calls == [(True, False), (False, True), (True, True)]
 
 
 class _TinyAutoencoder(torch.nn.Module):

@@ -10,7 +10,10 @@ from vqvae_fast.reference import exact_sq_distances
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # (N, K, D): none a multiple of any block size, plus K=1, D=1, N=1, N=0, D=0, wide D.
-SHAPES = ((37, 19, 5), (100, 130, 37), (7, 1, 4), (33, 17, 1), (1, 50, 3), (0, 5, 3), (4, 3, 0), (21, 40, 200))
+# Shaped like the GPU plans at the interpreter's toy sizes: K >= 300 with few rows splits the
+# codebook across programs, with many rows it does not; D = 520 takes the split-D path.
+SHAPES = ((37, 19, 5), (100, 130, 37), (7, 1, 4), (33, 17, 1), (1, 50, 3), (0, 5, 3), (4, 3, 0), (21, 40, 200),
+          (40, 333, 24), (150, 301, 7), (9, 45, 520))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -50,14 +53,21 @@ def test_non_contiguous_input(backend, layout):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
-def test_large_common_offset(backend, dtype):
-    """||z||^2 - 2 z.e + ||e||^2 cancels catastrophically when everything sits far from 0."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spread", (1.0, 30.0), ids=("tight", "wide"))
+def test_large_common_offset(backend, dtype, spread):
+    """||z||^2 - 2 z.e + ||e||^2 cancels catastrophically when everything sits far from 0.
+
+    In 16 bits the values near 1000 are multiples of 4 or 8: "tight" data collapses onto a few
+    points (exact ties everywhere), "wide" data puts z rows far from the codebook, where z - c
+    is not exact in 16 bits (the GPU kernels' re-scoring pass).
+    """
     device = backend_device(backend)
-    z = (torch.randn(150, 16, dtype=torch.float64) + 1000).to(dtype).to(device)
-    codebook = (torch.randn(70, 16, dtype=torch.float64) + 1000).to(dtype).to(device)
+    z = (spread * torch.randn(150, 16, dtype=torch.float64) + 1000).to(dtype).to(device)
+    codebook = (3 * torch.randn(300, 16, dtype=torch.float64) + 1000).to(dtype).to(device)
     indices = nearest_code(z, codebook, backend=backend)
     assert_nearest(z, codebook, indices, distance_rtol(backend, dtype))
+    assert torch.equal(quantize(z, codebook, backend=backend).indices, indices)
 
 
 def test_naive_cdist_fails_the_offset_check():
@@ -66,6 +76,25 @@ def test_naive_cdist_fails_the_offset_check():
     codebook = torch.randn(70, 16, dtype=torch.float64).float() + 1000
     with pytest.raises(AssertionError):
         assert_nearest(z, codebook, torch.cdist(z, codebook).argmin(1), distance_rtol("triton", torch.float32))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("n", (40, 300), ids=("split-codebook", "one-split"))
+def test_ties_across_tiles_and_splits(backend, n):
+    """Duplicates 150 and 300 codes apart (other GPU tiles, other codebook splits): the
+    lowest index wins; near-duplicates 1e-4 apart at the same distances are told apart."""
+    device = backend_device(backend)
+    base = torch.randn(100, 12, dtype=torch.float64)
+    near = base + 1e-4 * torch.randn_like(base)
+    codebook = torch.cat([base, torch.randn(50, 12, dtype=torch.float64), base, near])  # K = 350
+    pick = torch.randint(0, 100, (n,))
+    z = base[pick] + 0.05 * torch.randn(n, 12, dtype=torch.float64)
+    z, codebook = z.float().to(device), codebook.float().to(device)
+    indices = nearest_code(z, codebook, backend=backend)
+    assert_nearest(z, codebook, indices, distance_rtol(backend, torch.float32))
+    exact_copy = (indices >= 150) & (indices < 250)
+    assert not bool(exact_copy.any()), "an exact duplicate further down the codebook won a tie"
+    assert torch.equal(quantize(z, codebook, backend=backend).indices, indices)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -102,6 +131,45 @@ def test_non_finite_rows_give_indices_in_range(backend):
     assert torch.equal(quantized, codebook[indices])
     finite = torch.isfinite(z).all(1)
     assert_nearest(z[finite], codebook, indices[finite], distance_rtol(backend, z.dtype))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_codes_are_never_chosen(backend, dtype):
+    """A NaN/Inf code is never chosen and changes no other row's choice (not even through
+    the centre the kernels score around); a non-finite row of z still gets a real index."""
+    device = backend_device(backend)
+    clean = (torch.randn(330, 10, dtype=torch.float64) + 500).to(dtype)
+    z = (torch.randn(60, 10, dtype=torch.float64) + 500).to(dtype)
+    codebook = clean.clone()
+    bad = torch.tensor([0, 7, 140, 329])
+    codebook[0, 3], codebook[7, :], codebook[140, 0], codebook[329, 9] = (
+        float("nan"), float("nan"), float("inf"), -float("inf"))
+    z[5, 2] = float("nan")
+    z, codebook = z.to(device), codebook.to(device)
+    indices = nearest_code(z, codebook, backend=backend).cpu()
+    assert bool(((indices >= 0) & (indices < 330)).all())
+    finite_rows = torch.isfinite(z.cpu()).all(1)
+    assert not bool(torch.isin(indices[finite_rows], bad).any()), "a non-finite code was chosen"
+    good = torch.ones(330, dtype=torch.bool)
+    good[bad] = False
+    remap = good.nonzero()[:, 0]  # index among the finite codes -> index in the codebook
+    expected = remap[nearest_code(z.cpu()[finite_rows].double(), clean[good].double(), backend="reference")]
+    chosen = indices[finite_rows]
+    d = exact_sq_distances(z.cpu()[finite_rows], codebook.cpu())
+    excess = d.gather(1, chosen[:, None]) - d.gather(1, expected[:, None])
+    scale = d.gather(1, expected[:, None]).abs() + 1.0
+    assert bool((excess <= distance_rtol(backend, dtype) * 1e3 * scale).all())
+    assert torch.equal(quantize(z, codebook, backend=backend).indices.cpu(), indices)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_every_code_non_finite_still_gives_indices_in_range(backend):
+    device = backend_device(backend)
+    codebook = torch.full((40, 4), float("nan"), device=device)
+    codebook[::3, 1] = float("inf")
+    indices = nearest_code(torch.randn(25, 4, device=device), codebook, backend=backend)
+    assert bool(((indices >= 0) & (indices < 40)).all())
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

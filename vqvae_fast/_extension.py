@@ -1,6 +1,6 @@
 """Loads the compiled library `vqvae_fast._C` (C++ CPU kernels, CUDA kernels if built).
 
-Importing `_C` registers the ops `vqvae_fast::nearest_code_fwd` and `quantize_bwd`. If it
+Importing `_C` registers the ops `vqvae_fast::nearest_code`, `quantize_fwd` and `quantize_bwd`. If it
 cannot load, the package still works through the Triton and reference backends and says
 so once.
 """
@@ -34,10 +34,10 @@ def has_cuda_kernels() -> bool:
     """True when the compiled library carries the CUDA kernels (the 'cuda' backend)."""
     if not has_compiled():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("vqvae_fast::nearest_code_fwd", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("vqvae_fast::quantize_fwd", "CUDA")
 
 
 if has_compiled():
-    from .ops.registration import register_op_pair
+    from .ops.registration import register_ops
 
-    register_op_pair("vqvae_fast::nearest_code_fwd", "vqvae_fast::quantize_bwd")
+    register_ops()

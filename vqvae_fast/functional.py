@@ -78,12 +78,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _fused_op(backend: str):
+def _op_prefix(backend: str):
+    """The op namespace of a compiled backend: names `{prefix}nearest_code`, `{prefix}quantize_fwd`."""
     if backend == "triton":
         from .ops import triton_ops  # noqa: F401  (imported lazily: registers the ops)
 
-        return torch.ops.vqvae_fast.triton_nearest_code_fwd
-    return torch.ops.vqvae_fast.nearest_code_fwd  # 'cpu' and 'cuda': one op, dispatched by device
+        return "triton_"
+    return ""  # 'cpu' and 'cuda': one set of ops, dispatched by device
+
+
+def _op(backend: str, name: str):
+    return getattr(torch.ops.vqvae_fast, _op_prefix(backend) + name)
 
 
 def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto") -> QuantizeOutput:
@@ -105,7 +110,7 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, bac
     backend = resolve_backend(backend, z.device)
     if backend == "reference":
         return QuantizeOutput(*reference.quantize(z, codebook, beta))
-    return QuantizeOutput(*_fused_op(backend)(z, codebook, float(beta)))
+    return QuantizeOutput(*_op(backend, "quantize_fwd")(z, codebook, float(beta)))
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -122,5 +127,4 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, backend: str = "aut
     backend = resolve_backend(backend, z.device)
     if backend == "reference":
         return reference.nearest_code(z, codebook)
-    with torch.no_grad():
-        return _fused_op(backend)(z, codebook, 0.0)[1]
+    return _op(backend, "nearest_code")(z, codebook)

@@ -22,9 +22,20 @@ def exact_sq_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index (N,) int64 of the nearest code, computed in float64; ties to the lowest index."""
+    """Index (N,) int64 of the nearest code, computed in float64; ties to the lowest index.
+
+    A code with a NaN/Inf entry is never chosen unless every code has one; a row of z with
+    a NaN/Inf entry still gets an index in [0, K).
+    """
     rows = max(1, _CHUNK_ELEMENTS // max(1, codebook.shape[0]))
-    out = [exact_sq_distances(chunk, codebook).argmin(1) for chunk in z.split(rows)]
+    bad_codes = ~torch.isfinite(codebook).all(1)
+
+    def argmin(chunk):
+        d = exact_sq_distances(chunk, codebook)
+        d = torch.where(torch.isnan(d) | bad_codes, torch.inf, d)  # torch.argmin would pick a NaN
+        return d.argmin(1)
+
+    out = [argmin(chunk) for chunk in z.split(rows)]
     if not out:
         return torch.empty(0, dtype=torch.long, device=z.device)
     return torch.cat(out)

@@ -1,10 +1,11 @@
-// CPU kernels of vqvae_fast::nearest_code_fwd and vqvae_fast::quantize_bwd
+// CPU kernels of vqvae_fast::nearest_code, quantize_fwd and quantize_bwd
 // (schemas in csrc/ops.cpp).
 //
 // Forward, for z (N, D) and codebook (K, D):
-//   1. Centre everything on the codebook mean mu (double): a shared offset (say all
-//      vectors near +1000) would otherwise be lost to cancellation in
-//      ||z||^2 - 2 z.e + ||e||^2.
+//   1. Centre everything on the codebook mean mu (double, per column over its finite
+//      entries): a shared offset (say all vectors near +1000) would otherwise be lost to
+//      cancellation in ||z||^2 - 2 z.e + ||e||^2. Codes with a NaN/Inf entry are never chosen
+//      (unless every code has one) and do not change the centre.
 //   2. For blocks of R rows, score every code with one float32 GEMM:
 //        s_k = ||e_k - mu||^2 - 2 (z_i - mu).(e_k - mu)     (= ||z_i - e_k||^2 - const_i)
 //      into a per-thread R x K buffer that stays in cache (nothing is N x K).
@@ -14,7 +15,7 @@
 //      the true minimum distance up to double rounding, and its exact distance is the
 //      row's term of the loss.
 // Rows whose float scores could overflow, or with NaN/Inf, are scanned exactly over all
-// codes; if no distance compares smaller than +inf (all NaN/Inf) the index is 0.
+// finite codes; if no distance compares smaller than +inf (all NaN/Inf) the index is 0.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -123,40 +124,56 @@ inline float min_score(const float* dot, const float* e_norm, int64_t K) {
   return r;
 }
 
-// Fills indices (N,) and quantized (N, D, contiguous); returns sum_i ||z_i - e_{idx_i}||^2.
+// Fills indices (N,) and, unless quantized is null, quantized (N, D, contiguous); returns
+// sum_i ||z_i - e_{idx_i}||^2.
 template <typename scalar_t>
 double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* indices,
                            scalar_t* quantized) {
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
   const View2D<scalar_t> Z(z), E(codebook);
 
-  // Codebook: exact values in double, mean, centred float copy scaled by -2 (exact), norms.
+  // Codebook: exact values in double; mu = per-column mean of the finite entries.
   std::vector<double> e64(K * D);
   for (int64_t k = 0; k < K; ++k)
     for (int64_t d = 0; d < D; ++d) e64[k * D + d] = to_double(E(k, d));
-  std::vector<double> mu(D, 0.0);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t d = 0; d < D; ++d) mu[d] += e64[k * D + d];
-  for (int64_t d = 0; d < D; ++d) mu[d] /= static_cast<double>(K);
+  std::vector<double> mu(D, 0.0), count(D, 0.0);
+  std::vector<char> code_finite(K, 1);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t d = 0; d < D; ++d) {
+      const double v = e64[k * D + d];
+      if (std::isfinite(v)) {
+        mu[d] += v;
+        count[d] += 1.0;
+      } else {
+        code_finite[k] = 0;
+      }
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) mu[d] = count[d] > 0 ? mu[d] / count[d] : 0.0;
 
+  // Centred float copy scaled by -2 (exact), norms; non-finite codes score +inf.
   Tensor ec_m2 = at::empty({K, D}, z.options().dtype(at::kFloat));
   float* ecp = ec_m2.data_ptr<float>();
   std::vector<float> e_norm(K);
   double max_norm2 = 0.0;
-  bool codebook_finite = true;
+  bool norms_finite = true;
   for (int64_t k = 0; k < K; ++k) {
     double n2 = 0.0;
     for (int64_t d = 0; d < D; ++d) {
-      const float c = static_cast<float>(e64[k * D + d] - mu[d]);
+      const float c = code_finite[k] ? static_cast<float>(e64[k * D + d] - mu[d]) : 0.0f;
       ecp[k * D + d] = -2.0f * c;
       n2 += static_cast<double>(c) * c;
     }
+    if (!code_finite[k]) {
+      e_norm[k] = std::numeric_limits<float>::infinity();
+      continue;
+    }
     e_norm[k] = static_cast<float>(n2);
-    codebook_finite = codebook_finite && std::isfinite(n2) && std::isfinite(e_norm[k]);
+    norms_finite = norms_finite && std::isfinite(n2) && std::isfinite(e_norm[k]);
     max_norm2 = std::max(max_norm2, n2);
   }
-  // M2 = max_k ||e_k - mu||^2; +inf sends every row to the exact scan.
-  const double M2 = codebook_finite ? max_norm2 : std::numeric_limits<double>::infinity();
+  // M2 = max over finite codes of ||e_k - mu||^2; +inf sends every row to the exact scan.
+  const double M2 = norms_finite ? max_norm2 : std::numeric_limits<double>::infinity();
   const double M = std::sqrt(M2);
   const Tensor ecT = ec_m2.t();  // (D, K)
 
@@ -227,8 +244,10 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
         }
         indices[i] = best;
         row_err[i] = best_dist;
-        scalar_t* q = quantized + i * D;
-        for (int64_t d = 0; d < D; ++d) q[d] = E(best, d);
+        if (quantized != nullptr) {
+          scalar_t* q = quantized + i * D;
+          for (int64_t d = 0; d < D; ++d) q[d] = E(best, d);
+        }
       }
     }
   });
@@ -238,20 +257,28 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
   return sum;
 }
 
-std::tuple<Tensor, Tensor, Tensor> nearest_code_fwd_cpu(const Tensor& z, const Tensor& codebook,
-                                                        double beta) {
-  const char* op = "vqvae_fast::nearest_code_fwd";
-  check_z_codebook(op, z, codebook);
+Tensor nearest_code_cpu(const Tensor& z, const Tensor& codebook) {
+  check_z_codebook("vqvae_fast::nearest_code", z, codebook);
+  const int64_t N = z.size(0), D = z.size(1);
+  Tensor indices = at::zeros({N}, z.options().dtype(at::kLong));  // D == 0: the lowest index
+  if (N > 0 && D > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "nearest_code_cpu", [&] {
+      nearest_code_kernel<scalar_t>(z, codebook, indices.data_ptr<int64_t>(), nullptr);
+    });
+  }
+  return indices;
+}
+
+std::tuple<Tensor, Tensor, Tensor> quantize_fwd_cpu(const Tensor& z, const Tensor& codebook, double beta) {
+  check_z_codebook("vqvae_fast::quantize_fwd", z, codebook);
   const int64_t N = z.size(0), D = z.size(1);
 
-  Tensor indices = at::empty({N}, z.options().dtype(at::kLong));
+  Tensor indices = at::zeros({N}, z.options().dtype(at::kLong));
   Tensor quantized = at::empty({N, D}, codebook.options());
   double loss = std::numeric_limits<double>::quiet_NaN();  // mean of nothing when N * D == 0
-  if (N > 0 && D == 0) {
-    indices.zero_();
-  } else if (N > 0) {
+  if (N > 0 && D > 0) {
     double sum = 0.0;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "nearest_code_fwd_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "quantize_fwd_cpu", [&] {
       sum = nearest_code_kernel<scalar_t>(z, codebook, indices.data_ptr<int64_t>(),
                                           quantized.data_ptr<scalar_t>());
     });
@@ -262,27 +289,34 @@ std::tuple<Tensor, Tensor, Tensor> nearest_code_fwd_cpu(const Tensor& z, const T
   return {quantized, indices, loss_t};
 }
 
+// Either output may be null: that gradient is not computed.
 template <typename scalar_t>
 void quantize_bwd_kernel(const Tensor& grad_quantized, double g, const Tensor& z,
                          const Tensor& codebook, const int64_t* idx, double beta, scalar_t* grad_z,
                          scalar_t* grad_codebook) {
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
-  const View2D<scalar_t> GQ(grad_quantized), Z(z), E(codebook);
+  const View2D<scalar_t> Z(z), E(codebook);
   const double scale = 2.0 * g / (static_cast<double>(N) * static_cast<double>(D));
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < K, "vqvae_fast::quantize_bwd: indices[", i, "] = ", idx[i],
+                " is out of range for a codebook of ", K, " codes");
+  }
 
   // grad_z = grad_quantized + scale * beta * (z - codebook[idx])
   const double scale_z = scale * beta;
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / D), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t k = idx[i];
-      TORCH_CHECK(k >= 0 && k < K, "vqvae_fast::quantize_bwd: indices[", i, "] = ", k,
-                  " is out of range for a codebook of ", K, " codes");
-      for (int64_t d = 0; d < D; ++d) {
-        const double v = to_double(GQ(i, d)) + scale_z * (to_double(Z(i, d)) - to_double(E(k, d)));
-        grad_z[i * D + d] = from_double<scalar_t>(v);
+  if (grad_z != nullptr) {
+    const View2D<scalar_t> GQ(grad_quantized);
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / D), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t k = idx[i];
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = to_double(GQ(i, d)) + scale_z * (to_double(Z(i, d)) - to_double(E(k, d)));
+          grad_z[i * D + d] = from_double<scalar_t>(v);
+        }
       }
-    }
-  });
+    });
+  }
+  if (grad_codebook == nullptr) return;
 
   // grad_codebook[k] = scale * sum_{i: idx_i = k} (codebook[k] - z_i). Each thread owns a
   // range of codes and scans all rows in order: the result does not depend on threading.
@@ -303,7 +337,8 @@ void quantize_bwd_kernel(const Tensor& grad_quantized, double g, const Tensor& z
 
 std::tuple<Tensor, Tensor> quantize_bwd_cpu(const Tensor& grad_quantized, const Tensor& grad_loss,
                                             const Tensor& z, const Tensor& codebook,
-                                            const Tensor& indices, double beta) {
+                                            const Tensor& indices, double beta, bool need_grad_z,
+                                            bool need_grad_codebook) {
   const char* op = "vqvae_fast::quantize_bwd";
   check_z_codebook(op, z, codebook);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
@@ -322,12 +357,10 @@ std::tuple<Tensor, Tensor> quantize_bwd_cpu(const Tensor& grad_quantized, const 
               op, ": expected all tensors on the CPU, got indices on ", indices.device(),
               ", grad_quantized on ", grad_quantized.device(), " and grad_loss on ", grad_loss.device());
 
-  Tensor grad_z = at::empty({N, D}, z.options());
-  Tensor grad_codebook = at::empty({K, D}, codebook.options());
-  if (N == 0 || D == 0) {
-    grad_codebook.zero_();
-    return {grad_z, grad_codebook};
-  }
+  Tensor grad_z = need_grad_z ? at::empty({N, D}, z.options()) : at::empty({0}, z.options());
+  Tensor grad_codebook = need_grad_codebook ? at::zeros({K, D}, codebook.options())
+                                            : at::empty({0}, codebook.options());
+  if (N == 0 || D == 0 || !(need_grad_z || need_grad_codebook)) return {grad_z, grad_codebook};
   const double g = grad_loss.item<double>();
   const Tensor gq = grad_quantized.scalar_type() == z.scalar_type()
                         ? grad_quantized
@@ -335,7 +368,8 @@ std::tuple<Tensor, Tensor> quantize_bwd_cpu(const Tensor& grad_quantized, const 
   const Tensor idx = indices.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "quantize_bwd_cpu", [&] {
     quantize_bwd_kernel<scalar_t>(gq, g, z, codebook, idx.const_data_ptr<int64_t>(), beta,
-                                  grad_z.data_ptr<scalar_t>(), grad_codebook.data_ptr<scalar_t>());
+                                  need_grad_z ? grad_z.data_ptr<scalar_t>() : nullptr,
+                                  need_grad_codebook ? grad_codebook.data_ptr<scalar_t>() : nullptr);
   });
   return {grad_z, grad_codebook};
 }
@@ -343,7 +377,8 @@ std::tuple<Tensor, Tensor> quantize_bwd_cpu(const Tensor& grad_quantized, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vqvae_fast, CPU, m) {
-  m.impl("nearest_code_fwd", &nearest_code_fwd_cpu);
+  m.impl("nearest_code", &nearest_code_cpu);
+  m.impl("quantize_fwd", &quantize_fwd_cpu);
   m.impl("quantize_bwd", &quantize_bwd_cpu);
 }
 

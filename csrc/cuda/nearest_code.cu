@@ -1,52 +1,76 @@
 // CUDA implementation of the vqvae_fast ops (schemas live in csrc/ops.cpp):
 //
-//   nearest_code_fwd(z, codebook, beta) -> (quantized, indices, loss)
-//   quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta) -> (grad_z, grad_codebook)
+//   nearest_code(z, codebook) -> indices                 (search only: no gather, no loss)
+//   quantize_fwd(z, codebook, beta) -> (quantized, indices, loss)
+//   quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z,
+//                need_grad_codebook) -> (grad_z, grad_codebook)
 //
 // Forward pipeline (all on the current stream, no host synchronisation, no float atomics,
 // bitwise deterministic for a given GPU architecture):
 //
-//   1. code_norm_kernel: one warp per code, ||e_k - mu||^2 in the accumulation type, summed
+//   0. Centre c (D,), with ATen ops on the device: c_d = the mean of the finite entries of
+//      codebook column d (0 if there are none, or if that mean is not finite). 16-bit WMMA path:
+//      c_d = 0 unless the column's finite entries satisfy max - min <= |mean| / 4, and then
+//      c_d = the mean rounded to the 16-bit dtype, so that every finite e - c_d is exact in
+//      16 bits (same rule and proof as _column_centre in vqvae_fast/ops/triton_nearest_code.py).
+//      NaN / Inf entries are left out (the finite entries of such a code still count), so one
+//      bad code cannot push c to NaN / Inf for every score.
+//   1. code_norm_kernel: one warp per code, ||e_k - c||^2 in the accumulation type, summed
 //      in an order that depends only on d, so identical codes get identical norms (exact ties
-//      then resolve to the lowest index). mu = codebook mean (ATen, fp32 / fp64) on the FMA
-//      path; mu = 0 on the tensor-core path (products of fp16/bf16 values are exact in fp32).
+//      then resolve to the lowest index). A code with any NaN / Inf entry gets norm +inf, so
+//      its score is +inf or NaN and never wins a strict '<'; it is never chosen unless every
+//      code is non-finite (the row's index then stays at its initial 0).
 //   2. A tiled search kernel that never forms the N x K matrix. A block owns 64 rows of z and
 //      walks a range of 64-code tiles (grid.y splits the code tiles when N is small, to fill the
-//      GPU). Per (row, code) it computes s = ||e_k - mu||^2 - 2 (z_i - mu).(e_k - mu), and keeps
-//      a running (score, index) minimum per row in registers, strict '<' while walking codes in
-//      increasing order, then merges threads with the lexicographic (score, index) order. The
-//      dot product of a (row, code) pair is computed the same way whatever block / split handles
-//      it, so the result does not depend on the split count.
+//      GPU). Per (row, code) it computes s = ||e_k - c||^2 - 2 (z_i - c).(e_k - c), and keeps
+//      a running (score, index) minimum per row in registers (initially (+inf, 0)), strict '<'
+//      while walking codes in increasing order, then merges threads with the lexicographic
+//      (score, index) order. The dot product of a (row, code) pair is computed the same way
+//      whatever block / split handles it, so the result does not depend on the split count.
 //        - search_fma_kernel (fp32, fp64, and fp16/bf16 on GPUs without the WMMA path): 256
 //          threads, 64 x 64 block tile, D staged in chunks of 64 (fp64: 32) into shared memory
-//          transposed (d-major, centred by mu), each thread computes a 4 x 4 register micro-tile
-//          with explicit FMAs (no TF32). 35 KB smem.
-//        - search_wmma_kernel (fp16 / bf16, sm_80+): 128 threads = 4 warps in a 2 x 2 layout,
-//          64 x 64 block tile, each warp owns 32 x 32 (2 x 2 WMMA 16x16x16 fragments, fp32
-//          accumulate). D staged in chunks of 64, zero padded in shared memory (D need not be a
-//          multiple of 16; k-steps entirely past D are skipped). The accumulators go through a
-//          column-major shared tile (conflict-free reads) to the running minimum. 36 KB smem.
+//          transposed (d-major, converted to the accumulation type and centred by c), each
+//          thread computes a 4 x 4 register micro-tile with explicit FMAs (no TF32). 35 KB smem.
+//        - search_wmma_kernel (fp16 / bf16, sm_80+): on operands centred on the host with ATen:
+//          the codebook e - c in 16 bits (exact; codes with a non-finite entry zeroed, their
+//          norm is +inf anyway) and z - c rounded to 16 bits (clamped to the finite 16-bit
+//          range). Products of two 16-bit values are exact in fp32 (for bf16, barring fp32
+//          overflow / underflow). 128 threads = 4 warps in a 2 x 2 layout, 64 x 64 block tile,
+//          each warp owns 32 x 32 (2 x 2 WMMA 16x16x16 fragments, fp32 accumulate). D staged
+//          in chunks of 64, zero padded in shared memory (D need not be a multiple of 16;
+//          k-steps entirely past D are skipped). The accumulators go through a column-major
+//          shared tile (conflict-free reads) to the running minimum. 36 KB smem.
+//          The norms are those of step 1 (bitwise equal to the norms of the 16-bit centred
+//          codes, which are exact). Rows whose centred z has a finite value that is not exact
+//          in 16 bits are flagged (int8, ATen) and re-scored: search_fma_kernel runs a second
+//          time over the same grid, on the original z and codebook centred by c, with
+//          row_flags: blocks without a flagged row return at once, and only flagged rows
+//          overwrite their partials (every split), so each row's partials come from one kernel.
 //        When D fits in a single chunk the z tile is staged only once per block.
-//      Output: per-split partial (score, index) per row.
+//      Output: per-split partial (score, index) per row (same splits x N layout for both).
 //   3. finalize_kernel: one warp per row merges the split partials (lexicographic), writes
-//      indices, copies codebook[idx] into quantized (bitwise), and the row's squared error
-//      sum((z - e)^2) (fp32 for fp32/fp16/bf16, fp64 for fp64; fixed-order warp tree).
-//   4. loss_partial_kernel + loss_final_kernel: fixed-chunk, fixed-tree reduction of the row
-//      errors in fp64; loss = (1 + beta) * sum / (N * D), written in z's dtype.
+//      indices; for quantize_fwd it also copies codebook[idx] into quantized (bitwise), and
+//      the row's squared error sum((z - e)^2) (fp32 for fp32/fp16/bf16, fp64 for fp64;
+//      fixed-order warp tree). nearest_code stops here.
+//   4. quantize_fwd only: loss_partial_kernel + loss_final_kernel: fixed-chunk, fixed-tree
+//      reduction of the row errors in fp64; loss = (1 + beta) * sum / (N * D), written in z's
+//      dtype.
 //
-// Backward:
+// Backward (a gradient whose need_grad_* flag is false is returned as an empty tensor, and no
+// kernel is launched for it):
 //   grad_z = grad_quantized + g * 2 beta (z - e_idx) / (N D), g read on the device.
 //   grad_codebook[k] = g * 2 sum_{i: idx_i = k} (e_k - z_i) / (N D).
-//   - default: bwd_rows_kernel<kAtomic=true> computes grad_z and atomically adds (e - z) into an
-//     fp32 (fp64 for fp64) accumulator; cb_finalize_kernel scales it into the codebook dtype.
-//   - torch.use_deterministic_algorithms(True): bwd_rows_kernel<false> for grad_z, then a stable
-//     at::sort of the indices, and grad_cb_segment_kernel: one block per (code, 32 columns) finds
-//     its segment of the sorted order by binary search and sums it in a fixed order
-//     (16 row lanes, each sequential, then an ordered combine). No float atomics.
+//   - default: bwd_rows_kernel<kGradZ, kAtomic=true> computes grad_z (when needed) and
+//     atomically adds (e - z) into an fp32 (fp64 for fp64) accumulator; cb_finalize_kernel
+//     scales it into the codebook dtype. grad_z only: bwd_rows_kernel<true, false>.
+//   - torch.use_deterministic_algorithms(True): bwd_rows_kernel<true, false> for grad_z, then a
+//     stable at::sort of the indices, and grad_cb_segment_kernel: one block per (code, 32
+//     columns) finds its segment of the sorted order by binary search and sums it in a fixed
+//     order (16 row lanes, each sequential, then an ordered combine). No float atomics.
 //
 // Limits: K < 2^30 and D <= 65535 * 32 (deterministic backward grid.y), checked on the host.
-// A non-finite codebook mean (NaN / Inf codes) is replaced by 0 so one bad code cannot poison
-// every score. Indices of rows whose scores are all NaN / +Inf fall back to 0.
+// Rows of z with a NaN / Inf value still get an index in [0, K), never an out-of-range one
+// (index 0 when none of the row's scores is below +inf).
 
 // ATen/cuda/CUDAContext.h is deliberately not included: it pulls in cuBLAS / cuSPARSE headers,
 // which a bare CUDA toolkit may lack (this file needs only the stream and two device attributes).
@@ -133,7 +157,8 @@ constexpr int kBM = 64;  // z rows per block
 constexpr int kBN = 64;  // codes per tile
 
 // --------------------------------------------------------------------------------------------
-// 1. Code norms: enorm[k] = sum_d (e[k,d] - mu[d])^2  (mu == nullptr means 0)
+// 1. Code norms: enorm[k] = sum_d (e[k,d] - mu[d])^2  (mu == nullptr means 0), +inf for a code
+//    with any NaN / Inf entry (its score is then +inf or NaN, never '< best').
 // --------------------------------------------------------------------------------------------
 
 constexpr int kNormThreads = 256;  // 8 warps, one code each
@@ -149,13 +174,16 @@ __global__ void __launch_bounds__(kNormThreads)
   if (k >= K) return;  // whole warp leaves together
   const scalar_t* e = cb + k * D;
   acc_t s = 0;
+  bool non_finite = false;
   for (int d = lane; d < D; d += 32) {
-    acc_t v = to_acc<acc_t>(e[d]);
-    if (mu != nullptr) v -= mu[d];
+    const acc_t x = to_acc<acc_t>(e[d]);  // 16-bit Inf / NaN stay Inf / NaN in fp32
+    non_finite |= !isfinite(x);
+    const acc_t v = (mu != nullptr) ? x - mu[d] : x;
     s = dev_fma(v, v, s);
   }
   s = warp_sum(s);
-  if (lane == 0) enorm[k] = s;
+  non_finite = __any_sync(0xffffffffu, non_finite);  // the whole warp is here (see above)
+  if (lane == 0) enorm[k] = non_finite ? dev_inf<acc_t>() : s;
 }
 
 // --------------------------------------------------------------------------------------------
@@ -286,13 +314,16 @@ __device__ __forceinline__ void fma_step(const acc_t (*zs)[kFmLd], const acc_t (
     for (int cc = 0; cc < 4; ++cc) acc[rr][cc] = dev_fma(a[rr], b[cc], acc[rr][cc]);
 }
 
+// row_flags == nullptr: search every row. Otherwise (re-scoring of the 16-bit WMMA path) only
+// the rows with row_flags[row] != 0 are searched and written; a block without any flagged row
+// returns at once, and the partials of the other rows are left as they are.
 template <typename scalar_t, bool kVec>
 __global__ void __launch_bounds__(kFmThreads, 2)
     search_fma_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ cb,
                       const typename AccT<scalar_t>::type* __restrict__ mu,
-                      const typename AccT<scalar_t>::type* __restrict__ enorm, int64_t N, int K,
-                      int D, int tiles_per_split,
-                      typename AccT<scalar_t>::type* __restrict__ part_score,
+                      const typename AccT<scalar_t>::type* __restrict__ enorm,
+                      const int8_t* __restrict__ row_flags, int64_t N, int K, int D,
+                      int tiles_per_split, typename AccT<scalar_t>::type* __restrict__ part_score,
                       int* __restrict__ part_idx) {
   using acc_t = typename AccT<scalar_t>::type;
   constexpr int BK = FmBK<acc_t>::value;
@@ -303,6 +334,11 @@ __global__ void __launch_bounds__(kFmThreads, 2)
   const int tx = tid & 15;  // codes tx*4 .. tx*4+3 of a tile
   const int ty = tid >> 4;  // rows   ty*4 .. ty*4+3 of the block
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  if (row_flags != nullptr) {  // uniform: a kernel argument
+    int flagged = 0;
+    if (tid < kBM && row0 + tid < N) flagged = row_flags[row0 + tid] != 0;
+    if (!__syncthreads_or(flagged)) return;  // reached by every thread of the block
+  }
   const int num_tiles = static_cast<int>(ceil_div(K, kBN));
   const int t_begin = static_cast<int>(blockIdx.y) * tiles_per_split;
   const int t_end = min(t_begin + tiles_per_split, num_tiles);
@@ -371,7 +407,7 @@ __global__ void __launch_bounds__(kFmThreads, 2)
 #pragma unroll
     for (int rr = 0; rr < 4; ++rr) {
       const int64_t row = row0 + ty * 4 + rr;
-      if (row < N) {
+      if (row < N && (row_flags == nullptr || row_flags[row] != 0)) {
         const int64_t o = static_cast<int64_t>(blockIdx.y) * N + row;
         part_score[o] = best[rr];
         part_idx[o] = best_k[rr];
@@ -543,7 +579,8 @@ __global__ void __launch_bounds__(kWmThreads)
 }
 
 // --------------------------------------------------------------------------------------------
-// 3. Merge splits, gather, per-row squared error
+// 3. Merge splits, gather, per-row squared error (quantized == nullptr: indices only; z and
+//    row_err are then not read / written and may be null)
 // --------------------------------------------------------------------------------------------
 
 constexpr int kFinThreads = 256;  // 8 warps, one row each (grid-stride)
@@ -575,6 +612,10 @@ __global__ void __launch_bounds__(kFinThreads)
     }
     const int64_t k = min(max(bk, 0), K - 1);  // always in range already; defensive
 
+    if (quantized == nullptr) {  // uniform: a kernel argument
+      if (lane == 0) indices[i] = k;
+      continue;
+    }
     const scalar_t* e = cb + k * D;
     const scalar_t* zr = z + i * D;
     scalar_t* q = quantized + i * D;
@@ -646,8 +687,10 @@ __global__ void __launch_bounds__(kRedThreads)
 
 constexpr int kBwdThreads = 256;
 
-// grad_z = gq + g * scale_z * (z - e_idx); optionally cb_acc[idx] += (e_idx - z) atomically.
-template <typename scalar_t, bool kAtomic>
+// kGradZ: grad_z = gq + g * scale_z * (z - e_idx); kAtomic: cb_acc[idx] += (e_idx - z)
+// atomically. gq / grad_z are not read / written (may be null) without kGradZ, cb_acc without
+// kAtomic.
+template <typename scalar_t, bool kGradZ, bool kAtomic>
 __global__ void __launch_bounds__(kBwdThreads)
     bwd_rows_kernel(const scalar_t* __restrict__ gq, const scalar_t* __restrict__ z,
                     const scalar_t* __restrict__ cb, const int64_t* __restrict__ idx,
@@ -655,8 +698,10 @@ __global__ void __launch_bounds__(kBwdThreads)
                     typename AccT<scalar_t>::type scale_z, int64_t N, int K, int D,
                     scalar_t* __restrict__ grad_z,
                     typename AccT<scalar_t>::type* __restrict__ cb_acc) {
+  static_assert(kGradZ || kAtomic, "bwd_rows_kernel: nothing to compute");
   using acc_t = typename AccT<scalar_t>::type;
-  const acc_t coef = g[0] * scale_z;
+  acc_t coef = acc_t(0);
+  if constexpr (kGradZ) coef = g[0] * scale_z;
   const int64_t total = N * D;
   const bool small = total <= static_cast<int64_t>(UINT32_MAX);  // cheaper 32-bit division
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBwdThreads;
@@ -668,14 +713,15 @@ __global__ void __launch_bounds__(kBwdThreads)
     const int64_t d = e - i * D;
     const int64_t k = idx[i];
     CUDA_KERNEL_ASSERT_MSG(k >= 0 && k < K, "quantize_bwd: index out of range [0, K)");
-    acc_t out = to_acc<acc_t>(gq[e]);
+    acc_t out = acc_t(0);
+    if constexpr (kGradZ) out = to_acc<acc_t>(gq[e]);
     if (k >= 0 && k < K) {
       const int64_t ke = k * D + d;
       const acc_t diff = to_acc<acc_t>(z[e]) - to_acc<acc_t>(cb[ke]);
-      out = dev_fma(coef, diff, out);
+      if constexpr (kGradZ) out = dev_fma(coef, diff, out);
       if constexpr (kAtomic) atomicAdd(cb_acc + ke, -diff);
     }
-    grad_z[e] = static_cast<scalar_t>(out);
+    if constexpr (kGradZ) grad_z[e] = static_cast<scalar_t>(out);
   }
 }
 
@@ -821,13 +867,38 @@ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// Per-column centre c (shape (D,), accumulation dtype), computed with ATen on the current
+// stream (no host synchronisation). c_d = the mean of the finite entries of column d, 0 if it
+// has none or if that mean is not finite (the fp32 / fp64 sum overflowed).
+// narrow16 (16-bit WMMA path): c_d = 0 unless the column's finite entries also satisfy
+// max - min <= |mean| / 4; then c_d = the mean rounded to the 16-bit dtype (as a float). Every
+// finite centred code entry e - c_d is then exact in the 16-bit dtype (so in fp32 too): see
+// _column_centre in vqvae_fast/ops/triton_nearest_code.py, which uses the same rule.
+at::Tensor column_centre(const at::Tensor& cbc, const at::Tensor& finite, const at::Tensor& cb_acc,
+                         bool narrow16) {
+  const at::Tensor count = finite.sum(0);  // int64 (D,)
+  const at::Tensor mean = at::where(finite, cb_acc, 0.0).sum(0) / count.clamp_min(1);
+  at::Tensor centre = mean;
+  if (narrow16) {
+    const double inf = std::numeric_limits<double>::infinity();
+    const at::Tensor low = at::where(finite, cb_acc, inf).amin(0);
+    const at::Tensor high = at::where(finite, cb_acc, -inf).amax(0);
+    const at::Tensor narrow = count.gt(0).logical_and((high - low).le(mean.abs() * 0.25));
+    centre = at::where(narrow, mean.to(cbc.scalar_type()).to(cb_acc.scalar_type()), 0.0);
+  }
+  return centre.nan_to_num(0.0, 0.0, 0.0).contiguous();
+}
+
+// quantized == nullptr (and loss == nullptr): nearest_code, indices only (no gather, no loss).
 template <typename scalar_t>
 void launch_forward(const at::Tensor& zc, const at::Tensor& cbc, double beta,
-                    at::Tensor& indices, at::Tensor& quantized, at::Tensor& loss) {
+                    at::Tensor& indices, at::Tensor* quantized, at::Tensor* loss,
+                    const char* op) {
   using acc_t = typename AccT<scalar_t>::type;
   constexpr bool kIsDouble = std::is_same_v<scalar_t, double>;
   constexpr bool kIs16 =
       std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+  TORCH_INTERNAL_ASSERT((quantized == nullptr) == (loss == nullptr));
   const auto acc_dtype = kIsDouble ? at::kDouble : at::kFloat;
   const int64_t N = zc.size(0);
   const int K = static_cast<int>(cbc.size(0));
@@ -841,14 +912,11 @@ void launch_forward(const at::Tensor& zc, const at::Tensor& cbc, double beta,
   bool use_wmma = false;
   if constexpr (kIs16) use_wmma = wmma_available();
 
-  // Codebook mean (FMA path only) and code norms.
-  at::Tensor mu;
-  const acc_t* mu_ptr = nullptr;
-  if (!use_wmma) {
-    // A non-finite mean (NaN / Inf codes, or overflow) would poison every score: use 0 there.
-    mu = cbc.to(acc_dtype).mean(0).nan_to_num(0.0, 0.0, 0.0).contiguous();
-    mu_ptr = mu.data_ptr<acc_t>();
-  }
+  // Centre and code norms ||e_k - c||^2 (+inf for codes with a non-finite entry).
+  const at::Tensor finite = cbc.isfinite();
+  const at::Tensor cb_acc = cbc.to(acc_dtype);  // no copy for fp32 / fp64
+  const at::Tensor centre = column_centre(cbc, finite, cb_acc, /*narrow16=*/use_wmma);
+  const acc_t* mu_ptr = centre.data_ptr<acc_t>();
   at::Tensor enorm = at::empty({K}, acc_opts);
   code_norm_kernel<scalar_t>
       <<<static_cast<unsigned>(ceil_div(K, kNormThreads / 32)), kNormThreads, 0, stream>>>(
@@ -857,7 +925,7 @@ void launch_forward(const at::Tensor& zc, const at::Tensor& cbc, double beta,
 
   // Grid: 64-row blocks x code-tile splits (splits only when there are too few row blocks).
   const int64_t row_blocks = ceil_div(N, kBM);
-  TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "nearest_code_fwd: N too large");
+  TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), op, ": N too large");
   const int num_tiles = static_cast<int>(ceil_div(K, kBN));
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t target_blocks = int64_t(4) * sms;
@@ -874,12 +942,33 @@ void launch_forward(const at::Tensor& zc, const at::Tensor& cbc, double beta,
   constexpr int kVecElems = 16 / static_cast<int>(sizeof(scalar_t));
   const bool vec = (D % kVecElems == 0) && aligned16(z_ptr) && aligned16(cb_ptr);
 
+  // 16-bit tensor-core path: search on centred 16-bit operands, then re-score (FMA kernel,
+  // below) the rows whose centred z is not exact in 16 bits.
+  at::Tensor inexact;  // int8 (N,): 1 = re-score the row; kept alive until the launch below
+  const int8_t* flags_ptr = nullptr;
   if constexpr (kIs16) {
     if (use_wmma) {
+      const auto st = zc.scalar_type();
+      // Exact (column_centre); codes with a non-finite entry are zeroed (their norm is +inf),
+      // so the norms above are bitwise those of these centred operands.
+      const at::Tensor row_ok = finite.all(1, /*keepdim=*/true);
+      const at::Tensor cb16 = at::where(row_ok, cb_acc - centre, 0.0).to(st).contiguous();
+      const at::Tensor zf = zc.to(at::kFloat) - centre;
+      // Largest finite 16-bit value: a centred z beyond it is clamped (and so flagged) rather
+      // than turned into Inf.
+      const double lim =
+          std::is_same_v<scalar_t, at::Half> ? 65504.0 : 3.3895313892515355e38;
+      const at::Tensor z16 = zf.clamp(-lim, lim).to(st).contiguous();
+      // Only finite values are flagged: re-scoring cannot help a NaN / Inf row.
+      inexact = z16.to(at::kFloat).ne(zf).logical_and(zf.isfinite()).any(1).to(at::kChar)
+                    .contiguous();
+      flags_ptr = inexact.data_ptr<int8_t>();
+
       using T = typename WmmaType<scalar_t>::type;
-      const auto* zr = reinterpret_cast<const uint16_t*>(z_ptr);
-      const auto* cr = reinterpret_cast<const uint16_t*>(cb_ptr);
-      if (vec) {
+      const auto* zr = reinterpret_cast<const uint16_t*>(z16.data_ptr<scalar_t>());
+      const auto* cr = reinterpret_cast<const uint16_t*>(cb16.data_ptr<scalar_t>());
+      const bool vec16 = (D % 8 == 0) && aligned16(zr) && aligned16(cr);
+      if (vec16) {
         search_wmma_kernel<T, true><<<grid, kWmThreads, 0, stream>>>(
             zr, cr, enorm.data_ptr<float>(), N, K, D, tiles_per_split,
             part_score.data_ptr<float>(), part_idx.data_ptr<int>());
@@ -891,24 +980,34 @@ void launch_forward(const at::Tensor& zc, const at::Tensor& cbc, double beta,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  if (!use_wmma) {
-    if (vec) {
-      search_fma_kernel<scalar_t, true><<<grid, kFmThreads, 0, stream>>>(
-          z_ptr, cb_ptr, mu_ptr, enorm.data_ptr<acc_t>(), N, K, D, tiles_per_split,
-          part_score.data_ptr<acc_t>(), part_idx.data_ptr<int>());
-    } else {
-      search_fma_kernel<scalar_t, false><<<grid, kFmThreads, 0, stream>>>(
-          z_ptr, cb_ptr, mu_ptr, enorm.data_ptr<acc_t>(), N, K, D, tiles_per_split,
-          part_score.data_ptr<acc_t>(), part_idx.data_ptr<int>());
-    }
+
+  // FMA search: every row (fp32, fp64, 16-bit without WMMA), or (WMMA path) only the flagged
+  // rows, on the original operands centred by c, overwriting their WMMA partials (same grid,
+  // same partial layout).
+  if (vec) {
+    search_fma_kernel<scalar_t, true><<<grid, kFmThreads, 0, stream>>>(
+        z_ptr, cb_ptr, mu_ptr, enorm.data_ptr<acc_t>(), flags_ptr, N, K, D, tiles_per_split,
+        part_score.data_ptr<acc_t>(), part_idx.data_ptr<int>());
+  } else {
+    search_fma_kernel<scalar_t, false><<<grid, kFmThreads, 0, stream>>>(
+        z_ptr, cb_ptr, mu_ptr, enorm.data_ptr<acc_t>(), flags_ptr, N, K, D, tiles_per_split,
+        part_score.data_ptr<acc_t>(), part_idx.data_ptr<int>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (quantized == nullptr) {
+    finalize_kernel<scalar_t><<<grid_for(N, kFinThreads / 32), kFinThreads, 0, stream>>>(
+        nullptr, cb_ptr, part_score.data_ptr<acc_t>(), part_idx.data_ptr<int>(),
+        static_cast<int>(splits), N, K, D, indices.data_ptr<int64_t>(), nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
 
   at::Tensor row_err = at::empty({N}, zc.options().dtype(at::kDouble));
   finalize_kernel<scalar_t><<<grid_for(N, kFinThreads / 32), kFinThreads, 0, stream>>>(
       z_ptr, cb_ptr, part_score.data_ptr<acc_t>(), part_idx.data_ptr<int>(),
       static_cast<int>(splits), N, K, D, indices.data_ptr<int64_t>(),
-      quantized.data_ptr<scalar_t>(), row_err.data_ptr<double>());
+      quantized->data_ptr<scalar_t>(), row_err.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int64_t nparts = ceil_div(N, kRedChunk);
@@ -918,14 +1017,53 @@ void launch_forward(const at::Tensor& zc, const at::Tensor& cbc, double beta,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const double scale = (1.0 + beta) / (static_cast<double>(N) * static_cast<double>(D));
   loss_final_kernel<scalar_t><<<1, kRedThreads, 0, stream>>>(
-      partials.data_ptr<double>(), nparts, scale, loss.data_ptr<scalar_t>());
+      partials.data_ptr<double>(), nparts, scale, loss->data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_fwd_cuda(const at::Tensor& z,
-                                                                      const at::Tensor& codebook,
-                                                                      double beta) {
-  check_inputs(z, codebook, "nearest_code_fwd");
+void dispatch_forward(const at::Tensor& zc, const at::Tensor& cbc, double beta,
+                      at::Tensor& indices, at::Tensor* quantized, at::Tensor* loss,
+                      const char* op) {
+  switch (zc.scalar_type()) {
+    case at::kFloat:
+      launch_forward<float>(zc, cbc, beta, indices, quantized, loss, op);
+      break;
+    case at::kDouble:
+      launch_forward<double>(zc, cbc, beta, indices, quantized, loss, op);
+      break;
+    case at::kHalf:
+      launch_forward<at::Half>(zc, cbc, beta, indices, quantized, loss, op);
+      break;
+    case at::kBFloat16:
+      launch_forward<at::BFloat16>(zc, cbc, beta, indices, quantized, loss, op);
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", zc.scalar_type());
+  }
+}
+
+at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook) {
+  check_inputs(z, codebook, "nearest_code");
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor zc = z.contiguous();
+  const at::Tensor cbc = codebook.contiguous();
+  const int64_t N = zc.size(0);
+  const int64_t D = zc.size(1);
+
+  at::Tensor indices = at::empty({N}, zc.options().dtype(at::kLong));
+  if (N == 0) return indices;
+  if (D == 0) {  // every code is at distance 0: the lowest index wins
+    indices.zero_();
+    return indices;
+  }
+  dispatch_forward(zc, cbc, 0.0, indices, nullptr, nullptr, "nearest_code");
+  return indices;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fwd_cuda(const at::Tensor& z,
+                                                                 const at::Tensor& codebook,
+                                                                 double beta) {
+  check_inputs(z, codebook, "quantize_fwd");
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor zc = z.contiguous();
   const at::Tensor cbc = codebook.contiguous();
@@ -941,29 +1079,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_code_fwd_cuda(const at::T
     return {quantized, indices, loss};
   }
   at::Tensor loss = at::empty({}, zc.options());
-  switch (zc.scalar_type()) {
-    case at::kFloat:
-      launch_forward<float>(zc, cbc, beta, indices, quantized, loss);
-      break;
-    case at::kDouble:
-      launch_forward<double>(zc, cbc, beta, indices, quantized, loss);
-      break;
-    case at::kHalf:
-      launch_forward<at::Half>(zc, cbc, beta, indices, quantized, loss);
-      break;
-    case at::kBFloat16:
-      launch_forward<at::BFloat16>(zc, cbc, beta, indices, quantized, loss);
-      break;
-    default:
-      TORCH_CHECK(false, "nearest_code_fwd: unsupported dtype ", zc.scalar_type());
-  }
+  dispatch_forward(zc, cbc, beta, indices, &quantized, &loss, "quantize_fwd");
   return {quantized, indices, loss};
 }
 
+// gq / grad_z: undefined when !need_z; grad_cb: undefined when !need_cb (at least one needed).
 template <typename scalar_t>
 void launch_backward(const at::Tensor& gq, const at::Tensor& g, const at::Tensor& zc,
-                     const at::Tensor& cbc, const at::Tensor& idx, double beta,
-                     at::Tensor& grad_z, at::Tensor& grad_cb) {
+                     const at::Tensor& cbc, const at::Tensor& idx, double beta, bool need_z,
+                     bool need_cb, at::Tensor& grad_z, at::Tensor& grad_cb) {
   using acc_t = typename AccT<scalar_t>::type;
   const int64_t N = zc.size(0);
   const int K = static_cast<int>(cbc.size(0));
@@ -974,41 +1098,56 @@ void launch_backward(const at::Tensor& gq, const at::Tensor& g, const at::Tensor
   const acc_t scale_c = static_cast<acc_t>(2.0 / nd);
   const int64_t total = N * D;
   const acc_t* g_ptr = g.data_ptr<acc_t>();
+  const scalar_t* gq_ptr = need_z ? gq.data_ptr<scalar_t>() : nullptr;
+  scalar_t* grad_z_ptr = need_z ? grad_z.data_ptr<scalar_t>() : nullptr;
+  const int rows_grid = grid_for(total, kBwdThreads);
 
   if (at::globalContext().deterministicAlgorithms()) {
-    bwd_rows_kernel<scalar_t, false><<<grid_for(total, kBwdThreads), kBwdThreads, 0, stream>>>(
-        gq.data_ptr<scalar_t>(), zc.data_ptr<scalar_t>(), cbc.data_ptr<scalar_t>(),
-        idx.data_ptr<int64_t>(), g_ptr, scale_z, N, K, D, grad_z.data_ptr<scalar_t>(),
-        nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    const at::Tensor sorted_idx = std::get<0>(sorted).contiguous();
-    const at::Tensor perm = std::get<1>(sorted).contiguous();
-    const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>(ceil_div(D, 32)));
-    const dim3 block(32, kSegLanes);
-    grad_cb_segment_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        sorted_idx.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), zc.data_ptr<scalar_t>(),
-        cbc.data_ptr<scalar_t>(), g_ptr, scale_c, N, D, grad_cb.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
+    if (need_z) {
+      bwd_rows_kernel<scalar_t, true, false><<<rows_grid, kBwdThreads, 0, stream>>>(
+          gq_ptr, zc.data_ptr<scalar_t>(), cbc.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+          g_ptr, scale_z, N, K, D, grad_z_ptr, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need_cb) {
+      auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      const at::Tensor sorted_idx = std::get<0>(sorted).contiguous();
+      const at::Tensor perm = std::get<1>(sorted).contiguous();
+      const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>(ceil_div(D, 32)));
+      const dim3 block(32, kSegLanes);
+      grad_cb_segment_kernel<scalar_t><<<grid, block, 0, stream>>>(
+          sorted_idx.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), zc.data_ptr<scalar_t>(),
+          cbc.data_ptr<scalar_t>(), g_ptr, scale_c, N, D, grad_cb.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  } else if (need_cb) {
     at::Tensor cb_acc = at::zeros({K, D}, zc.options().dtype(g.scalar_type()));
-    bwd_rows_kernel<scalar_t, true><<<grid_for(total, kBwdThreads), kBwdThreads, 0, stream>>>(
-        gq.data_ptr<scalar_t>(), zc.data_ptr<scalar_t>(), cbc.data_ptr<scalar_t>(),
-        idx.data_ptr<int64_t>(), g_ptr, scale_z, N, K, D, grad_z.data_ptr<scalar_t>(),
-        cb_acc.data_ptr<acc_t>());
+    if (need_z) {
+      bwd_rows_kernel<scalar_t, true, true><<<rows_grid, kBwdThreads, 0, stream>>>(
+          gq_ptr, zc.data_ptr<scalar_t>(), cbc.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+          g_ptr, scale_z, N, K, D, grad_z_ptr, cb_acc.data_ptr<acc_t>());
+    } else {
+      bwd_rows_kernel<scalar_t, false, true><<<rows_grid, kBwdThreads, 0, stream>>>(
+          nullptr, zc.data_ptr<scalar_t>(), cbc.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+          g_ptr, scale_z, N, K, D, nullptr, cb_acc.data_ptr<acc_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t kd = static_cast<int64_t>(K) * D;
     cb_finalize_kernel<scalar_t><<<grid_for(kd, kBwdThreads), kBwdThreads, 0, stream>>>(
         cb_acc.data_ptr<acc_t>(), g_ptr, scale_c, kd, grad_cb.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {  // grad_z only
+    bwd_rows_kernel<scalar_t, true, false><<<rows_grid, kBwdThreads, 0, stream>>>(
+        gq_ptr, zc.data_ptr<scalar_t>(), cbc.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+        g_ptr, scale_z, N, K, D, grad_z_ptr, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_bwd_cuda(const at::Tensor& grad_quantized,
-                                                     const at::Tensor& grad_loss,
-                                                     const at::Tensor& z,
-                                                     const at::Tensor& codebook,
-                                                     const at::Tensor& indices, double beta) {
+std::tuple<at::Tensor, at::Tensor> quantize_bwd_cuda(
+    const at::Tensor& grad_quantized, const at::Tensor& grad_loss, const at::Tensor& z,
+    const at::Tensor& codebook, const at::Tensor& indices, double beta, bool need_grad_z,
+    bool need_grad_codebook) {
   check_inputs(z, codebook, "quantize_bwd");
   const int64_t N = z.size(0);
   const int64_t D = z.size(1);
@@ -1034,31 +1173,41 @@ std::tuple<at::Tensor, at::Tensor> quantize_bwd_cuda(const at::Tensor& grad_quan
               indices.device(), ")");
 
   const c10::cuda::CUDAGuard guard(z.device());
+  // A gradient that is not needed: an empty tensor, nothing computed or launched for it.
+  at::Tensor grad_z = at::empty({0}, z.options());
+  at::Tensor grad_cb = at::empty({0}, codebook.options());
+  if (!need_grad_z && !need_grad_codebook) return {grad_z, grad_cb};
+
   const at::Tensor zc = z.contiguous();
   const at::Tensor cbc = codebook.contiguous();
-  at::Tensor grad_z = at::empty({N, D}, zc.options());
-  at::Tensor grad_cb = at::empty({K, D}, cbc.options());
+  if (need_grad_z) grad_z = at::empty({N, D}, zc.options());
+  if (need_grad_codebook) grad_cb = at::empty({K, D}, cbc.options());
   if (N == 0 || D == 0) {
-    grad_cb.zero_();
+    if (need_grad_codebook) grad_cb.zero_();
     return {grad_z, grad_cb};
   }
-  const at::Tensor gq = grad_quantized.to(zc.scalar_type()).contiguous();
+  at::Tensor gq;
+  if (need_grad_z) gq = grad_quantized.to(zc.scalar_type()).contiguous();
   const at::Tensor idx = indices.contiguous();
   const auto acc_dtype = zc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = grad_loss.reshape({}).to(acc_dtype).contiguous();
 
   switch (zc.scalar_type()) {
     case at::kFloat:
-      launch_backward<float>(gq, g, zc, cbc, idx, beta, grad_z, grad_cb);
+      launch_backward<float>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook,
+                             grad_z, grad_cb);
       break;
     case at::kDouble:
-      launch_backward<double>(gq, g, zc, cbc, idx, beta, grad_z, grad_cb);
+      launch_backward<double>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook,
+                              grad_z, grad_cb);
       break;
     case at::kHalf:
-      launch_backward<at::Half>(gq, g, zc, cbc, idx, beta, grad_z, grad_cb);
+      launch_backward<at::Half>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook,
+                                grad_z, grad_cb);
       break;
     case at::kBFloat16:
-      launch_backward<at::BFloat16>(gq, g, zc, cbc, idx, beta, grad_z, grad_cb);
+      launch_backward<at::BFloat16>(gq, g, zc, cbc, idx, beta, need_grad_z,
+                                    need_grad_codebook, grad_z, grad_cb);
       break;
     default:
       TORCH_CHECK(false, "quantize_bwd: unsupported dtype ", zc.scalar_type());
@@ -1070,6 +1219,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_bwd_cuda(const at::Tensor& grad_quan
 }  // namespace vqvae_fast
 
 TORCH_LIBRARY_IMPL(vqvae_fast, CUDA, m) {
-  m.impl("nearest_code_fwd", &vqvae_fast::nearest_code_fwd_cuda);
+  m.impl("nearest_code", &vqvae_fast::nearest_code_cuda);
+  m.impl("quantize_fwd", &vqvae_fast::quantize_fwd_cuda);
   m.impl("quantize_bwd", &vqvae_fast::quantize_bwd_cuda);
 }

@@ -1,19 +1,26 @@
-"""One pair of op schemas for every compiled backend, with its fake and autograd.
+"""One set of op schemas for every compiled backend, with fakes and the autograd formula.
 
-    <prefix>nearest_code_fwd(Tensor z, Tensor codebook, float beta)
+    <prefix>nearest_code(Tensor z, Tensor codebook) -> Tensor indices
+    <prefix>quantize_fwd(Tensor z, Tensor codebook, float beta)
         -> (Tensor quantized, Tensor indices, Tensor loss)
-    <prefix>quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z,
-                         Tensor codebook, Tensor indices, float beta)
+    <prefix>quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook,
+                         Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook)
         -> (Tensor grad_z, Tensor grad_codebook)
 
-The C++ library (`vqvae_fast._C`, CPU and CUDA kernels) defines the un-prefixed pair;
-`triton_ops.py` defines the `triton_` pair. The fakes let torch.compile trace through
-them; the autograd formula makes `quantized` straight-through and differentiates the loss.
-`quantized` comes first in the outputs as in the public API (opcheck also needs a float first).
+The C++ library (`vqvae_fast._C`, CPU and CUDA kernels) defines the un-prefixed ops;
+`triton_ops.py` defines the `triton_` ones. The fakes let torch.compile trace through them;
+the autograd formula makes `quantized` straight-through and differentiates the loss, and
+asks the backward only for the gradients autograd needs (none for an EMA codebook).
+`nearest_code` has no gradient. `quantized` comes first in the outputs as in the public API
+(opcheck also needs a float first).
 """
 from __future__ import annotations
 
 import torch
+
+
+def _fake_nearest(z, codebook):
+    return z.new_empty(z.shape[0], dtype=torch.long)
 
 
 def _fake_fwd(z, codebook, beta):
@@ -21,8 +28,9 @@ def _fake_fwd(z, codebook, beta):
     return codebook.new_empty(n, d), z.new_empty(n, dtype=torch.long), z.new_empty(())
 
 
-def _fake_bwd(grad_quantized, grad_loss, z, codebook, indices, beta):
-    return z.new_empty(z.shape), codebook.new_empty(codebook.shape)
+def _fake_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z, need_grad_codebook):
+    return (z.new_empty(z.shape if need_grad_z else (0,)),
+            codebook.new_empty(codebook.shape if need_grad_codebook else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -35,20 +43,26 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_quantized, grad_indices, grad_loss):
+        need_grad_z, need_grad_codebook = ctx.needs_input_grad[:2]
+        if not (need_grad_z or need_grad_codebook):
+            return None, None, None
         z, codebook, indices = ctx.saved_tensors
         if grad_quantized is None:
             grad_quantized = torch.zeros_like(z)
         if grad_loss is None:
             grad_loss = z.new_zeros(())
-        grad_z, grad_codebook = bwd_op(grad_quantized, grad_loss, z, codebook, indices, ctx.beta)
-        return grad_z, grad_codebook, None
+        grad_z, grad_codebook = bwd_op(grad_quantized, grad_loss, z, codebook, indices, ctx.beta,
+                                       need_grad_z, need_grad_codebook)
+        return (grad_z if need_grad_z else None), (grad_codebook if need_grad_codebook else None), None
 
     return backward
 
 
-def register_op_pair(fwd_name: str, bwd_name: str) -> None:
-    """Attach fake implementations and the autograd formula to an op pair."""
-    torch.library.register_fake(fwd_name)(_fake_fwd)
-    torch.library.register_fake(bwd_name)(_fake_bwd)
-    bwd_op = getattr(torch.ops.vqvae_fast, bwd_name.split("::")[1])
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op), setup_context=_setup_context)
+def register_ops(prefix: str = "") -> None:
+    """Attach fakes and the autograd formula to vqvae_fast::<prefix>{nearest_code, quantize_fwd, quantize_bwd}."""
+    name = f"vqvae_fast::{prefix}"
+    torch.library.register_fake(f"{name}nearest_code")(_fake_nearest)
+    torch.library.register_fake(f"{name}quantize_fwd")(_fake_fwd)
+    torch.library.register_fake(f"{name}quantize_bwd")(_fake_bwd)
+    bwd_op = getattr(torch.ops.vqvae_fast, f"{prefix}quantize_bwd")
+    torch.library.register_autograd(f"{name}quantize_fwd", _make_backward(bwd_op), setup_context=_setup_context)

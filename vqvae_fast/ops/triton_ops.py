@@ -5,18 +5,24 @@ import torch
 from torch import Tensor
 
 from . import triton_nearest_code as kernels
-from .registration import register_op_pair
+from .registration import register_ops
 
 
-@torch.library.custom_op("vqvae_fast::triton_nearest_code_fwd", mutates_args=())
-def triton_nearest_code_fwd(z: Tensor, codebook: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.nearest_code_fwd(z, codebook, beta)
+@torch.library.custom_op("vqvae_fast::triton_nearest_code", mutates_args=())
+def triton_nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
+    return kernels.nearest_code(z, codebook)
+
+
+@torch.library.custom_op("vqvae_fast::triton_quantize_fwd", mutates_args=())
+def triton_quantize_fwd(z: Tensor, codebook: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.quantize_fwd(z, codebook, beta)
 
 
 @torch.library.custom_op("vqvae_fast::triton_quantize_bwd", mutates_args=())
-def triton_quantize_bwd(grad_quantized: Tensor, grad_loss: Tensor, z: Tensor, codebook: Tensor,
-                        indices: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    return kernels.quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta)
+def triton_quantize_bwd(grad_quantized: Tensor, grad_loss: Tensor, z: Tensor, codebook: Tensor, indices: Tensor,
+                        beta: float, need_grad_z: bool, need_grad_codebook: bool) -> tuple[Tensor, Tensor]:
+    return kernels.quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z,
+                                need_grad_codebook)
 
 
-register_op_pair("vqvae_fast::triton_nearest_code_fwd", "vqvae_fast::triton_quantize_bwd")
+register_ops("triton_")

@@ -1,0 +1,127 @@
+"""The Triton search's plan and its 16-bit centring, at the interpreter's toy sizes (or a GPU's)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_nearest, backend_device, distance_rtol
+from vqvae_fast import nearest_code
+
+kernels = pytest.importorskip("vqvae_fast.ops.triton_nearest_code")
+
+
+def test_plans_split_the_codebook_only_for_few_rows():
+    for machine, few, many in ((kernels.INTERPRETER, 40, 300), (kernels.SM90, 4096, 262144),
+                               (kernels.SM80, 4096, 262144)):
+        assert kernels.plan_search(few, 16384, 64, torch.bfloat16, machine).splits > 1
+        assert kernels.plan_search(many, 16384, 64, torch.bfloat16, machine).splits == 1
+        plan = kernels.plan_search(few, 16384, 64, torch.bfloat16, machine)
+        assert plan.codes_per_split % kernels.code_align(machine) == 0  # splits start on tile bounds
+
+
+def test_plans_keep_z_resident_up_to_512():
+    for machine in (kernels.INTERPRETER, kernels.SM90, kernels.SM80):
+        for d in (5, 64, 200, 512):
+            plan = kernels.plan_search(1 << 18, 16384, d, torch.bfloat16, machine)
+            assert plan.block_d == plan.d_pad >= d
+        plan = kernels.plan_search(1 << 18, 16384, 520, torch.bfloat16, machine)
+        assert plan.block_d < plan.d_pad and plan.d_pad % plan.block_d == 0
+
+
+def test_every_gpu_config_kept_fits_its_shared_memory_budget():
+    for machine in (kernels.SM90, kernels.SM80):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            for d in (16, 64, 128, 256, 512, 1024):
+                plan = kernels.plan_search(1 << 18, 16384, d, dtype, machine)
+                kept = [c for c in kernels.search_configs(machine)
+                        if kernels.keep_config(c, machine, 1 << 18, plan.d_pad, plan.block_d, plan.mode)]
+                assert kept, (machine.name, dtype, d)
+
+
+def _device():
+    return backend_device("triton")
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_narrow_columns_centre_exactly(dtype):
+    """The proof in `_column_centre`, checked: every centred code is exact in 16 bits, for bands
+    up to the |mean| / 4 limit, of either sign and many magnitudes (and wide columns stay at 0)."""
+    device = _device()
+    g = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        mean = float(torch.randn(1, generator=g)) * 10.0 ** int(torch.randint(-3, 4, (1,), generator=g))
+        width = abs(mean) * float(torch.rand(1, generator=g)) * (0.5 if trial % 4 == 0 else 0.125)
+        codebook = (mean + width * (2 * torch.rand(64, 6, generator=g) - 1)).to(dtype).to(device)
+        z = torch.randn(20, 6, generator=g).to(dtype).to(device)
+        plan = kernels.plan_search(20, 64, 6, dtype, kernels.machine_for(codebook.device))
+        ops = kernels.prepare_operands(z, codebook, plan)
+        centre = kernels_centre(ops, codebook, plan)
+        exact = codebook.float() - centre[:6]
+        assert torch.equal(ops.codes[:64, :6].float(), exact), f"trial {trial}: a centred code was rounded"
+        column = codebook.float()
+        narrow = (column.amax(0) - column.amin(0)) <= column.mean(0).abs() / 4
+        assert bool((centre[:6][~narrow] == 0).all())
+
+
+def kernels_centre(ops, codebook, plan):
+    """The centre the kernel used, recovered from a code and its centred value."""
+    return codebook[0].float() - ops.codes[0, :codebook.shape[1]].float()
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_rescoring_fixes_rows_not_exact_in_16_bits(dtype, monkeypatch):
+    """One column sits in a narrow band around 1000 (centred), z rows lie far from it, so their
+    centred values need more than 16 bits: they are flagged and re-scored. In bf16, scored from
+    the rounded values instead, some rows pick a code measurably farther than the nearest (in
+    fp16 the rounding is 8 times finer and stays within the tolerance on this data)."""
+    device = _device()
+    g = torch.Generator().manual_seed(0)
+    e0 = 1000 + 120 * (2 * torch.rand(64, generator=g) - 1)
+    codebook = torch.stack([e0, 300 * torch.randn(64, generator=g), 300 * torch.randn(64, generator=g)], 1)
+    z = torch.stack([256 + 256 * torch.rand(4000, generator=g), 300 * torch.randn(4000, generator=g),
+                     300 * torch.randn(4000, generator=g)], 1)
+    z, codebook = z.to(dtype).to(device), codebook.to(dtype).to(device)
+    assert_nearest(z, codebook, nearest_code(z, codebook, backend="triton"), distance_rtol("triton", dtype))
+    plan = kernels.plan_search(4000, 64, 3, dtype, kernels.machine_for(z.device))
+    flagged = int(kernels.prepare_operands(z, codebook, plan).inexact[:4000].sum())
+    assert flagged > 100, f"only {flagged} rows need re-scoring: the data no longer tests it"
+    if dtype == torch.float16:
+        return
+    mode_for = kernels.mode_for
+    monkeypatch.setattr(kernels, "mode_for", lambda dt, rescoring=False: (
+        mode_for(dt, rescoring=rescoring)._replace(flag_inexact=False) if not rescoring else mode_for(dt, True)))
+    with pytest.raises(AssertionError, match="farther than the nearest"):
+        assert_nearest(z, codebook, nearest_code(z, codebook, backend="triton"), distance_rtol("triton", dtype))
+
+
+class _CountingKernel:
+    """Stands in for a Triton kernel object and counts its launches."""
+
+    def __init__(self, kernel, counts, name):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        self.counts.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype, n, fn, expected", [
+    (torch.float32, 300, "quantize_fwd", ["stats", "prepare", "search", "loss"]),
+    (torch.bfloat16, 300, "quantize_fwd", ["stats", "prepare", "search", "search", "loss"]),
+    (torch.float32, 40, "quantize_fwd", ["stats", "prepare", "search", "merge", "loss"]),
+    (torch.float32, 300, "nearest_code", ["stats", "prepare", "search"]),
+    (torch.bfloat16, 40, "nearest_code", ["stats", "prepare", "search", "search", "merge"]),
+], ids=["fp32", "bf16 (re-scoring pass)", "fp32 split", "nearest fp32", "nearest bf16 split"])
+def test_launches_per_call(dtype, n, fn, expected, monkeypatch):
+    """The forward's host-side launches: codebook statistics, one preparation of both operands,
+    the search (and the 16-bit re-scoring pass, a no-op unless a row is flagged), the split
+    merge when the codebook is split, the loss. Nothing else runs on the device."""
+    device = _device()
+    launches = []
+    for attr, name in (("_codebook_stats_kernel", "stats"), ("_prepare_kernel", "prepare"),
+                       ("_search_kernel", "search"), ("_search_tuned", "search"), ("_merge_kernel", "merge"),
+                       ("_loss_kernel", "loss")):
+        monkeypatch.setattr(kernels, attr, _CountingKernel(getattr(kernels, attr), launches, name))
+    z, codebook = torch.randn(n, 8, device=device).to(dtype), torch.randn(400, 8, device=device).to(dtype)
+    getattr(kernels, fn)(*((z, codebook, 0.25) if fn == "quantize_fwd" else (z, codebook)))
+    assert launches == expected
