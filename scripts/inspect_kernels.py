@@ -1,0 +1,455 @@
+"""Static GPU checks of every shipped kernel, on any machine: no GPU needed.
+
+Compiles each Triton kernel of `vqvae_fast.ops.triton_nearest_code`, with every autotune
+config its pruning keeps, for a named GPU architecture (Triton's own compiler and ptxas), and
+reads the CUDA extension's kernels from the built library (cuobjdump). Per kernel and config
+it reports the matrix instructions used, registers, spill bytes, shared memory and, for the
+search kernel, how many loads of z sit inside the codebook loop (from the TTGIR).
+
+    python scripts/inspect_kernels.py --arch sm_90 --json FILE
+    python scripts/inspect_kernels.py --arch sm_80 --json FILE
+
+Exit status 0 only when every check holds:
+- every kernel and config compiles;
+- no spills (local memory per thread is 0);
+- shared memory within the architecture's per-block budget (227 KB sm_90, 163 KB sm_80);
+- the 16-bit searches use tensor-core MMA (wgmma or mma.sync; HMMA in the CUDA SASS);
+- the resident-z search (D <= 512) loads no z inside its codebook loop (split-D: null).
+"""
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":
+    # Compile for real even when run from the interpreted test suite (triton.jit reads this at import).
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import argparse
+import glob
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time  # noqa: E402  (after the environment is set)
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vqvae_fast.ops import triton_nearest_code as kernels
+
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+MACHINES = {"sm_90": kernels.SM90, "sm_80": kernels.SM80}
+PTR_TYPE = {torch.float64: "*fp64", torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+            torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8"}
+SHORT = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+Z_ARGS = ("z_ptr", "z_op_ptr", "z_tail_ptr", "z_tail2_ptr")
+# (N, K) of the two search problems compiled: a large one (one split, fused epilogue) and a
+# small-N one (codebook split across programs, indices only); D: the tiling regimes.
+LARGE, SMALL = (262144, 16384), (4096, 16384)
+DIMS = (16, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class Record:
+    kernel: str
+    config: str
+    dtype: str
+    arch: str
+    mma: str | None = None
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    z_loads_in_loop: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    """One Triton compilation: the kernel, its argument values and launch options."""
+    kernel: str
+    fn: object
+    values: dict  # argument name -> torch.dtype (a pointer), int, float, None or constexpr value
+    num_warps: int
+    num_stages: int
+    dtype: torch.dtype
+    config: str
+    needs_mma: bool = False
+    resident: bool | None = None  # search kernels: z kept resident (None: not a search)
+
+
+# --------------------------------------------------------------------------- the cases
+
+def _config_text(config: triton.Config) -> str:
+    kw = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{kw} warps={config.num_warps} stages={config.num_stages}"
+
+
+def search_cases(machine, dtype: torch.dtype) -> list[Case]:
+    cases = []
+    for d in DIMS:
+        for (n, k), task in ((LARGE, "quantize"), (SMALL, "nearest")):
+            main = kernels.plan_search(n, k, d, dtype, machine)
+            configs = [c for c in kernels.search_configs(machine)
+                       if kernels.keep_config(c, machine, n, main.d_pad, main.block_d, main.mode)]
+            variants = [(main, configs, task, False)]
+            if main.mode.flag_inexact and task == "quantize":
+                rescoring, config = kernels.rescoring_plan(main)
+                variants.append((rescoring, [config], "quantize re-score", True))
+            for plan, configs, label, rescoring in variants:
+                mode = plan.mode
+                meta = kernels.search_meta(plan, mode, want_quantized=task == "quantize", only_flagged=rescoring)
+                acc = mode.acc
+                values = dict(
+                    z_ptr=dtype, codebook_ptr=dtype, z_op_ptr=mode.code, z_tail_ptr=mode.code, z_tail2_ptr=mode.code,
+                    codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=acc,
+                    part_score_ptr=acc if plan.splits > 1 else None,
+                    part_idx_ptr=torch.int32 if plan.splits > 1 else None,
+                    inexact_ptr=torch.int8 if main.mode.flag_inexact else None, indices_ptr=torch.int64,
+                    quantized_ptr=dtype if task == "quantize" else None, row_err_ptr=acc if task == "quantize" else None,
+                    N=n, D=d, K_PAD=plan.k_pad, codes_per_split=plan.codes_per_split, n_bucket=n.bit_length(),
+                    stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta)
+                for config in configs:
+                    resident = plan.block_d == plan.d_pad
+                    tiling = f"D={d} ({'resident' if resident else f'split-D {plan.block_d}'}), {plan.splits} split(s)"
+                    cases.append(Case(f"search[{label}]", kernels._search_kernel, {**values, **config.kwargs},
+                                      config.num_warps, config.num_stages, dtype,
+                                      f"{_config_text(config)}; {tiling}", needs_mma=dtype.itemsize == 2,
+                                      resident=resident))
+    return cases
+
+
+def support_cases(machine, dtype: torch.dtype) -> list[Case]:
+    """The other kernels, with the launch parameters their launchers use."""
+    mode = kernels.mode_for(dtype)
+    acc = mode.acc
+    tl_acc = kernels._TL_DTYPE[acc]
+    cases = []
+    for d in (64, 1024):
+        plan = kernels.plan_search(*LARGE, d, dtype, machine)
+        launch = kernels.prepare_launch(plan)
+        cases.append(Case("codebook_stats", kernels._codebook_stats_kernel, dict(
+            codebook_ptr=dtype, stats_ptr=acc, K=LARGE[1], D=d, rows_per_program=512, stride_ck=d, stride_cd=1,
+            BLOCK_R=launch.stats_rows, BLOCK_D=launch.stats_block_d, D_PAD=launch.arange_d, ACC_DTYPE=tl_acc),
+            4, 1, dtype, f"D={d}"))
+        cases.append(Case("prepare", kernels._prepare_kernel, dict(
+            codebook_ptr=dtype, z_ptr=dtype, stats_ptr=acc, centre_ptr=acc, codes_ptr=mode.code,
+            codes_tail_ptr=mode.code, half_norm_ptr=acc, z_op_ptr=mode.code, z_tail_ptr=mode.code,
+            z_tail2_ptr=mode.code, inexact_ptr=torch.int8 if mode.flag_inexact else None,
+            K=LARGE[1], N=LARGE[0], D=d, K_PAD=plan.k_pad, N_PAD=plan.n_pad, WIDTH=plan.d_pad, stat_programs=32,
+            code_programs=512, stride_ck=d, stride_cd=1, stride_zn=d, stride_zd=1, **launch.prepare_meta),
+            4, 1, dtype, f"D={d} BLOCK_R={launch.prepare_meta['BLOCK_R']}"))
+    merge = kernels.merge_meta(kernels.plan_search(*SMALL, 64, dtype, machine), want_quantized=True)
+    cases.append(Case("merge", kernels._merge_kernel, dict(
+        part_score_ptr=acc, part_idx_ptr=torch.int32, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64,
+        quantized_ptr=dtype, row_err_ptr=acc, N=SMALL[0], D=64, splits=8, stride_zn=64, stride_zd=1,
+        stride_ck=64, stride_cd=1, **merge), 4, 1, dtype, f"BLOCK_N={merge['BLOCK_N']}"))
+    if dtype in (torch.float32, torch.float64):  # the loss kernel reads fp32 or fp64 row errors
+        cases.append(Case("loss", kernels._loss_kernel, dict(row_err_ptr=acc, loss_ptr=acc, N=LARGE[0], scale=1e-6,
+                                                             BLOCK=kernels.LOSS_BLOCK, ACC_DTYPE=tl_acc),
+                          4, 1, dtype, f"BLOCK={kernels.LOSS_BLOCK}"))
+    bwd = kernels.backward_meta(64, acc)
+    strides = dict(stride_zn=64, stride_zd=1, stride_cn=64, stride_cd=1)
+    cases.append(Case("grad_z", kernels._grad_z_kernel, dict(
+        grad_q_ptr=dtype, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, grad_loss_ptr=dtype,
+        grad_z_ptr=dtype, N=LARGE[0], D=64, scale=1e-6, stride_gn=64, stride_gd=1, **strides, **bwd),
+        4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
+    cases.append(Case("codebook_diff_atomic", kernels._codebook_diff_atomic_kernel, dict(
+        z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, out_ptr=acc, N=LARGE[0], D=64, **strides, **bwd),
+        4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
+    segment = dict(BLOCK_R=kernels.SEGMENT_ROWS, BLOCK_D=bwd["BLOCK_D"], ACC_DTYPE=tl_acc)
+    cases.append(Case("codebook_diff_segment", kernels._codebook_diff_segment_kernel, dict(
+        z_ptr=dtype, codebook_ptr=dtype, order_ptr=torch.int64, starts_ptr=torch.int64, out_ptr=acc, D=64,
+        **strides, **segment), 4, 1, dtype, "BLOCK_R={BLOCK_R} BLOCK_D={BLOCK_D}".format(**segment)))
+    return cases
+
+
+# --------------------------------------------------------------------------- compiling and reading
+
+def _signature(case: Case):
+    """Signature, constexprs and divisibility attributes as the JIT would specialise them for
+    contiguous, 16-byte aligned tensors (ints equal to 1 become constants, multiples of 16 get
+    the divisibility hint)."""
+    fn = case.fn
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = case.values[name]
+        if fn.params[i].is_constexpr or value is None or (type(value) is int and value == 1):
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.dtype):
+            signature[name], attrs[(i,)] = PTR_TYPE[value], [["tt.divisibility", 16]]
+        elif type(value) is int:
+            signature[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(value) is float:
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{case.kernel}: cannot type argument {name}={value!r}")
+    return signature, constexprs, attrs
+
+
+def _run(*cmd: str) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    return done.stdout + done.stderr
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{function: (registers, local bytes, static shared bytes)} from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return _parse_resource_usage(_run(str(TOOLS / "cuobjdump"), "--dump-resource-usage", f.name))
+
+
+def _parse_resource_usage(text: str, arch: str | None = None) -> dict:
+    usage, current_arch, name = {}, None, None
+    for line in text.splitlines():
+        if m := re.match(r"\s*arch = (sm_\d+)", line):
+            current_arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            name = m.group(1)
+        elif (m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)) and name:
+            if arch is None or current_arch == arch:
+                usage[name] = dict(registers=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)),
+                                   local=int(m.group(4)))
+            name = None
+    return usage
+
+
+def mma_kind(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma"
+    return "fma"
+
+
+_DEF = re.compile(r"^\s*(%[\w.#]+)(?::\d+)?\s*=\s*(.*)$")
+_LOAD_OPS = ("tt.load", "ttg.async_copy_global_to_local", "tt.descriptor_load",
+             "ttng.async_tma_copy_global_to_local")
+_DOT_OPS = ("tt.dot ", "ttng.warp_group_dot ", "tt.dot_scaled")
+
+
+def z_loads_in_codebook_loop(ttgir: str) -> int:
+    """Loads inside the outermost loop that contains a dot whose pointer derives from z.
+
+    A light TTGIR reader: SSA definitions (with scf.for iter_args bound to their initial
+    values) give each value's ancestors; a load is a z load when a z argument is among the
+    ancestors of its pointer operand.
+    """
+    lines = ttgir.splitlines()
+    parents: dict[str, list[str]] = {}
+    for line in lines:
+        if m := re.search(r"scf\.for (%[\w.#]+) = .*? iter_args\((.*?)\) ->", line):
+            for pair in m.group(2).split(","):
+                left, _, right = pair.partition("=")
+                parents[left.strip()] = re.findall(r"%[\w.#]+", right)
+        if m := _DEF.match(line):
+            parents[m.group(1)] = re.findall(r"%[\w.#]+", m.group(2).split(" loc(")[0].split(" : ")[0])
+
+    def from_z(value: str, seen: set) -> bool:
+        if value in seen:
+            return False
+        seen.add(value)
+        if value.lstrip("%") in Z_ARGS:
+            return True
+        return any(from_z(p, seen) for p in parents.get(value, []))
+
+    # The loops, as line ranges by brace depth; the codebook loop: the outermost holding a dot.
+    depth, stack, loops = 0, [], []
+    for i, line in enumerate(lines):
+        if "scf.for" in line:
+            stack.append((i, depth))
+        depth += line.count("{") - line.count("}")
+        while stack and depth <= stack[-1][1]:
+            start, _ = stack.pop()
+            loops.append((start, i))
+    with_dot = [(a, b) for a, b in loops if any(op in line for line in lines[a:b + 1] for op in _DOT_OPS)]
+    if not with_dot:
+        return 0
+    start, end = min(with_dot, key=lambda r: r[0])
+    count = 0
+    for line in lines[start + 1:end + 1]:
+        body = line.split(" loc(")[0]
+        op = next((o for o in _LOAD_OPS if f" {o} " in f" {body} "), None)
+        if op is None:
+            continue
+        operands = re.findall(r"%[\w.#]+", body.split(op, 1)[1])
+        if operands and from_z(operands[0], set()):
+            count += 1
+    return count
+
+
+def compile_case(case: Case, arch: str, machine) -> Record:
+    record = Record(case.kernel, case.config, SHORT[case.dtype], arch)
+    try:
+        signature, constexprs, attrs = _signature(case)
+        compiled = triton.compile(ASTSource(case.fn, signature, constexprs, attrs),
+                                  target=GPUTarget("cuda", int(arch[3:]), 32),
+                                  options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+    except Exception as error:  # a config that does not compile is a finding, not a crash
+        record.problems.append(f"does not compile: {type(error).__name__}: {str(error).strip()[:300]}")
+        return record
+    usage = next(iter(resource_usage(compiled.asm["cubin"]).values()), {})
+    record.registers = usage.get("registers")
+    record.spill_bytes = usage.get("local", 0) + usage.get("stack", 0)
+    record.shared_bytes = max(compiled.metadata.shared, usage.get("shared", 0))
+    record.mma = mma_kind(compiled.asm["ptx"])
+    if case.resident is not None:
+        loads = z_loads_in_codebook_loop(compiled.asm["ttgir"])
+        record.z_loads_in_loop = loads if case.resident else None
+        if case.resident and loads:
+            record.problems.append(f"{loads} load(s) of z inside the codebook loop")
+    if record.spill_bytes:
+        record.problems.append(f"spills {record.spill_bytes} bytes per thread")
+    if record.shared_bytes > machine.shared_bytes:
+        record.problems.append(f"needs {record.shared_bytes} B of shared memory, {machine.shared_bytes} B allowed")
+    if case.needs_mma and record.mma == "fma":
+        record.problems.append("16-bit search without tensor-core MMA")
+    return record
+
+
+# --------------------------------------------------------------------------- the CUDA extension
+
+def cuda_library() -> Path | None:
+    import vqvae_fast
+
+    found = sorted(glob.glob(str(Path(vqvae_fast.__file__).parent / "_C*.so")))
+    return Path(found[0]) if found else None
+
+
+def _demangle(names: list[str]) -> dict:
+    if not shutil.which("c++filt") or not names:
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def _short_kernel_name(demangled: str) -> tuple[str, str]:
+    """('search_wmma_kernel<__nv_bfloat16, true>', 'bf16') from a demangled signature."""
+    head = demangled.replace("(anonymous namespace)::", "").replace("vqvae_fast::", "")
+    head = re.sub(r"^void ", "", head.split("(")[0])
+    dtype = next((short for key, short in (("BFloat16", "bf16"), ("bfloat16", "bf16"), ("Half", "fp16"),
+                                           ("__half", "fp16"), ("double", "fp64"), ("float", "fp32"))
+                  if key in head), "-")
+    return head, dtype
+
+
+def cuda_records(library: Path, arch: str, budget: int) -> list[Record]:
+    usage = _parse_resource_usage(_run(str(TOOLS / "cuobjdump"), "--dump-resource-usage", str(library)), arch)
+    if not usage:
+        return [Record("cuda extension", "-", "-", arch,
+                       problems=[f"{library.name} holds no {arch} code (built without CUDA, or for other GPUs)"])]
+    sass = _run(str(TOOLS / "cuobjdump"), "-sass", "-arch", arch, str(library))
+    hmma = set()
+    current = None
+    for line in sass.splitlines():
+        if m := re.match(r"\s*Function : (\S+)", line):
+            current = m.group(1)
+        elif current and re.search(r"\bHMMA\b|\bHGMMA\b", line):
+            hmma.add(current)
+    names = _demangle(list(usage))
+    records = []
+    for mangled, use in sorted(usage.items(), key=lambda item: names[item[0]]):
+        name, dtype = _short_kernel_name(names[mangled])
+        record = Record(f"cuda:{name}", "-", dtype, arch, mma="hmma" if mangled in hmma else "fma",
+                        registers=use["registers"], spill_bytes=use["local"] + use["stack"],
+                        shared_bytes=use["shared"])
+        if record.spill_bytes:
+            record.problems.append(f"spills {record.spill_bytes} bytes per thread")
+        if record.shared_bytes > budget:
+            record.problems.append(f"needs {record.shared_bytes} B of shared memory, {budget} B allowed")
+        if "wmma" in name and record.mma != "hmma":
+            record.problems.append("16-bit search without HMMA")
+        records.append(record)
+    return records
+
+
+# --------------------------------------------------------------------------- main
+
+def format_table(records: list[Record]) -> str:
+    header = f"{'kernel':<34} {'dtype':<5} {'mma':<6} {'regs':>4} {'spill':>5} {'smem KB':>7} {'z@loop':>6}  config"
+    rows = [header, "-" * len(header)]
+    for r in records:
+        smem = "-" if r.shared_bytes is None else f"{r.shared_bytes / 1024:.1f}"
+        z = "-" if r.z_loads_in_loop is None else str(r.z_loads_in_loop)
+        line = (f"{r.kernel[:34]:<34} {r.dtype:<5} {r.mma or '-':<6} {r.registers if r.registers is not None else '-':>4} "
+                f"{r.spill_bytes if r.spill_bytes is not None else '-':>5} {smem:>7} {z:>6}  {r.config}")
+        if r.problems:
+            line += "   <-- " + "; ".join(r.problems)
+        rows.append(line)
+    return "\n".join(rows)
+
+
+def markdown_summary(records: list[Record], arch: str, machine, seconds: float) -> str:
+    """The records grouped by kernel, dtype and tiling, for benchmarks/RESULTS.md."""
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        tiling = r.config.split("; ")[1] if "; " in r.config else "-"
+        groups.setdefault((r.kernel, r.dtype, tiling), []).append(r)
+    lines = [f"**{arch}** (triton {triton.__version__}; budget {machine.shared_bytes // 1024} KB shared memory per "
+             f"block): {len(records)} kernel/config compilations in {seconds:.0f} s, "
+             f"{sum(bool(r.problems) for r in records)} failing a check.",
+             "",
+             "| kernel | dtype | tiling | configs | MMA | registers | spill B | shared KB | z loads in loop |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for (kernel, dtype, tiling), rs in groups.items():
+        regs = sorted(r.registers for r in rs if r.registers is not None)
+        shared = [r.shared_bytes for r in rs if r.shared_bytes is not None]
+        zl = {r.z_loads_in_loop for r in rs}
+        lines.append(
+            f"| {kernel} | {dtype} | {tiling} | {len(rs)} | {'/'.join(sorted({r.mma or '-' for r in rs}))} "
+            f"| {f'{regs[0]}–{regs[-1]}' if regs and regs[0] != regs[-1] else (regs[0] if regs else '-')} "
+            f"| {max((r.spill_bytes or 0) for r in rs)} | {max(shared) / 1024:.0f} "
+            f"| {'null' if zl == {None} else '/'.join(str(z) for z in sorted(z for z in zl if z is not None))} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(MACHINES), default="sm_90")
+    parser.add_argument("--json", help="write the records here (a list of objects)")
+    parser.add_argument("--markdown", help="write a summary table (grouped by kernel, dtype and tiling) here")
+    parser.add_argument("--cuda-lib", help="the compiled library to read (default: the installed vqvae_fast._C)")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
+    parser.add_argument("--budget-kb", type=int, help="check against this shared-memory budget per block instead")
+    args = parser.parse_args(argv)
+
+    machine = MACHINES[args.arch]
+    if args.budget_kb is not None:
+        machine = machine._replace(shared_bytes=args.budget_kb * 1024)
+    start = time.time()
+    cases = [case for dtype in DTYPES for case in search_cases(machine, dtype) + support_cases(machine, dtype)]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # ptxas and cuobjdump run as subprocesses
+        records = list(pool.map(lambda case: compile_case(case, args.arch, machine), cases))
+    if not args.no_cuda:
+        library = Path(args.cuda_lib) if args.cuda_lib else cuda_library()
+        if library is None:
+            records.append(Record("cuda extension", "-", "-", args.arch, problems=["vqvae_fast._C not found"]))
+        else:
+            records += cuda_records(library, args.arch, machine.shared_bytes)
+
+    print(f"{args.arch}: {len(records)} kernels/configs, triton {triton.__version__}, "
+          f"budget {machine.shared_bytes // 1024} KB shared memory, {time.time() - start:.0f} s")
+    print(format_table(records))
+    failed = [r for r in records if r.problems]
+    print(f"\n{len(failed)} of {len(records)} fail a check" if failed else "\nevery check holds")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([asdict(r) for r in records], indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_summary(records, args.arch, machine, time.time() - start) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
