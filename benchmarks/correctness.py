@@ -21,8 +21,10 @@ def index_rtol(kind: str, backend: str | None, dtype: torch.dtype) -> float:
     """Largest allowed excess of the chosen distance over the minimum, relative to the scale."""
     if kind == "ours":
         # The README's guarantees: the CPU kernel re-checks in float64 (exact); the GPU kernels
-        # score in fp32 with exact 16-bit products (fp64 for fp64 input).
+        # score centred values in fp32 (3xTF32, or exact 16-bit products; fp64 for fp64 input).
         return 1e-12 if backend == "cpu" or dtype == torch.float64 else 2e-5
+    if kind == "peer" and dtype == torch.float32:
+        return 1e-2  # flash-kmeans runs fp32 as one TF32 pass (10-bit mantissas)
     # The baselines round their distances to the input dtype: 16-bit ones often pick a code
     # that is only nearly nearest (measured: up to ~1e-2 in bf16), which is theirs to lose.
     return {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]

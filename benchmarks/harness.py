@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import correctness
-from providers import ADDMM, CDIST, COMPILED, GEMM, Provider, indices_of, providers
+from providers import ADDMM, CDIST, COMPILED, FLASH_KMEANS, GEMM, GEMM_TF32, Provider, indices_of, providers
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -199,11 +199,20 @@ def _short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
 
 
+def _cuda_sample(fn, z, codebook, sample_s: float) -> float:
+    """Median seconds per call over `sample_s`, by CUDA events, with the L2 cache flushed
+    before every call (triton.testing.do_bench): a kernel is not timed on warm inputs."""
+    from triton.testing import do_bench
+
+    return do_bench(lambda: fn(z, codebook), warmup=1, rep=max(1, int(sample_s * 1e3)), return_mode="median") / 1e3
+
+
 def time_interleaved(fns: dict, z, codebook, device: str, rounds: int, min_sample_s: float = 0.02):
     """Seconds per call of each fn, `rounds` samples each, interleaved round by round.
 
-    One untimed warm-up call each (compilation, autotuning, allocator); a sample repeats fast
-    calls until it lasts `min_sample_s`, so timer and launch overheads do not dominate.
+    One untimed warm-up call each (compilation, autotuning, allocator). On CPU a sample repeats
+    fast calls until it lasts `min_sample_s`, so timer overheads do not dominate; on CUDA a
+    sample is the median of CUDA-event timings over `min_sample_s` with L2 flushed between calls.
     Returns ({name: [seconds per call, ...]}, {name: error of the providers that failed}).
     """
     errors, reps = {}, {}
@@ -225,11 +234,12 @@ def time_interleaved(fns: dict, z, codebook, device: str, rounds: int, min_sampl
         for i in range(len(names)):
             name = names[(i + round_) % len(names)]  # rotate: nobody always runs right after the same one
             fn = fns[name]
-            sync(device)
+            if device == "cuda":
+                times[name].append(_cuda_sample(fn, z, codebook, min_sample_s))
+                continue
             start = time.perf_counter()
             for _ in range(reps[name]):
                 fn(z, codebook)
-            sync(device)
             times[name].append((time.perf_counter() - start) / reps[name])
     return times, errors
 
@@ -305,7 +315,7 @@ def run_point(point: Point, device: str, task: str, rounds: int, *, only: list[s
     room = available_memory_bytes(device)
     rows, fns, by_name = {}, {}, {}
     for provider in providers(device):
-        if only and provider.name not in only:
+        if (only and provider.name not in only) or provider.only_dtype not in (None, z.dtype):
             continue
         needs = provider.nk_bytes_per_element(z.dtype, task) * point.n * point.k
         if needs > memory_fraction * room:
@@ -354,9 +364,11 @@ def _add_ratios(rows: dict, point: Point, floor_rate: float) -> None:
             continue
         mine = row["median_s"]
         for name, key in ((CDIST, "speedup_vs_cdist"), (ADDMM, "speedup_vs_addmm"),
-                          (COMPILED, "speedup_vs_compiled")):
+                          (COMPILED, "speedup_vs_compiled"), (FLASH_KMEANS, "speedup_vs_flash_kmeans")):
             row[key] = median(name) / mine if median(name) else None
         row["time_vs_gemm"] = mine / median(GEMM) if median(GEMM) else None
+        # fp32 on CUDA: ours does three TF32 passes (3xTF32); its floor is three TF32 GEMMs.
+        row["time_vs_3xtf32_gemm"] = mine / (3 * median(GEMM_TF32)) if median(GEMM_TF32) else None
         # The floor from the flop count at the large-GEMM rate: where the bare z @ E^T itself is
         # memory-bound (small D), this floor is lower than the measured GEMM.
         row["time_vs_peak_gemm_rate"] = mine / (point.flops / floor_rate)

@@ -11,8 +11,14 @@ Providers, all implementing every task:
     cdist            torch.cdist(z, E).argmin(1), then gather: what most VQ-VAE code does
     addmm            ||e||^2 - 2 z E^T in one addmm, then argmin and gather
     compiled addmm   torch.compile of the addmm version (specialised to the shape)
+    flash-kmeans     the assignment kernel of the Triton k-means library `flash-kmeans` (GPU,
+                     when importable: `pip install flash-kmeans`), then gather. Its fp32 runs
+                     as plain TF32, so it is checked with TF32's tolerance.
     GEMM floor       the bare z @ E^T of the same dtype: any exhaustive search does at least this
-                     product, so its time is the floor for every task (it computes no indices)
+                     product, so its time is the floor for every task (it computes no indices).
+                     fp32 on CUDA: full fp32 ("highest"), the precision ours matches
+    GEMM floor tf32  fp32 on CUDA only: one TF32 pass, the floor of a TF32 search; ours runs
+                     three TF32 passes (3xTF32), so its own floor is about three times this
     vqvae_fast[B]    nearest_code / quantize with backend B, for each backend this machine runs
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ TASKS = ("nearest", "forward", "backward")
 BETA = 0.25  # commitment weight of the VQ-VAE loss, the same for every provider
 
 CDIST, ADDMM, COMPILED, GEMM = "cdist", "addmm", "compiled addmm", "GEMM floor"
+GEMM_TF32, FLASH_KMEANS = "GEMM floor tf32", "flash-kmeans"
 
 
 def cdist_indices(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -41,6 +48,31 @@ def addmm_indices(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def gemm(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return z @ codebook.T
+
+
+def gemm_tf32(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return z @ codebook.T
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def flash_kmeans_indices():
+    """flash-kmeans' assignment (its own autotuned/heuristic configs) as an indices function,
+    or None when the package is not importable."""
+    try:
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+    except ImportError:
+        return None
+
+    def indices(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        x = z[None]
+        x_sq = (x.float() ** 2).sum(-1)  # its API takes ||x||^2 precomputed: part of the call
+        return euclid_assign_triton(x, codebook[None], x_sq)[0].long()
+
+    return indices
 
 
 def lookup_forward(indices_fn: Callable, beta: float = BETA) -> Callable:
@@ -86,12 +118,13 @@ def training_step(forward: Callable) -> Callable:
 @dataclass(frozen=True)
 class Provider:
     name: str
-    kind: str  # "baseline", "floor" or "ours"
+    kind: str  # "baseline", "peer", "floor" or "ours"
     make: Callable[[str], Callable]  # task -> fn(z, codebook)
     # Bytes of N x K-sized temporaries per element of the N x K matrix it materialises (0: none),
     # so that points whose matrix cannot fit are skipped instead of running out of memory.
     nk_bytes_per_element: Callable[[torch.dtype, str], float] = lambda dtype, task: 0.0
     backend: str | None = None
+    only_dtype: torch.dtype | None = None  # runs at points of this dtype only
 
 
 def _search_task(indices_fn: Callable, compile_it: bool = False) -> Callable[[str], Callable]:
@@ -148,15 +181,22 @@ def providers(device: str) -> list[Provider]:
         Provider(CDIST, "baseline", _search_task(cdist_indices), _nk_matrices(2, 3)),
         Provider(ADDMM, "baseline", _search_task(addmm_indices), _nk_matrices(2, 3)),
         Provider(COMPILED, "baseline", _search_task(addmm_indices, compile_it=True), _nk_matrices(2, 3)),
-        Provider(GEMM, "floor", lambda task: gemm, _nk_matrices(1, 1)),
     ]
+    flash = flash_kmeans_indices() if device == "cuda" else None
+    if flash is not None:
+        found.append(Provider(FLASH_KMEANS, "peer", _search_task(flash)))
+    found.append(Provider(GEMM, "floor", lambda task: gemm, _nk_matrices(1, 1)))
+    if device == "cuda":
+        found.append(Provider(GEMM_TF32, "floor", lambda task: gemm_tf32, _nk_matrices(1, 1),
+                              only_dtype=torch.float32))
     found += [Provider(f"vqvae_fast[{b}]", "ours", _ours(b), backend=b) for b in ours_backends(device)]
     return found
 
 
 def all_provider_names() -> list[str]:
     """Names of every provider on any machine (for test ids that do not depend on the machine)."""
-    return [CDIST, ADDMM, COMPILED, GEMM] + [f"vqvae_fast[{b}]" for b in ("cpu", "triton", "cuda")]
+    return ([CDIST, ADDMM, COMPILED, FLASH_KMEANS, GEMM, GEMM_TF32]
+            + [f"vqvae_fast[{b}]" for b in ("cpu", "triton", "cuda")])
 
 
 def indices_of(task: str, result) -> torch.Tensor | None:

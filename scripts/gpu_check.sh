@@ -1,106 +1,151 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: build the package, run the whole test suite without the Triton
-# interpreter, memcheck the CUDA kernels, and produce every GPU benchmark number of
-# benchmarks/RESULTS.md. Logs, JSON and plots go to OUTDIR.
+# On a machine with a CUDA GPU: build the package, run the static kernel checks and the whole
+# test suite without the Triton interpreter, memcheck the CUDA kernels, and produce every GPU
+# number of benchmarks/RESULTS.md. Logs, JSON and plots go to OUTDIR. Two calls of at most
+# ten minutes each cover everything (run them back to back on the same machine: the second
+# reuses the first's build):
 #
-#   scripts/gpu_check.sh OUTDIR                  # everything, in order
-#   scripts/gpu_check.sh OUTDIR sweep training   # only these stages (OUTDIR accumulates)
+#   scripts/gpu_check.sh OUTDIR part1            # build inspect tests memcheck compare
+#   scripts/gpu_check.sh OUTDIR part2            # build compare-backward pytest-bench sweep training train-cifar10
+#   scripts/gpu_check.sh OUTDIR sweep training   # or any stages, in this order
 #
-# Stages: build tests memcheck compare pytest-bench sweep training train-cifar10. Where one command may only
-# run for a limited time, run the stages in a few calls with the same OUTDIR. SWEEP_MINUTES
-# (default 15) bounds each sweep: points not reached are listed in its JSON as not run.
+# Stages: build inspect tests memcheck compare compare-backward pytest-bench sweep training
+# train-cifar10. The whole call ends within DEADLINE_S (default 570 s): every stage runs under
+# `timeout` with at most its own limit (STAGE_LIMIT_S, default 240 s) and the time left, and a
+# stage with no time left is reported as not run. Optional peers: wheels placed
+# in .wheels/ (for example `pip download --no-deps flash-kmeans -d .wheels`) are installed
+# with --no-deps before the benchmarks, since the GPU machine may have no package registry.
 # Afterwards, to publish: copy OUTDIR/*.json into benchmarks/results/ and OUTDIR/plots/*.png
-# into benchmarks/plots/, and fill in the GPU section of benchmarks/RESULTS.md.
-# Exit status: non-zero if the build or the tests failed or a benchmark found a wrong result.
+# into benchmarks/plots/, and fill in the GPU section of benchmarks/RESULTS.md with
+# `python benchmarks/report.py OUTDIR/*.json`.
+# Exit status: non-zero if the build, the static checks or the tests failed, or a benchmark
+# found a wrong result of ours.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [STAGE ...]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [part1|part2|STAGE ...]}
 shift
-stages=${*:-build tests memcheck compare pytest-bench sweep training train-cifar10}
+case "${*:-all}" in
+  part1) stages="build inspect tests memcheck compare" ;;
+  part2) stages="build compare-backward pytest-bench sweep training train-cifar10" ;;
+  all) stages="build inspect tests memcheck compare compare-backward pytest-bench sweep training train-cifar10" ;;
+  *) stages="$*" ;;
+esac
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 status=0
-want() { [[ " $stages " == *" $1 "* ]]; }
-note() { echo "== $*" | tee -a "$out/summary.txt"; }
+deadline=$(( $(date +%s) + ${DEADLINE_S:-570} ))
+note() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
+limit=0
+time_left() {  # time_left NAME [MAX_S]: sets $limit to min(MAX_S, time to the deadline); false if none
+  local left=$(( deadline - $(date +%s) - 5 ))
+  local max=${2:-${STAGE_LIMIT_S:-240}}
+  limit=$(( left < max ? left : max ))
+  if [ "$limit" -le 10 ]; then note "$1 NOT RUN: the call's deadline (DEADLINE_S) is reached"; return 1; fi
+}
+want() {  # want STAGE [MAX_S]: the stage was asked for and there is time left for it
+  [[ " $stages " == *" $1 "* ]] && time_left "$@"
+}
+check() {  # check NAME RC: record a stage's exit status
+  if [ "$2" -eq 0 ]; then note "$1 ok"; else note "$1 FAILED (rc=$2)"; status=1; fi
+}
+compare() {  # compare TASK...: the goal's point (tokenizer size) in bf16 and fp32, and the CPU key point
+  local n k d dtype task
+  for spec in "262144 16384 256 bfloat16" "262144 16384 256 float32" "65536 1024 64 float32"; do
+    read -r n k d dtype <<< "$spec"
+    for task in "$@"; do
+      time_left "compare $task $spec" 150 || continue
+      timeout "$limit" python benchmarks/compare.py --device cuda --shape "$n" "$k" "$d" --dtype "$dtype" \
+        --task "$task" --rounds 10 --json "$out/compare_cuda_${task}_${n}x${k}x${d}_$dtype.json" 2>&1 \
+        | tee -a "$out/compare.txt"
+      check "compare $task $spec" "${PIPESTATUS[0]}"
+    done
+  done
+}
 
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   | tee "$out/versions.txt"
 git rev-parse HEAD > "$out/git-commit.txt" 2>/dev/null
+arch=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'sm_{m}{n}')")
 
 if want build; then
-  # The CUDA extension must be compiled against this machine's torch and toolkit.
-  if MAX_JOBS=${MAX_JOBS:-16} VQVAE_FAST_CUDA=1 pip install -e . --no-build-isolation --no-deps > "$out/build.log" 2>&1; then
+  # Compiled against this machine's torch and toolkit; skipped when the library is newer than
+  # every source and loads with CUDA kernels (the second call of a pair).
+  lib=$(ls vqvae_fast/_C*.so 2>/dev/null | head -1)
+  if [ -n "$lib" ] && [ -z "$(find csrc setup.py -newer "$lib" -type f)" ] \
+     && python -c "import vqvae_fast._extension as e, sys; sys.exit(0 if e.has_cuda_kernels() else 1)" 2>/dev/null; then
+    note "build: $lib is up to date"
+  elif MAX_JOBS=${MAX_JOBS:-16} VQVAE_FAST_CUDA=1 pip install -e . --no-build-isolation --no-deps > "$out/build.log" 2>&1; then
     note "build ok"
   else
     tail -50 "$out/build.log"; note "build FAILED (see build.log)"; exit 1
   fi
+  if ls .wheels/*.whl > /dev/null 2>&1; then
+    pip install --no-deps .wheels/*.whl > "$out/wheels.log" 2>&1 && note "installed $(ls .wheels/*.whl | xargs -n1 basename | tr '\n' ' ')"
+  fi
+fi
+
+if want inspect; then
+  # The static checks on this GPU's architecture (what CI checks without a GPU, for sm_90 and sm_80).
+  timeout "$limit" python scripts/inspect_kernels.py --arch "$arch" --json "$out/inspect_$arch.json" \
+    > "$out/inspect_$arch.txt" 2>&1
+  check "inspect ($arch, inspect_$arch.txt)" $?
 fi
 
 if want tests; then
-  python -m pytest tests -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1; rc=$?
-  tail -5 "$out/tests.log"; note "tests rc=$rc"; [ $rc -eq 0 ] || status=1
+  timeout "$limit" python -m pytest tests -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1; rc=$?
+  tail -5 "$out/tests.log"; check "tests (tests.log)" $rc
 fi
 
 if want memcheck; then
   if command -v compute-sanitizer > /dev/null; then
-    compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests -q -x -k "cuda" \
-      > "$out/memcheck.log" 2>&1; rc=$?
-    note "memcheck rc=$rc"; [ $rc -eq 0 ] || status=1
+    timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests -q -x \
+      -k "cuda and not compile" > "$out/memcheck.log" 2>&1
+    check "memcheck (memcheck.log)" $?
   else
     note "memcheck skipped: no compute-sanitizer on PATH"
   fi
 fi
 
-if want compare; then
-  # The goal's point (tokenizer size) in bf16 and fp32, forward, backward and indices only,
-  # and the CPU key point's shape for comparison with the CPU table.
-  for spec in "262144 16384 256 bfloat16" "262144 16384 256 float32" "65536 1024 64 float32"; do
-    set -- $spec
-    for task in forward backward nearest; do
-      python benchmarks/compare.py --device cuda --shape "$1" "$2" "$3" --dtype "$4" --task "$task" --rounds 20 \
-        --json "$out/compare_cuda_${task}_${1}x${2}x${3}_$4.json" 2>&1 | tee -a "$out/compare.txt"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    done
-  done
-  note "compare done (compare.txt)"
+if [[ " $stages " == *" compare "* ]]; then compare forward nearest; fi
+if [[ " $stages " == *" compare-backward "* ]]; then compare backward; fi
+
+if [[ " $stages " == *" pytest-bench "* ]] && ! python -c "import pytest_benchmark" 2> /dev/null; then
+  note "pytest-bench skipped: pytest-benchmark is not installed"
+elif want pytest-bench 120; then
+  VQVAE_FAST_BENCH_SHAPES=${BENCH_SHAPES:-262144x16384x256:bfloat16,65536x1024x64:float32} \
+    timeout "$limit" python -m pytest benchmarks/ --benchmark-only -q --benchmark-columns=median,iqr,min,max,rounds \
+    --benchmark-json="$out/pytest_benchmark_cuda.json" > "$out/pytest_benchmark.log" 2>&1
+  rc=$?; tail -3 "$out/pytest_benchmark.log"; check "pytest-benchmark (pytest_benchmark.log)" $rc
 fi
 
-if want pytest-bench && ! python -c "import pytest_benchmark" 2> /dev/null; then
-  note "pytest-bench skipped: pytest-benchmark is not installed"; status=1
-elif want pytest-bench; then
-  python -m pytest benchmarks/ --benchmark-only -q --benchmark-columns=median,iqr,min,max,rounds \
-    --benchmark-json="$out/pytest_benchmark_cuda.json" > "$out/pytest_benchmark.log" 2>&1; rc=$?
-  tail -3 "$out/pytest_benchmark.log"; note "pytest-benchmark rc=$rc"; [ $rc -eq 0 ] || status=1
-fi
-
-if want sweep; then
-  python benchmarks/sweep.py --gpu --max-minutes "${SWEEP_MINUTES:-15}" \
+if want sweep 200; then
+  # --max-minutes starts no new point after 2 minutes; timeout bounds the last one.
+  timeout "$limit" python benchmarks/sweep.py --gpu --max-minutes "${SWEEP_MINUTES:-2}" \
     --json "$out/sweep_cuda_forward.json" --plots "$out/plots" 2>&1 | tee "$out/sweep_forward.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  python benchmarks/sweep.py --gpu --task backward --dtypes bfloat16 --max-minutes "${SWEEP_MINUTES:-15}" \
-    --json "$out/sweep_cuda_backward.json" --plots "$out/plots" 2>&1 | tee "$out/sweep_backward.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  note "sweeps done (sweep_*.txt, plots/)"
+  note "sweep done (sweep_forward.txt, plots/; points not reached are listed in the JSON)"
 fi
 
-if want training; then
-  for amp in "" "--amp"; do
-    python benchmarks/bench_training.py --device cuda $amp --json "$out/training_cuda${amp:+_amp}.json" \
+if [[ " $stages " == *" training "* ]]; then
+  for amp in "--amp" ""; do
+    time_left "training $amp" 90 || break
+    timeout "$limit" python benchmarks/bench_training.py --device cuda $amp --json "$out/training_cuda${amp:+_amp}.json" \
       2>&1 | tee -a "$out/training.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
   note "training benchmark done (training.txt)"
 fi
 
-if want train-cifar10; then
-  # The trainer on the GPU: 20k steps at batch 256 on the CIFAR-10 folder beside the repo
-  # (CIFAR_DIR to override), bf16 autocast; final.json has test PSNR, codes used, wall time.
+if want train-cifar10 "${TRAIN_LIMIT_S:-240}"; then
+  # The trainer on the GPU: 20k steps at batch 256 (bf16 autocast) on the CIFAR-10 folder beside
+  # the repo (CIFAR_DIR to override); final.json has test PSNR, codes used, wall time. Cut at the
+  # stage limit, the run keeps its metrics.jsonl and checkpoint (continue with --resume).
   cifar=${CIFAR_DIR:-../shared/data/cifar-10-subset/cifar-10-batches-py}
-  python examples/train_cifar10.py --data-dir "$cifar" --device cuda --amp --steps 20000 --batch-size 256 \
-    --out "$out/train_cifar10_20k" --quiet 2>&1 | tee "$out/train_cifar10_20k.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  note "train-cifar10 done (train_cifar10_20k/final.json)"
+  timeout "$limit" python examples/train_cifar10.py --data-dir "$cifar" --device cuda --amp \
+    --steps 20000 --batch-size 256 --out "$out/train_cifar10_20k" --quiet 2>&1 | tee "$out/train_cifar10_20k.txt"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 124 ]; then note "train-cifar10 cut at $limit s (see metrics.jsonl)"; else check "train-cifar10" "$rc"; fi
 fi
 
 note "gpu_check status=$status; results in $out"
