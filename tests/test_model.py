@@ -167,3 +167,20 @@ def test_amp_keeps_the_quantizer_in_fp32():
     out.loss.backward()
     assert model.quantizer.codebook.grad.dtype == torch.float32
     assert bool(model.quantizer.codebook.grad.any())
+
+
+def test_vqvae2_levels_reconstruct_and_checkpoint(tmp_path):
+    from vqvae_fast.model import VQVAE2
+
+    model = trained_a_little(VQVAE2(num_codes=32, top_codes=16, code_dim=8, channels=16, res_channels=8)).eval()
+    x = torch.rand(3, 3, 32, 32)
+    top, bottom = model.encode_levels(x)
+    assert top.shape == (3, 4, 4) and bottom.shape == (3, 8, 8)
+    assert int(top.max()) < 16 and int(bottom.max()) < 32
+    assert torch.equal(model.decode_levels((top, bottom)), model.reconstruct(x))
+    out = model(x)
+    assert torch.equal(out.indices, bottom) and torch.equal(out.top_indices, top)
+    save_checkpoint(tmp_path / "two.pt", model)
+    loaded = load_checkpoint(tmp_path / "two.pt")
+    assert isinstance(loaded, VQVAE2) and torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+    assert [q.num_codes for q in loaded.quantizers] == [16, 32]

@@ -1,11 +1,12 @@
-"""VQVAE: conv encoder -> VectorQuantizer -> conv decoder, and load_checkpoint.
+"""VQVAE (conv encoder -> VectorQuantizer -> conv decoder), the two-level VQVAE2, checkpoints.
 
 Images in [0, 1] (B, 3, H, W) go in; each stride-2 level halves the resolution, so the default
-two levels map 32x32 images to an 8x8 grid of codes.
+two levels map 32x32 images to an 8x8 grid of codes (VQVAE2: 4x4 top codes and 8x8 bottom codes).
+Both models expose their codes as a tuple of grids, top level first (`encode_levels`,
+`decode_levels`), which is what the prior models.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -161,20 +162,146 @@ class VQVAE(nn.Module):
         vq = self._quantize(self.encoder((x - self.mean) / self.std), update=False)
         return self._decode_quantized(vq.quantized).clamp(0, 1)
 
+    # The level interface shared with VQVAE2 (one level here).
+    @property
+    def quantizers(self) -> list[VectorQuantizer]:
+        return [self.quantizer]
 
-def save_checkpoint(path, model: VQVAE, **extra) -> None:
-    """Write {"config", "model", **extra} to `path` atomically (temp file, then rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    torch.save({"format": "vqvae_fast/1", "config": model.config, "model": model.state_dict(), **extra}, tmp)
-    os.replace(tmp, path)
+    def encode_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.encode(x),)
+
+    def decode_levels(self, codes: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.decode(codes[0])
 
 
-def load_checkpoint(path, map_location: str | torch.device | None = "cpu") -> VQVAE:
-    """A VQVAE built from the config stored in checkpoint `path`, with its weights, in eval mode."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = VQVAE(**checkpoint["config"])
+class VQVAE2Output(NamedTuple):
+    """What VQVAE2.forward returns: VQVAEOutput's fields (bottom level), then the top level's."""
+
+    reconstruction: torch.Tensor
+    indices: torch.Tensor  # (B, H/4, W/4) bottom codes
+    loss: torch.Tensor
+    recon_loss: torch.Tensor
+    vq_loss: torch.Tensor  # both levels
+    mse: torch.Tensor
+    perplexity: torch.Tensor  # bottom level
+    codes_used: torch.Tensor
+    dead_codes: torch.Tensor
+    top_indices: torch.Tensor  # (B, H/8, W/8) top codes
+    top_perplexity: torch.Tensor
+    top_codes_used: torch.Tensor
+
+
+class VQVAE2(nn.Module):
+    """Two-level VQ-VAE (Razavi et al., 2019) for images in [0, 1].
+
+    The bottom encoder maps the image to features at 1/4 resolution; the top encoder maps those
+    to 1/8 and quantizes them (top codes: global structure). The top codes are decoded back to
+    1/4 resolution and, with the bottom features, quantized again (bottom codes: detail, given
+    the top). The decoder sees both, the top codes upsampled. Both levels use the fused quantizer
+    with the same codebook-health options as VQVAE; the arguments mean what they mean there
+    (`top_codes`: the top codebook's size, default num_codes).
+    """
+
+    def __init__(self, num_codes: int = 512, code_dim: int = 64, beta: float = 0.25, *, top_codes: int | None = None,
+                 in_channels: int = 3, channels: int = 160, res_channels: int = 128, num_res_blocks: int = 2,
+                 ema_decay: float | None = 0.9, kmeans_init: bool = True, restart_dead: bool = True,
+                 dead_threshold: float = 0.1, usage_decay: float = 0.9, backend: str = "auto",
+                 mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD):
+        super().__init__()
+        top_codes = top_codes or num_codes
+        self.config = dict(num_codes=num_codes, code_dim=code_dim, beta=beta, top_codes=top_codes,
+                           in_channels=in_channels, channels=channels, res_channels=res_channels,
+                           num_res_blocks=num_res_blocks, ema_decay=ema_decay, kmeans_init=kmeans_init,
+                           restart_dead=restart_dead, dead_threshold=dead_threshold, usage_decay=usage_decay,
+                           backend=backend, mean=tuple(mean), std=tuple(std))
+        health = dict(backend=backend, ema_decay=ema_decay, kmeans_init=kmeans_init, restart_dead=restart_dead,
+                      dead_threshold=dead_threshold, usage_decay=usage_decay)
+        self.encoder = make_encoder(in_channels, channels, res_channels, num_res_blocks, 2, channels)
+        self.top_encoder = make_encoder(channels, channels, res_channels, num_res_blocks, 1, code_dim)
+        self.top_quantizer = VectorQuantizer(top_codes, code_dim, beta, **health)
+        self.top_decoder = make_decoder(channels, channels, res_channels, num_res_blocks, 1, code_dim)
+        self.bottom_in = nn.Conv2d(2 * channels, code_dim, 1)
+        self.quantizer = VectorQuantizer(num_codes, code_dim, beta, **health)
+        self.upsample_top = nn.ConvTranspose2d(code_dim, code_dim, 4, stride=2, padding=1)
+        self.decoder = make_decoder(in_channels, channels, res_channels, num_res_blocks, 2, 2 * code_dim)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    @staticmethod
+    def _quantize(quantizer: VectorQuantizer, z: torch.Tensor, update: bool | None = None):
+        with torch.autocast(z.device.type, enabled=False):  # fp32 quantizer, as in VQVAE
+            return quantizer(z, update=update)
+
+    def _encode(self, x: torch.Tensor, update: bool | None = None):
+        features = self.encoder((x - self.mean) / self.std)
+        top = self._quantize(self.top_quantizer, self.top_encoder(features), update)
+        bottom_in = self.bottom_in(torch.cat([features, self.top_decoder(top.quantized).to(features.dtype)], 1))
+        bottom = self._quantize(self.quantizer, bottom_in, update)
+        return top, bottom
+
+    def _decode_quantized(self, top_quantized: torch.Tensor, bottom_quantized: torch.Tensor) -> torch.Tensor:
+        """Normalised-space output of the decoder."""
+        return self.decoder(torch.cat([self.upsample_top(top_quantized), bottom_quantized], 1))
+
+    def forward(self, x: torch.Tensor) -> VQVAE2Output:
+        normalised = (x - self.mean) / self.std
+        top, bottom = self._encode(x)
+        decoded = self._decode_quantized(top.quantized, bottom.quantized)
+        recon_loss = torch.mean((decoded.float() - normalised.float()) ** 2)
+        reconstruction = decoded * self.std + self.mean
+        with torch.no_grad():
+            mse = torch.mean((reconstruction.float().clamp(0, 1) - x.float()) ** 2)
+        return VQVAE2Output(reconstruction, bottom.indices, recon_loss + top.loss + bottom.loss, recon_loss,
+                            top.loss + bottom.loss, mse, bottom.perplexity, bottom.codes_used, bottom.dead_codes,
+                            top.indices, top.perplexity, top.codes_used)
+
+    @property
+    def quantizers(self) -> list[VectorQuantizer]:
+        return [self.top_quantizer, self.quantizer]
+
+    @torch.no_grad()
+    def encode_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top codes (B, H/8, W/8), bottom codes (B, H/4, W/4)) int64; never changes the model."""
+        top, bottom = self._encode(x, update=False)
+        return top.indices, bottom.indices
+
+    @torch.no_grad()
+    def decode_levels(self, codes: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] from (top codes, bottom codes)."""
+        top, bottom = codes
+        top_quantized = self.top_quantizer.codebook[top].permute(0, 3, 1, 2)
+        bottom_quantized = self.quantizer.codebook[bottom].permute(0, 3, 1, 2)
+        return (self._decode_quantized(top_quantized, bottom_quantized) * self.std + self.mean).clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstructions in [0, 1]; equals decode_levels(encode_levels(x))."""
+        top, bottom = self._encode(x, update=False)
+        return (self._decode_quantized(top.quantized, bottom.quantized) * self.std + self.mean).clamp(0, 1)
+
+
+MODELS = {"vqvae": VQVAE, "vqvae2": VQVAE2}
+
+
+def save_checkpoint(path, model: VQVAE | VQVAE2, **extra) -> None:
+    """Write {"format", "model_class", "config", "model", **extra} to `path` atomically."""
+    from .training import atomic_save
+
+    kind = next(name for name, cls in MODELS.items() if isinstance(model, cls))
+    atomic_save({"format": "vqvae_fast/1", "model_class": kind, "config": model.config, "model": model.state_dict(),
+                 **extra}, path)
+
+
+def model_from_checkpoint(checkpoint: dict) -> VQVAE | VQVAE2:
+    """The model a loaded checkpoint dict describes, with its weights, in eval mode."""
+    model = MODELS[checkpoint.get("model_class", "vqvae")](**checkpoint["config"])
     model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def load_checkpoint(path, map_location: str | torch.device | None = "cpu") -> VQVAE | VQVAE2:
+    """The VQVAE (or VQVAE2) stored in checkpoint `path`, with its weights, in eval mode."""
+    model = model_from_checkpoint(torch.load(path, map_location=map_location, weights_only=True))
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
-    return model.eval()
+    return model

@@ -1,0 +1,78 @@
+"""Training a VQ-VAE (or VQ-VAE-2) to reconstruct images: the task `fit` runs, and its evaluation.
+
+The dataset lives on the device as uint8 (N, 3, H, W); batches are cut and flipped there.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from .model import VQVAE, VQVAE2
+from .training import EpochOrder, Task, psnr, to_images
+from .vector_quantizer import code_counts, usage_stats
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: VQVAE | VQVAE2, images_uint8: torch.Tensor, batch_size: int = 500) -> dict:
+    """Test MSE / PSNR of the clamped reconstructions (fp32, as load_checkpoint(...).reconstruct
+    gives) and code usage per level over all of `images_uint8` (VQVAE2: `top_` fields too)."""
+    was_training = model.training
+    model.eval()
+    squared_error = torch.zeros((), dtype=torch.float64, device=images_uint8.device)
+    quantizers = model.quantizers
+    counts = [torch.zeros(q.num_codes, device=images_uint8.device) for q in quantizers]
+    for chunk in images_uint8.split(batch_size):
+        out = model(to_images(chunk))
+        squared_error += out.mse.double() * chunk.shape[0]
+        levels = (out.top_indices, out.indices) if len(quantizers) == 2 else (out.indices,)
+        for count, indices in zip(counts, levels):
+            count += code_counts(indices, count.shape[0])
+    model.train(was_training)
+    mse = float(squared_error) / max(1, images_uint8.shape[0])
+    metrics = {"test_mse": mse, "test_psnr": psnr(mse)}
+    for prefix, quantizer, count in zip(("top_", "") if len(quantizers) == 2 else ("",), quantizers, counts):
+        perplexity, codes_used = usage_stats(count)
+        metrics.update({f"{prefix}perplexity": float(perplexity), f"{prefix}codes_used": int(codes_used),
+                        f"{prefix}dead_codes": int(quantizer.dead_mask().sum())})
+    return metrics
+
+
+def save_reconstructions(model: VQVAE | VQVAE2, images_uint8: torch.Tensor, path: Path, count: int = 16) -> None:
+    """torchvision grid: the first `count` images above their reconstructions."""
+    x = to_images(images_uint8[:count])
+    grid = make_grid(torch.cat([x, model.reconstruct(x)]).float().cpu(), nrow=x.shape[0], padding=2)
+    save_image(grid, path)
+
+
+class ReconstructionTask(Task):
+    """Minimise the model's loss on random horizontally flipped training images."""
+
+    stat_names = ("loss", "mse", "perplexity")
+
+    def __init__(self, model: VQVAE | VQVAE2, train_uint8: torch.Tensor, test_uint8: torch.Tensor, batch_size: int,
+                 seed: int, eval_images: int):
+        self.model, self.train, self.test = model, train_uint8, test_uint8
+        self.batch_size, self.eval_images = batch_size, eval_images
+        self.items_per_step = batch_size
+        self.steps_per_epoch = train_uint8.shape[0] // batch_size
+        self.order = EpochOrder(seed, train_uint8.shape[0], train_uint8.device)
+
+    def batch(self, step: int) -> torch.Tensor:
+        rows, flip = self.order.rows(step, self.batch_size)
+        x = to_images(self.train[rows])
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+    def loss(self, x: torch.Tensor):
+        out = self.model(x)
+        return out.loss, torch.stack([out.loss.detach().float(), out.mse.float(), out.perplexity.float()])
+
+    def progress(self, stats: dict) -> dict:
+        return dict(loss=f"{stats['loss']:.4f}", psnr=f"{psnr(stats['mse']):.2f}", ppl=f"{stats['perplexity']:.0f}")
+
+    def log_fields(self, stats: dict) -> dict:
+        return {"train_loss": stats["loss"], "train_psnr": psnr(stats["mse"]), "train_perplexity": stats["perplexity"]}
+
+    def evaluate(self, final: bool) -> dict:
+        return evaluate_reconstruction(self.model, self.test if final else self.test[:self.eval_images])

@@ -1,0 +1,272 @@
+"""The training loop every trainer here shares (VQ-VAE, prior), and its small helpers.
+
+A trainer describes its job as a `Task` (how to cut a batch, the loss, the evaluation, what
+to write at each evaluation); `fit` runs the loop with the same habits for all of them:
+a tqdm progress bar, one `metrics.jsonl` line per evaluation, an atomic checkpoint after each,
+exact `--resume` (model, optimizer, step, RNG states), bf16 autocast, and host syncs only when
+logging.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+
+def psnr(mse: float) -> float:
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def to_images(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [0, 1], channels_last (the fast conv layout)."""
+    return batch_uint8.float().div_(255).contiguous(memory_format=torch.channels_last)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> uint8, rounded as torchvision's save_image rounds them."""
+    return images.float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+class EpochOrder:
+    """Shuffle order and flip decisions of each epoch, a pure function of (seed, epoch).
+
+    Resuming needs no data-loader state: step s always sees the same items.
+    """
+
+    def __init__(self, seed: int, num_items: int, device: torch.device):
+        self.seed, self.num_items, self.device = seed, num_items, device
+        self.epoch = None
+
+    def get(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if epoch != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.num_items, generator=generator)
+            flip = torch.rand(self.num_items, generator=generator) < 0.5
+            self.perm, self.flip = perm.to(self.device), flip.to(self.device)  # one copy per epoch
+            self.epoch = epoch
+        return self.perm, self.flip
+
+    def rows(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item indices, flip flags) of global step `step`, epochs of num_items // batch_size steps."""
+        epoch, position = divmod(step, max(1, self.num_items // batch_size))
+        perm, flip = self.get(epoch)
+        rows = slice(position * batch_size, (position + 1) * batch_size)
+        return perm[rows], flip[rows]
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def atomic_save(payload: dict, path) -> None:
+    """torch.save to a unique temporary file beside `path`, flushed to disk, then renamed over
+    `path`: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private: give it the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, or not what was expected."""
+
+
+def read_checkpoint(path, expected_format: str | None = None, map_location="cpu") -> dict:
+    """torch.load of a checkpoint written here, or CheckpointError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, random bytes, a pickle needing arbitrary code, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint, the file is damaged or of another kind "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if expected_format is not None and found != expected_format:
+        what = repr(found) if found else "something else"
+        raise CheckpointError(f"{path}: expected a {expected_format!r} checkpoint, found {what}")
+    return checkpoint
+
+
+def parse_with_resume(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None,
+                      run_control: tuple[str, ...], expected_format: str) -> tuple[argparse.Namespace, dict | None]:
+    """(settings, checkpoint or None) of a trainer's command line. On --resume the run's settings come
+    from the checkpoint, and only the run-control flags given on this command line replace them
+    (a new --steps / --epochs included)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "resume", None):
+        return args, None
+    try:
+        checkpoint = read_checkpoint(args.resume, expected_format)
+    except CheckpointError as error:
+        parser.error(f"--resume: {error}")
+    if "args" not in checkpoint:
+        parser.error(f"--resume: {args.resume} holds no run settings (a model file, not a training checkpoint)")
+    unset = object()  # a default no flag can produce: what remains `unset` was not given
+    explicit = build_parser()
+    explicit.set_defaults(**{key: unset for key in vars(args)})
+    given = {key: value for key, value in vars(explicit.parse_args(argv)).items() if value is not unset}
+    ignored = sorted(f"--{key.replace('_', '-')}" for key in given if key not in run_control)
+    if ignored:
+        print(f"warning: ignored on --resume (the checkpoint's settings are used): {' '.join(ignored)}",
+              file=sys.stderr)
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+    # Settings added since the checkpoint was written take their defaults.
+    args = argparse.Namespace(**{**defaults, **checkpoint["args"],
+                                 **{k: v for k, v in given.items() if k in run_control}, "resume": args.resume})
+    if "steps" in given or "epochs" in given:  # a new length replaces the saved one
+        args.steps, args.epochs = given.get("steps"), given.get("epochs")
+    return args, checkpoint
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+class Task:
+    """One training job, as `fit` sees it. Subclasses set `stat_names` and implement the methods."""
+
+    stat_names: tuple[str, ...] = ("loss",)  # what `loss` returns next to the loss, averaged for the logs
+    items_name: str = "images"  # what a step consumes, for the throughput field `<items_name>_per_s`
+    items_per_step: int = 1
+    steps_per_epoch: int = 1
+
+    def batch(self, step: int):
+        """The batch of global step `step` (a pure function of the step: resuming is exact)."""
+        raise NotImplementedError
+
+    def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to minimise, 0-dim float tensors of `stat_names` stacked): run under autocast."""
+        raise NotImplementedError
+
+    def progress(self, stats: dict) -> dict:
+        """The progress bar's postfix from the averaged stats."""
+        return {name: f"{value:.4f}" for name, value in stats.items()}
+
+    def log_fields(self, stats: dict) -> dict:
+        """The metrics line's training fields from the averaged stats."""
+        return {f"train_{name}": value for name, value in stats.items()}
+
+    def evaluate(self, final: bool) -> dict:
+        """Held-out metrics (floats); `final`: the last evaluation, on everything."""
+        return {}
+
+    def on_eval(self, step: int, final: bool) -> None:
+        """Called after each evaluation (write sample grids, say)."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    metrics: dict  # the last evaluation
+    wall_s: float  # all of the run's invocations together
+    items_per_s: float  # this invocation, evaluations excluded
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% of the learning rate at `steps`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, steps: int, out_dir: Path,
+        save: Callable[[int, float], None], device: torch.device, eval_every: int = 100, log_every: int = 10,
+        amp: bool = False, quiet: bool = False, desc: str = "train", start_step: int = 0,
+        elapsed_before: float = 0.0, scheduler=None) -> FitResult:
+    """Train from `start_step` to `steps`; every `eval_every` steps (and at the end) append a line to
+    out_dir/metrics.jsonl and, except at the end (the caller saves the final state), call
+    save(step, elapsed_s). `scheduler`, if given, steps after every optimizer step."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_stats = len(task.stat_names)
+    log_sums = torch.zeros(n_stats, device=device)  # running sums on the device: read only when logging
+    eval_sums = torch.zeros(n_stats, device=device)
+    log_count = eval_count = 0
+    step, start_time = start_step, time.perf_counter()
+    eval_seconds, metrics = 0.0, None
+    progress = tqdm(total=steps, initial=step, disable=quiet, desc=desc, unit="step", dynamic_ncols=True)
+    model.train()
+    while step < steps:
+        batch = task.batch(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, stats = task.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        step += 1
+        stats = stats.detach().float()
+        log_sums += stats
+        eval_sums += stats
+        log_count, eval_count = log_count + 1, eval_count + 1
+        progress.update(1)
+        if step % log_every == 0 or step == steps:
+            progress.set_postfix(task.progress(dict(zip(task.stat_names, (log_sums / log_count).tolist()))))
+            log_sums.zero_()
+            log_count = 0
+        final = step == steps
+        if step % eval_every == 0 or final:
+            eval_start = time.perf_counter()
+            train_stats = dict(zip(task.stat_names, (eval_sums / eval_count).tolist()))
+            eval_sums.zero_()
+            eval_count = 0
+            metrics = task.evaluate(final)
+            wall = time.perf_counter() - start_time
+            line = {"step": step, "epoch": round(step / task.steps_per_epoch, 3), **task.log_fields(train_stats),
+                    **metrics, "elapsed_s": elapsed_before + wall,
+                    f"{task.items_name}_per_s": (step - start_step) * task.items_per_step
+                    / max(wall - eval_seconds, 1e-9)}
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            if not final:
+                save(step, elapsed_before + wall)
+            task.on_eval(step, final)
+            eval_seconds += time.perf_counter() - eval_start
+            model.train()
+    progress.close()
+    if metrics is None:  # nothing trained in this invocation
+        metrics = task.evaluate(True)
+    train_seconds = time.perf_counter() - start_time - eval_seconds
+    return FitResult(step, metrics, elapsed_before + time.perf_counter() - start_time,
+                     (step - start_step) * task.items_per_step / max(train_seconds, 1e-9))
