@@ -8,6 +8,9 @@
 #   scripts/gpu_check.sh OUTDIR part1            # build inspect tests memcheck compare
 #   scripts/gpu_check.sh OUTDIR part2            # build compare-backward pytest-bench sweep training train-cifar10
 #   scripts/gpu_check.sh OUTDIR sweep training   # or any stages, in this order
+#   scripts/gpu_check.sh OUTDIR quick            # one call: build, the headline comparisons, then tests
+#
+# TESTS (test files) and TESTS_K (a pytest -k expression) narrow the tests stage.
 #
 # Stages: build inspect tests memcheck compare compare-backward pytest-bench sweep training
 # train-cifar10. The whole call ends within DEADLINE_S (default 570 s): every stage runs under
@@ -26,6 +29,7 @@ shift
 case "${*:-all}" in
   part1) stages="build inspect tests memcheck compare" ;;
   part2) stages="build compare-backward pytest-bench sweep training train-cifar10" ;;
+  quick) stages="build compare tests"; quick=1 ;;
   all) stages="build inspect tests memcheck compare compare-backward pytest-bench sweep training train-cifar10" ;;
   *) stages="$*" ;;
 esac
@@ -49,10 +53,12 @@ check() {  # check NAME RC: record a stage's exit status
   if [ "$2" -eq 0 ]; then note "$1 ok"; else note "$1 FAILED (rc=$2)"; status=1; fi
 }
 compare() {  # compare TASK...: the goal's point (tokenizer size) in bf16 and fp32, and the CPU key point
-  local n k d dtype task
-  for spec in "262144 16384 256 bfloat16" "262144 16384 256 float32" "65536 1024 64 float32"; do
-    read -r n k d dtype <<< "$spec"
-    for task in "$@"; do
+  local n k d dtype task spec
+  local specs=${COMPARE_SPECS:-"262144 16384 256 bfloat16,262144 16384 256 float32,65536 1024 64 float32"}
+  IFS=, read -ra specs <<< "$specs"
+  for spec in "${specs[@]}"; do
+    read -r n k d dtype task_override <<< "$spec"
+    for task in ${task_override:-$@}; do
       time_left "compare $task $spec" 150 || continue
       timeout "$limit" python benchmarks/compare.py --device cuda --shape "$n" "$k" "$d" --dtype "$dtype" \
         --task "$task" --rounds 10 --json "$out/compare_cuda_${task}_${n}x${k}x${d}_$dtype.json" 2>&1 \
@@ -67,6 +73,15 @@ python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch
   | tee "$out/versions.txt"
 git rev-parse HEAD > "$out/git-commit.txt" 2>/dev/null
 arch=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'sm_{m}{n}')")
+# Build the CUDA kernels for this GPU only (a third of the build time of the default list).
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+if [ "${quick:-0}" = 1 ]; then
+  # The quick profile: the goal's point first (forward bf16/fp32, nearest_code and backward in
+  # bf16), then the kernel tests with whatever time is left.
+  COMPARE_SPECS=${COMPARE_SPECS:-"262144 16384 256 bfloat16 forward nearest backward,262144 16384 256 float32 forward"}
+  TESTS=${TESTS:-"tests/test_nearest_code.py tests/test_triton_nearest_code.py tests/test_custom_ops.py tests/test_quantize_grad.py tests/test_inputs.py tests/test_vector_quantizer.py tests/test_build.py"}
+  STAGE_LIMIT_S=${STAGE_LIMIT_S:-600}
+fi
 
 if want build; then
   # Compiled against this machine's torch and toolkit; skipped when the library is newer than
@@ -75,13 +90,13 @@ if want build; then
   if [ -n "$lib" ] && [ -z "$(find csrc setup.py -newer "$lib" -type f)" ] \
      && python -c "import vqvae_fast._extension as e, sys; sys.exit(0 if e.has_cuda_kernels() else 1)" 2>/dev/null; then
     note "build: $lib is up to date"
-  elif MAX_JOBS=${MAX_JOBS:-16} VQVAE_FAST_CUDA=1 pip install -e . --no-build-isolation --no-deps > "$out/build.log" 2>&1; then
+  elif MAX_JOBS=${MAX_JOBS:-16} VQVAE_FAST_CUDA=1 python -m pip install -e . --no-build-isolation --no-deps > "$out/build.log" 2>&1; then
     note "build ok"
   else
     tail -50 "$out/build.log"; note "build FAILED (see build.log)"; exit 1
   fi
   if ls .wheels/*.whl > /dev/null 2>&1; then
-    pip install --no-deps .wheels/*.whl > "$out/wheels.log" 2>&1 && note "installed $(ls .wheels/*.whl | xargs -n1 basename | tr '\n' ' ')"
+    python -m pip install --no-deps .wheels/*.whl > "$out/wheels.log" 2>&1 && note "installed $(ls .wheels/*.whl | xargs -n1 basename | tr '\n' ' ')"
   fi
 fi
 
@@ -92,10 +107,14 @@ if want inspect; then
   check "inspect ($arch, inspect_$arch.txt)" $?
 fi
 
-if want tests; then
-  timeout "$limit" python -m pytest tests -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1; rc=$?
-  tail -5 "$out/tests.log"; check "tests (tests.log)" $rc
-fi
+run_tests() {
+  want tests || return 0
+  # -v: each test's outcome reaches the log as it runs, so a run cut at its limit still says what passed.
+  timeout "$limit" python -m pytest ${TESTS:-tests} ${TESTS_K:+-k "$TESTS_K"} -v -rfEs --durations=10 --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1; rc=$?
+  grep -cE " PASSED" "$out/tests.log" | sed 's/^/passed: /'; grep -E " (FAILED|ERROR)" "$out/tests.log" | head -20; tail -3 "$out/tests.log"
+  check "tests (tests.log)" $rc
+}
+[ "${quick:-0}" = 1 ] || run_tests  # the quick profile runs them after the comparisons
 
 if want memcheck; then
   if command -v compute-sanitizer > /dev/null; then
@@ -109,6 +128,7 @@ fi
 
 if [[ " $stages " == *" compare "* ]]; then compare forward nearest; fi
 if [[ " $stages " == *" compare-backward "* ]]; then compare backward; fi
+[ "${quick:-0}" = 1 ] && run_tests
 
 if [[ " $stages " == *" pytest-bench "* ]] && ! python -c "import pytest_benchmark" 2> /dev/null; then
   note "pytest-bench skipped: pytest-benchmark is not installed"

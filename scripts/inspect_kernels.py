@@ -152,14 +152,15 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
         quantized_ptr=dtype, row_err_ptr=acc, N=SMALL[0], D=64, splits=8, stride_zn=64, stride_zd=1,
         stride_ck=64, stride_cd=1, **merge), 4, 1, dtype, f"BLOCK_N={merge['BLOCK_N']}"))
     if dtype in (torch.float32, torch.float64):  # the loss kernel reads fp32 or fp64 row errors
-        cases.append(Case("loss", kernels._loss_kernel, dict(row_err_ptr=acc, loss_ptr=acc, N=LARGE[0], scale=1e-6,
-                                                             BLOCK=kernels.LOSS_BLOCK, ACC_DTYPE=tl_acc),
-                          4, 1, dtype, f"BLOCK={kernels.LOSS_BLOCK}"))
+        cases.append(Case("loss", kernels._loss_kernel, dict(
+            row_err_ptr=acc, loss_ptr=acc, N=LARGE[0], scale_head=1e-6, scale_tail=1e-14,
+            BLOCK=kernels.LOSS_BLOCK, ACC_DTYPE=tl_acc), 4, 1, dtype, f"BLOCK={kernels.LOSS_BLOCK}"))
     bwd = kernels.backward_meta(64, acc)
     strides = dict(stride_zn=64, stride_zd=1, stride_cn=64, stride_cd=1)
     cases.append(Case("grad_z", kernels._grad_z_kernel, dict(
         grad_q_ptr=dtype, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, grad_loss_ptr=dtype,
-        grad_z_ptr=dtype, N=LARGE[0], D=64, scale=1e-6, stride_gn=64, stride_gd=1, **strides, **bwd),
+        grad_z_ptr=dtype, N=LARGE[0], D=64, scale_head=1e-6, scale_tail=1e-14, stride_gn=64, stride_gd=1,
+        **strides, **bwd),
         4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
     cases.append(Case("codebook_diff_atomic", kernels._codebook_diff_atomic_kernel, dict(
         z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, out_ptr=acc, N=LARGE[0], D=64, **strides, **bwd),
@@ -296,7 +297,10 @@ def compile_case(case: Case, arch: str, machine) -> Record:
                                   target=GPUTarget("cuda", int(arch[3:]), 32),
                                   options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
     except Exception as error:  # a config that does not compile is a finding, not a crash
-        record.problems.append(f"does not compile: {type(error).__name__}: {str(error).strip()[:300]}")
+        # Triton puts the source excerpt first and the reason last: keep both ends.
+        text = " ".join(str(error).split())
+        text = text if len(text) <= 600 else text[:200] + " ... " + text[-400:]
+        record.problems.append(f"does not compile: {type(error).__name__}: {text}")
         return record
     usage = next(iter(resource_usage(compiled.asm["cubin"]).values()), {})
     record.registers = usage.get("registers")

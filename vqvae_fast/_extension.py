@@ -30,11 +30,13 @@ def has_compiled() -> bool:
     return LOAD_ERROR is None
 
 
+# Read once, at import: torch.compile cannot trace the dispatcher query (a graph break in torch 2.11).
+_CUDA_KERNELS = has_compiled() and torch._C._dispatch_has_kernel_for_dispatch_key("vqvae_fast::quantize_fwd", "CUDA")
+
+
 def has_cuda_kernels() -> bool:
     """True when the compiled library carries the CUDA kernels (the 'cuda' backend)."""
-    if not has_compiled():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("vqvae_fast::quantize_fwd", "CUDA")
+    return _CUDA_KERNELS
 
 
 if has_compiled():

@@ -5,9 +5,13 @@ import importlib.util
 import os
 
 
+# Looked up once: torch.compile cannot trace importlib (torch 2.11 breaks the graph on it).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when the triton package can be imported (it ships with CUDA builds of torch)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def triton_interpreting() -> bool:

@@ -44,6 +44,7 @@ import functools
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -211,15 +212,16 @@ def _tile_dot(z0, z1, z2, codes_ptr, codes_tail_ptr, offsets, acc,
               DOT_DTYPE: tl.constexpr, Z_TERMS: tl.constexpr, SPLIT_TF32: tl.constexpr,
               PRECISION: tl.constexpr):
     """acc += (z - c) . (e - c)^T for one codebook tile, from the prepared operands."""
+    # out_dtype names the accumulator type: Triton 3.6 asserts it equals acc.dtype (fp64 too).
     e = tl.load(codes_ptr + offsets).to(DOT_DTYPE)  # a no-op cast except in the interpreter (bf16)
-    acc = tl.dot(z0, tl.trans(e), acc, input_precision=PRECISION)
+    acc = tl.dot(z0, tl.trans(e), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     if SPLIT_TF32:  # head.head + head.tail + tail.head
         tail = tl.load(codes_tail_ptr + offsets)
-        acc = tl.dot(z0, tl.trans(tail), acc, input_precision=PRECISION)
-        acc = tl.dot(z1, tl.trans(e), acc, input_precision=PRECISION)
+        acc = tl.dot(z0, tl.trans(tail), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        acc = tl.dot(z1, tl.trans(e), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     elif Z_TERMS == 3:  # 16-bit re-scoring: (term0 + term1 + term2) . e, exact products
-        acc = tl.dot(z1, tl.trans(e), acc, input_precision=PRECISION)
-        acc = tl.dot(z2, tl.trans(e), acc, input_precision=PRECISION)
+        acc = tl.dot(z1, tl.trans(e), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        acc = tl.dot(z2, tl.trans(e), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -364,21 +366,22 @@ def _merge_kernel(
 
 
 @triton.jit
-def _loss_kernel(row_err_ptr, loss_ptr, N, scale, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _loss_kernel(row_err_ptr, loss_ptr, N, scale_head, scale_tail, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """loss = scale * sum(row_err), summed in a fixed order, stored in loss_ptr's dtype."""
     total = tl.zeros((BLOCK,), ACC_DTYPE)
     for i in range(0, N, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         total += tl.load(row_err_ptr + offs, mask=offs < N, other=0.0)
-    tl.store(loss_ptr, tl.sum(total, axis=0) * scale)
+    total = tl.sum(total, axis=0)
+    tl.store(loss_ptr, total * scale_head + total * scale_tail)  # in ACC_DTYPE: see fp32_pair
 
 
 @triton.jit
 def _grad_z_kernel(
     # pointers
     grad_q_ptr, z_ptr, codebook_ptr, indices_ptr, grad_loss_ptr, grad_z_ptr,
-    # sizes and the loss scale 2 * beta / (N * D)
-    N, D, scale,
+    # sizes and the loss scale 2 * beta / (N * D) as an fp32 pair (fp32_pair)
+    N, D, scale_head, scale_tail,
     # strides
     stride_gn, stride_gd, stride_zn, stride_zd, stride_cn, stride_cd,
     # meta-parameters
@@ -389,7 +392,8 @@ def _grad_z_kernel(
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     idx = tl.load(indices_ptr + rows64, mask=row_mask, other=0)
-    coef = tl.load(grad_loss_ptr).to(ACC_DTYPE) * scale
+    grad_loss = tl.load(grad_loss_ptr).to(ACC_DTYPE)
+    coef = grad_loss * scale_head + grad_loss * scale_tail  # in ACC_DTYPE: see fp32_pair
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
@@ -583,6 +587,13 @@ def _prune(configs, named_args, **kwargs):
     kept = [c for c in configs
             if keep_config(c, machine, named_args["N"], kwargs["D_PAD"], kwargs["BLOCK_D"], mode)]
     return kept or configs[-1:]
+
+
+def fp32_pair(x: float) -> tuple[float, float]:
+    """x as an fp32 head and the rest: Triton passes a Python float to a kernel as fp32, so an
+    fp64 kernel multiplies by both and adds (48 bits of x, not 24)."""
+    head = float(np.float32(x))
+    return head, x - head
 
 
 def split_plan(n: int, k_pad: int, machine: Machine) -> tuple[int, int]:
@@ -787,7 +798,8 @@ def quantize_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float):
         return quantized, indices, torch.full((), float("nan"), dtype=z.dtype, device=z.device)
     indices, quantized, row_err = _search(z, codebook, want_quantized=True)
     loss = torch.empty((), dtype=z.dtype, device=z.device)
-    _loss_kernel[(1,)](row_err, loss, N, (1.0 + beta) / (N * D), BLOCK=LOSS_BLOCK, ACC_DTYPE=_TL_DTYPE[row_err.dtype])
+    _loss_kernel[(1,)](row_err, loss, N, *fp32_pair((1.0 + beta) / (N * D)), BLOCK=LOSS_BLOCK,
+                       ACC_DTYPE=_TL_DTYPE[row_err.dtype])
     return quantized, indices, loss
 
 
@@ -803,8 +815,9 @@ def quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta: float, n
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
     grid = (triton.cdiv(N, meta["BLOCK_N"]),)
     if need_grad_z and N and D:
-        _grad_z_kernel[grid](grad_quantized, z, codebook, indices, grad_loss, grad_z, N, D, 2.0 * beta / (N * D),
-                             grad_quantized.stride(0), grad_quantized.stride(1), *strides, **meta)
+        _grad_z_kernel[grid](grad_quantized, z, codebook, indices, grad_loss, grad_z, N, D,
+                             *fp32_pair(2.0 * beta / (N * D)), grad_quantized.stride(0), grad_quantized.stride(1),
+                             *strides, **meta)
     if not need_grad_codebook:
         return grad_z, torch.empty(0, dtype=codebook.dtype, device=z.device)
     diff = torch.zeros((K, D), dtype=acc, device=z.device)
