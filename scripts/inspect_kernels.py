@@ -157,11 +157,12 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
             BLOCK=kernels.LOSS_BLOCK, ACC_DTYPE=tl_acc), 4, 1, dtype, f"BLOCK={kernels.LOSS_BLOCK}"))
     bwd = kernels.backward_meta(64, acc)
     strides = dict(stride_zn=64, stride_zd=1, stride_cn=64, stride_cd=1)
-    cases.append(Case("grad_z", kernels._grad_z_kernel, dict(
-        grad_q_ptr=dtype, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, grad_loss_ptr=dtype,
-        grad_z_ptr=dtype, N=LARGE[0], D=64, scale_head=1e-6, scale_tail=1e-14, stride_gn=64, stride_gd=1,
-        **strides, **bwd),
-        4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
+    for rotation in (False, True):
+        meta = kernels.grad_z_meta(64, acc, rotation)
+        cases.append(Case("grad_z[rotation]" if rotation else "grad_z", kernels._grad_z_kernel, dict(
+            grad_q_ptr=dtype, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, grad_loss_ptr=dtype,
+            grad_z_ptr=dtype, N=LARGE[0], D=64, scale_head=1e-6, scale_tail=1e-14, stride_gn=64, stride_gd=1,
+            **strides, **meta), 4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**meta)))
     cases.append(Case("codebook_diff_atomic", kernels._codebook_diff_atomic_kernel, dict(
         z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, out_ptr=acc, N=LARGE[0], D=64, **strides, **bwd),
         4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))

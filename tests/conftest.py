@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +88,22 @@ def _seed_and_restore_determinism(request):
 
 __all__ = ["ALL_BACKENDS", "HAS_CUDA", "assert_nearest", "backend_device", "distance_rtol", "vqvae_fast",
            "_extension"]
+
+
+def write_cifar_batch(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({b"data": images.reshape(len(images), -1).numpy(), b"labels": labels.tolist()}, f)
+
+
+@pytest.fixture(scope="session")
+def toy_cifar(tmp_path_factory) -> Path:
+    """A cifar-10-batches-py folder of 160 + 40 synthetic 32x32 images whose colour is their class."""
+    g = torch.Generator().manual_seed(0)
+    palette = torch.randint(0, 256, (10, 3, 1, 1), generator=g)
+    folder = tmp_path_factory.mktemp("toy") / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, n in (("data_batch_1", 160), ("test_batch", 40)):
+        labels = torch.arange(n) % 10
+        noise = torch.randint(-30, 31, (n, 3, 32, 32), generator=g)
+        write_cifar_batch(folder / name, (palette[labels] + noise).clamp(0, 255).to(torch.uint8), labels)
+    return folder

@@ -47,17 +47,20 @@ def test_autograd_asks_only_for_needed_gradients():
 
     calls = []
 
-    def fake_bwd(grad_q, grad_loss, z, codebook, indices, beta, need_z, need_codebook):
-        calls.append((need_z, need_codebook))
+    def fake_bwd(grad_q, grad_loss, z, codebook, indices, beta, need_z, need_codebook, rotation):
+        calls.append((need_z, need_codebook, rotation))
         return z.new_ones(z.shape if need_z else (0,)), codebook.new_ones(codebook.shape if need_codebook else (0,))
 
     z, codebook, indices = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long)
     backward = _make_backward(fake_bwd)
-    for needs in ((True, False, False), (False, True, False), (True, True, False), (False, False, False)):
-        ctx = SimpleNamespace(needs_input_grad=needs, saved_tensors=(z, codebook, indices), beta=0.25)
-        grad_z, grad_codebook, grad_beta = backward(ctx, torch.ones(4, 3), None, torch.tensor(1.0))
-        assert (grad_z is not None) == needs[0] and (grad_codebook is not None) == needs[1] and grad_beta is None
-    assert calls == [(True, False), (False, True), (True, True)]
+    for needs, rotation in (((True, False, False, False), False), ((False, True, False, False), True),
+                            ((True, True, False, False), True), ((False, False, False, False), False)):
+        ctx = SimpleNamespace(needs_input_grad=needs, saved_tensors=(z, codebook, indices), beta=0.25,
+                              rotation=rotation)
+        grad_z, grad_codebook, grad_beta, grad_rotation = backward(ctx, torch.ones(4, 3), None, torch.tensor(1.0))
+        assert (grad_z is not None) == needs[0] and (grad_codebook is not None) == needs[1]
+        assert grad_beta is None and grad_rotation is None
+    assert calls == [(True, False, False), (False, True, True), (True, True, True)]
 
 
 class _TinyAutoencoder(torch.nn.Module):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -25,25 +24,6 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def write_cifar_batch(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    with open(path, "wb") as f:
-        pickle.dump({b"data": images.reshape(len(images), -1).numpy(), b"labels": labels.tolist()}, f)
-
-
-@pytest.fixture(scope="module")
-def toy_cifar(tmp_path_factory) -> Path:
-    """A cifar-10-batches-py folder of 160 + 40 synthetic 32x32 images whose colour is their class."""
-    g = torch.Generator().manual_seed(0)
-    palette = torch.randint(0, 256, (10, 3, 1, 1), generator=g)
-    folder = tmp_path_factory.mktemp("toy") / "cifar-10-batches-py"
-    folder.mkdir()
-    for name, n in (("data_batch_1", 160), ("test_batch", 40)):
-        labels = torch.arange(n) % 10
-        noise = torch.randint(-30, 31, (n, 3, 32, 32), generator=g)
-        write_cifar_batch(folder / name, (palette[labels] + noise).clamp(0, 255).to(torch.uint8), labels)
-    return folder
 
 
 VQ_TINY = ["--batch-size", "32", "--num-codes", "16", "--code-dim", "8", "--channels", "16", "--res-channels", "8",

@@ -1,6 +1,8 @@
 """Public functional API and the one place that maps `backend=` to an implementation."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -91,7 +93,17 @@ def _op(backend: str, name: str):
     return getattr(torch.ops.vqvae_fast, _op_prefix(backend) + name)
 
 
-def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto") -> QuantizeOutput:
+def check_options(beta: float, gradient: str) -> None:
+    """Raise ValueError unless beta is a finite number >= 0 and gradient is a known estimator."""
+    # Comparisons, not math.isfinite: torch.compile traces them (NaN fails both).
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < math.inf:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if gradient not in reference.GRADIENTS:
+        raise ValueError(f"unknown gradient estimator {gradient!r}; choose one of {reference.GRADIENTS}")
+
+
+def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto",
+             gradient: str = "ste") -> QuantizeOutput:
     """Nearest-code quantization with a straight-through gradient and the VQ-VAE losses.
 
     Args:
@@ -99,18 +111,22 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, bac
         codebook: (K, D), same dtype and device as z.
         beta: weight of the commitment loss.
         backend: "auto", "triton", "cuda", "cpu" or "reference".
+        gradient: how `quantized` passes its gradient to z: "ste" (straight through,
+            unchanged) or "rotation" (the rotation trick, Fifty et al. 2024: rotated from the
+            code's direction to z's and rescaled by ||e|| / ||z||; see reference.rotation_gradient).
 
     Returns:
         QuantizeOutput(quantized, indices, loss): quantized (N, D) is bitwise codebook[indices]
-        and passes its gradient straight through to z; indices (N,) int64;
+        and passes its gradient to z as `gradient` says; indices (N,) int64;
         loss () = mean((codebook[indices] - sg[z])**2) + beta * mean((z - sg[codebook[indices]])**2),
         differentiable w.r.t. z and codebook.
     """
     check_inputs(z, codebook)
+    check_options(beta, gradient)
     backend = resolve_backend(backend, z.device)
     if backend == "reference":
-        return QuantizeOutput(*reference.quantize(z, codebook, beta))
-    return QuantizeOutput(*_op(backend, "quantize_fwd")(z, codebook, float(beta)))
+        return QuantizeOutput(*reference.quantize(z, codebook, beta, gradient))
+    return QuantizeOutput(*_op(backend, "quantize_fwd")(z, codebook, float(beta), gradient == "rotation"))
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

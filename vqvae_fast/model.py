@@ -99,17 +99,19 @@ class VQVAE(nn.Module):
                  channels: int = 160, res_channels: int = 128, num_res_blocks: int = 2, levels: int = 2,
                  ema_decay: float | None = 0.9, kmeans_init: bool = True, restart_dead: bool = True,
                  dead_threshold: float = 0.1, usage_decay: float = 0.9, backend: str = "auto",
+                 gradient: str = "ste",
                  mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD):
         super().__init__()
         self.config = dict(num_codes=num_codes, code_dim=code_dim, beta=beta, in_channels=in_channels,
                            channels=channels, res_channels=res_channels, num_res_blocks=num_res_blocks,
                            levels=levels, ema_decay=ema_decay, kmeans_init=kmeans_init, restart_dead=restart_dead,
                            dead_threshold=dead_threshold, usage_decay=usage_decay, backend=backend,
-                           mean=tuple(mean), std=tuple(std))
+                           gradient=gradient, mean=tuple(mean), std=tuple(std))
         self.encoder = make_encoder(in_channels, channels, res_channels, num_res_blocks, levels, code_dim)
         self.quantizer = VectorQuantizer(num_codes, code_dim, beta, backend=backend, ema_decay=ema_decay,
                                          kmeans_init=kmeans_init, restart_dead=restart_dead,
-                                         dead_threshold=dead_threshold, usage_decay=usage_decay)
+                                         dead_threshold=dead_threshold, usage_decay=usage_decay,
+                                         gradient=gradient)
         self.decoder = make_decoder(in_channels, channels, res_channels, num_res_blocks, levels, code_dim)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -206,6 +208,7 @@ class VQVAE2(nn.Module):
                  in_channels: int = 3, channels: int = 160, res_channels: int = 128, num_res_blocks: int = 2,
                  ema_decay: float | None = 0.9, kmeans_init: bool = True, restart_dead: bool = True,
                  dead_threshold: float = 0.1, usage_decay: float = 0.9, backend: str = "auto",
+                 gradient: str = "ste",
                  mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD):
         super().__init__()
         top_codes = top_codes or num_codes
@@ -213,9 +216,9 @@ class VQVAE2(nn.Module):
                            in_channels=in_channels, channels=channels, res_channels=res_channels,
                            num_res_blocks=num_res_blocks, ema_decay=ema_decay, kmeans_init=kmeans_init,
                            restart_dead=restart_dead, dead_threshold=dead_threshold, usage_decay=usage_decay,
-                           backend=backend, mean=tuple(mean), std=tuple(std))
+                           backend=backend, gradient=gradient, mean=tuple(mean), std=tuple(std))
         health = dict(backend=backend, ema_decay=ema_decay, kmeans_init=kmeans_init, restart_dead=restart_dead,
-                      dead_threshold=dead_threshold, usage_decay=usage_decay)
+                      dead_threshold=dead_threshold, usage_decay=usage_decay, gradient=gradient)
         self.encoder = make_encoder(in_channels, channels, res_channels, num_res_blocks, 2, channels)
         self.top_encoder = make_encoder(channels, channels, res_channels, num_res_blocks, 1, code_dim)
         self.top_quantizer = VectorQuantizer(top_codes, code_dim, beta, **health)

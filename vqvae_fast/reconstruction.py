@@ -5,6 +5,7 @@ The dataset lives on the device as uint8 (N, 3, H, W); batches are cut and flipp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -15,8 +16,9 @@ from .vector_quantizer import code_counts, usage_stats
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: VQVAE | VQVAE2, images_uint8: torch.Tensor, batch_size: int = 500) -> dict:
-    """Test MSE / PSNR of the clamped reconstructions (fp32, as load_checkpoint(...).reconstruct
+def evaluate_reconstruction(model: VQVAE | VQVAE2, images_uint8: torch.Tensor, batch_size: int = 500,
+                            split: str = "test") -> dict:
+    """`split`_mse / `split`_psnr of the clamped reconstructions (fp32, as load_checkpoint(...).reconstruct
     gives) and code usage per level over all of `images_uint8` (VQVAE2: `top_` fields too)."""
     was_training = model.training
     model.eval()
@@ -31,7 +33,7 @@ def evaluate_reconstruction(model: VQVAE | VQVAE2, images_uint8: torch.Tensor, b
             count += code_counts(indices, count.shape[0])
     model.train(was_training)
     mse = float(squared_error) / max(1, images_uint8.shape[0])
-    metrics = {"test_mse": mse, "test_psnr": psnr(mse)}
+    metrics = {f"{split}_mse": mse, f"{split}_psnr": psnr(mse)}
     for prefix, quantizer, count in zip(("top_", "") if len(quantizers) == 2 else ("",), quantizers, counts):
         perplexity, codes_used = usage_stats(count)
         metrics.update({f"{prefix}perplexity": float(perplexity), f"{prefix}codes_used": int(codes_used),
@@ -47,14 +49,18 @@ def save_reconstructions(model: VQVAE | VQVAE2, images_uint8: torch.Tensor, path
 
 
 class ReconstructionTask(Task):
-    """Minimise the model's loss on random horizontally flipped training images."""
+    """Minimise the model's loss on random horizontally flipped training images; evaluate on the
+    held-out images (`split`: "test", or "val" for images held out of the training set), and
+    hand each evaluation to `report(step, metrics)` if given."""
 
     stat_names = ("loss", "mse", "perplexity")
 
     def __init__(self, model: VQVAE | VQVAE2, train_uint8: torch.Tensor, test_uint8: torch.Tensor, batch_size: int,
-                 seed: int, eval_images: int):
+                 seed: int, eval_images: int, split: str = "test",
+                 report: Callable[[int, dict], None] | None = None):
         self.model, self.train, self.test = model, train_uint8, test_uint8
         self.batch_size, self.eval_images = batch_size, eval_images
+        self.split, self.report, self.last_metrics = split, report, {}
         self.items_per_step = batch_size
         self.steps_per_epoch = train_uint8.shape[0] // batch_size
         self.order = EpochOrder(seed, train_uint8.shape[0], train_uint8.device)
@@ -75,4 +81,10 @@ class ReconstructionTask(Task):
         return {"train_loss": stats["loss"], "train_psnr": psnr(stats["mse"]), "train_perplexity": stats["perplexity"]}
 
     def evaluate(self, final: bool) -> dict:
-        return evaluate_reconstruction(self.model, self.test if final else self.test[:self.eval_images])
+        self.last_metrics = evaluate_reconstruction(self.model, self.test if final else self.test[:self.eval_images],
+                                                    split=self.split)
+        return self.last_metrics
+
+    def on_eval(self, step: int, final: bool) -> None:
+        if self.report is not None:
+            self.report(step, self.last_metrics)

@@ -53,11 +53,56 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25):
-    """Straight-through quantization with the VQ-VAE codebook and commitment losses.
+# The rotation trick's guards: the straight-through gradient where the rescale ||e|| / ||z||
+# leaves [1e-6, 1e6] (z or the code near the origin), and the reflection I - 2 u u^T (w = 0)
+# where z points almost exactly away from its code (||u + q|| <= 1e-6).
+ROTATION_MAX_SCALE = 1e6
+ROTATION_MIN_SUM = 1e-6
+
+
+def rotation_gradient(grad: torch.Tensor, z: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The rotation trick's gradient to z (Fifty et al., 2024), in float64, rows independent.
+
+    The output is treated as lam * R z with lam = ||e|| / ||z|| and R the rotation that takes
+    u = z / ||z|| to q = e / ||e|| in their plane, R = I - 2 w w^T + 2 q u^T with
+    w = (u + q) / ||u + q||, both held constant, so the gradient is
+    lam * R^T g = lam * (g - 2 w (w . g) + 2 u (q . g)).
+    """
+    g, z64, e64 = grad.double(), z.detach().double(), chosen.detach().double()
+    nz, ne = z64.norm(dim=1, keepdim=True), e64.norm(dim=1, keepdim=True)
+    regular = (nz * ROTATION_MAX_SCALE >= ne) & (ne * ROTATION_MAX_SCALE >= nz) & (nz > 0)
+    nz_safe, ne_safe = torch.where(regular, nz, 1.0), torch.where(regular, ne, 1.0)
+    u, q = z64 / nz_safe, e64 / ne_safe
+    s = u + q
+    ns = s.norm(dim=1, keepdim=True)
+    w = torch.where(ns > ROTATION_MIN_SUM, s / torch.where(ns > 0, ns, 1.0), 0.0)
+    rotated = (ne_safe / nz_safe) * (g - 2 * w * (w * g).sum(1, keepdim=True) + 2 * u * (q * g).sum(1, keepdim=True))
+    return torch.where(regular, rotated, g).to(grad.dtype)
+
+
+class _Rotation(torch.autograd.Function):
+    """Forward: the chosen codes, bit for bit. Backward: the rotation trick's gradient to z."""
+
+    @staticmethod
+    def forward(ctx, z, chosen):
+        ctx.save_for_backward(z, chosen)
+        return chosen.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, chosen = ctx.saved_tensors
+        return rotation_gradient(grad, z, chosen), None
+
+
+GRADIENTS = ("ste", "rotation")
+
+
+def quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25, gradient: str = "ste"):
+    """Quantization with the VQ-VAE codebook and commitment losses.
 
     Returns (quantized, indices, loss) where quantized == codebook[indices] in the forward
-    pass and passes its gradient to z unchanged, and
+    pass and passes its gradient to z unchanged ("ste") or rotated and rescaled
+    ("rotation", see rotation_gradient), and
     loss = mean((codebook[indices] - sg[z])**2) + beta * mean((z - sg[codebook[indices]])**2).
     """
     indices = nearest_code(z, codebook)
@@ -65,5 +110,5 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25):
     codebook_loss = torch.mean((chosen - z.detach()) ** 2)
     commitment_loss = torch.mean((z - chosen.detach()) ** 2)
     loss = codebook_loss + beta * commitment_loss
-    quantized = _StraightThrough.apply(z, chosen)
+    quantized = (_Rotation if gradient == "rotation" else _StraightThrough).apply(z, chosen)
     return quantized, indices, loss

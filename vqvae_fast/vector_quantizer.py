@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import InputError, nearest_code, quantize
+from .functional import InputError, check_options, nearest_code, quantize
 
 
 class VQOutput(tuple):
@@ -89,19 +89,21 @@ class VectorQuantizer(nn.Module):
         Running usage is an EMA (`usage_decay`) of each code's share of the vectors, scaled so
         that uniform use is 1; it is tracked in training mode whatever the options.
     State changes happen only in training mode (or with `update=True` in forward).
+    gradient: "ste" (straight through) or "rotation" (the rotation trick); see `quantize`.
     """
 
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25, *, backend: str = "auto",
                  channels_last: bool | None = None, ema_decay: float | None = None,
                  kmeans_init: bool = False, kmeans_iters: int = 10, restart_dead: bool = False,
-                 dead_threshold: float = 0.1, usage_decay: float = 0.9):
+                 dead_threshold: float = 0.1, usage_decay: float = 0.9, gradient: str = "ste"):
         super().__init__()
+        check_options(beta, gradient)
         if num_codes < 1 or dim < 1:
             raise ValueError(f"num_codes and dim must be >= 1, got {num_codes} and {dim}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}")
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
-        self.backend = backend
+        self.backend, self.gradient = backend, gradient
         self.channels_last = channels_last
         self.ema_decay, self.kmeans_iters = ema_decay, kmeans_iters
         self.kmeans_init, self.restart_dead = kmeans_init, restart_dead
@@ -120,6 +122,7 @@ class VectorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         extras = "".join(f", {name}={getattr(self, name)}" for name in ("ema_decay", "kmeans_init", "restart_dead")
                          if getattr(self, name))
+        extras += f", gradient={self.gradient!r}" if self.gradient != "ste" else ""
         return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, backend={self.backend!r}{extras}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -151,7 +154,8 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook
         if self.ema_decay is not None:
             codebook = codebook.detach().clone()  # the EMA step below rewrites the codebook in place
-        quantized, indices, loss = quantize(flat, codebook, beta=self.beta, backend=self.backend)
+        quantized, indices, loss = quantize(flat, codebook, beta=self.beta, backend=self.backend,
+                                            gradient=self.gradient)
         counts = code_counts(indices, self.num_codes)
         if update and flat.shape[0] > 0:
             self._after_step(flat.detach(), indices, counts)

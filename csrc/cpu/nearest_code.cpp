@@ -269,7 +269,8 @@ Tensor nearest_code_cpu(const Tensor& z, const Tensor& codebook) {
   return indices;
 }
 
-std::tuple<Tensor, Tensor, Tensor> quantize_fwd_cpu(const Tensor& z, const Tensor& codebook, double beta) {
+std::tuple<Tensor, Tensor, Tensor> quantize_fwd_cpu(const Tensor& z, const Tensor& codebook, double beta,
+                                                    bool /*rotation: the backward's*/) {
   check_z_codebook("vqvae_fast::quantize_fwd", z, codebook);
   const int64_t N = z.size(0), D = z.size(1);
 
@@ -289,11 +290,44 @@ std::tuple<Tensor, Tensor, Tensor> quantize_fwd_cpu(const Tensor& z, const Tenso
   return {quantized, indices, loss_t};
 }
 
+// The rotation trick (Fifty et al., 2024) applied to one row's incoming gradient g, in place:
+// g <- lam * (g - 2 w (w . g) + 2 u (q . g)) with u = z / |z|, q = e / |e|, lam = |e| / |z|,
+// w = (u + q) / |u + q|. Guards as in vqvae_fast/reference.py: g is left as it is (straight
+// through) when lam is outside [1e-6, 1e6], and w = 0 (a reflection) when |u + q| <= 1e-6.
+constexpr double kRotationMaxScale = 1e6;
+constexpr double kRotationMinSum = 1e-6;
+
+void rotate_gradient(double* g, const double* z, const double* e, int64_t D) {
+  double zz = 0.0, ee = 0.0, gz = 0.0, ge = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    zz += z[d] * z[d];
+    ee += e[d] * e[d];
+    gz += g[d] * z[d];
+    ge += g[d] * e[d];
+  }
+  const double nz = std::sqrt(zz), ne = std::sqrt(ee);
+  if (!(nz > 0.0) || nz * kRotationMaxScale < ne || ne * kRotationMaxScale < nz) return;
+  double ss = 0.0;  // |u + q|^2, summed directly: 2 + 2 u.q cancels when z points away from e
+  for (int64_t d = 0; d < D; ++d) {
+    const double s = z[d] / nz + e[d] / ne;
+    ss += s * s;
+  }
+  const double ns = std::sqrt(ss);
+  const bool reflect = !(ns > kRotationMinSum);
+  const double wg = reflect ? 0.0 : (gz / nz + ge / ne) / ns;  // w . g
+  const double qg = ge / ne, lam = ne / nz;
+  for (int64_t d = 0; d < D; ++d) {
+    const double u = z[d] / nz;
+    const double w = reflect ? 0.0 : (u + e[d] / ne) / ns;
+    g[d] = lam * (g[d] - 2.0 * w * wg + 2.0 * u * qg);
+  }
+}
+
 // Either output may be null: that gradient is not computed.
 template <typename scalar_t>
 void quantize_bwd_kernel(const Tensor& grad_quantized, double g, const Tensor& z,
-                         const Tensor& codebook, const int64_t* idx, double beta, scalar_t* grad_z,
-                         scalar_t* grad_codebook) {
+                         const Tensor& codebook, const int64_t* idx, double beta, bool rotation,
+                         scalar_t* grad_z, scalar_t* grad_codebook) {
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
   const View2D<scalar_t> Z(z), E(codebook);
   const double scale = 2.0 * g / (static_cast<double>(N) * static_cast<double>(D));
@@ -302,17 +336,21 @@ void quantize_bwd_kernel(const Tensor& grad_quantized, double g, const Tensor& z
                 " is out of range for a codebook of ", K, " codes");
   }
 
-  // grad_z = grad_quantized + scale * beta * (z - codebook[idx])
+  // grad_z = (grad_quantized, or its rotation) + scale * beta * (z - codebook[idx])
   const double scale_z = scale * beta;
   if (grad_z != nullptr) {
     const View2D<scalar_t> GQ(grad_quantized);
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / D), [&](int64_t i0, int64_t i1) {
+      std::vector<double> g(D), zi(D), e(D);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t k = idx[i];
         for (int64_t d = 0; d < D; ++d) {
-          const double v = to_double(GQ(i, d)) + scale_z * (to_double(Z(i, d)) - to_double(E(k, d)));
-          grad_z[i * D + d] = from_double<scalar_t>(v);
+          g[d] = to_double(GQ(i, d));
+          zi[d] = to_double(Z(i, d));
+          e[d] = to_double(E(k, d));
         }
+        if (rotation) rotate_gradient(g.data(), zi.data(), e.data(), D);
+        for (int64_t d = 0; d < D; ++d) grad_z[i * D + d] = from_double<scalar_t>(g[d] + scale_z * (zi[d] - e[d]));
       }
     });
   }
@@ -338,7 +376,7 @@ void quantize_bwd_kernel(const Tensor& grad_quantized, double g, const Tensor& z
 std::tuple<Tensor, Tensor> quantize_bwd_cpu(const Tensor& grad_quantized, const Tensor& grad_loss,
                                             const Tensor& z, const Tensor& codebook,
                                             const Tensor& indices, double beta, bool need_grad_z,
-                                            bool need_grad_codebook) {
+                                            bool need_grad_codebook, bool rotation) {
   const char* op = "vqvae_fast::quantize_bwd";
   check_z_codebook(op, z, codebook);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
@@ -367,7 +405,7 @@ std::tuple<Tensor, Tensor> quantize_bwd_cpu(const Tensor& grad_quantized, const 
                         : grad_quantized.to(z.scalar_type());
   const Tensor idx = indices.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "quantize_bwd_cpu", [&] {
-    quantize_bwd_kernel<scalar_t>(gq, g, z, codebook, idx.const_data_ptr<int64_t>(), beta,
+    quantize_bwd_kernel<scalar_t>(gq, g, z, codebook, idx.const_data_ptr<int64_t>(), beta, rotation,
                                   need_grad_z ? grad_z.data_ptr<scalar_t>() : nullptr,
                                   need_grad_codebook ? grad_codebook.data_ptr<scalar_t>() : nullptr);
   });

@@ -1,9 +1,9 @@
 // CUDA implementation of the vqvae_fast ops (schemas live in csrc/ops.cpp):
 //
 //   nearest_code(z, codebook) -> indices                 (search only: no gather, no loss)
-//   quantize_fwd(z, codebook, beta) -> (quantized, indices, loss)
+//   quantize_fwd(z, codebook, beta, rotation) -> (quantized, indices, loss)
 //   quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z,
-//                need_grad_codebook) -> (grad_z, grad_codebook)
+//                need_grad_codebook, rotation) -> (grad_z, grad_codebook)
 //
 // Forward pipeline (all on the current stream, no host synchronisation, no float atomics,
 // bitwise deterministic for a given GPU architecture):
@@ -725,6 +725,71 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
+// The rotation trick's grad_z (Fifty et al., 2024), one warp per row: grad_z = rot(gq) + g *
+// scale_z * (z - e_idx), rot(gq) = lam (gq - 2 w (w . gq) + 2 u (q . gq)), u = z / |z|,
+// q = e / |e|, lam = |e| / |z|, w = (u + q) / |u + q|. Guards as in vqvae_fast/reference.py:
+// gq unchanged when lam is outside [1e-6, 1e6]; w = 0 (a reflection) when |u + q| <= 1e-6.
+constexpr int kRotWarps = 8;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRotWarps * 32)
+    rotation_grad_z_kernel(const scalar_t* __restrict__ gq, const scalar_t* __restrict__ z,
+                           const scalar_t* __restrict__ cb, const int64_t* __restrict__ idx,
+                           const typename AccT<scalar_t>::type* __restrict__ g,
+                           typename AccT<scalar_t>::type scale_z, int64_t N, int K, int D,
+                           scalar_t* __restrict__ grad_z) {
+  using acc_t = typename AccT<scalar_t>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kRotWarps + (threadIdx.x >> 5);
+  if (i >= N) return;
+  const int64_t k = idx[i];
+  CUDA_KERNEL_ASSERT_MSG(k >= 0 && k < K, "quantize_bwd: index out of range [0, K)");
+  if (k < 0 || k >= K) return;
+  const scalar_t* zr = z + i * D;
+  const scalar_t* er = cb + k * D;
+  const scalar_t* gr = gq + i * D;
+  acc_t zz = 0, ee = 0, gz = 0, ge = 0;
+  for (int d = lane; d < D; d += 32) {
+    const acc_t zv = to_acc<acc_t>(zr[d]), ev = to_acc<acc_t>(er[d]), gv = to_acc<acc_t>(gr[d]);
+    zz = dev_fma(zv, zv, zz);
+    ee = dev_fma(ev, ev, ee);
+    gz = dev_fma(gv, zv, gz);
+    ge = dev_fma(gv, ev, ge);
+  }
+  zz = warp_sum(zz);
+  ee = warp_sum(ee);
+  gz = warp_sum(gz);
+  ge = warp_sum(ge);
+  const acc_t nz = sqrt(zz), ne = sqrt(ee);
+  const acc_t max_scale = acc_t(1e6), min_sum = acc_t(1e-6);
+  const bool regular = nz > acc_t(0) && nz * max_scale >= ne && ne * max_scale >= nz;
+  acc_t ns = 1, wg = 0, qg = 0, lam = 1;
+  bool reflect = true;
+  if (regular) {  // |u + q|, summed directly: 2 + 2 u.q cancels when z points away from e
+    acc_t ss = 0;
+    for (int d = lane; d < D; d += 32) {
+      const acc_t s = to_acc<acc_t>(zr[d]) / nz + to_acc<acc_t>(er[d]) / ne;
+      ss = dev_fma(s, s, ss);
+    }
+    ns = sqrt(warp_sum(ss));
+    reflect = !(ns > min_sum);
+    wg = reflect ? acc_t(0) : (gz / nz + ge / ne) / ns;
+    qg = ge / ne;
+    lam = ne / nz;
+  }
+  const acc_t coef = g[0] * scale_z;
+  for (int d = lane; d < D; d += 32) {
+    const acc_t zv = to_acc<acc_t>(zr[d]), ev = to_acc<acc_t>(er[d]), gv = to_acc<acc_t>(gr[d]);
+    acc_t out = gv;
+    if (regular) {
+      const acc_t u = zv / nz;
+      const acc_t w = reflect ? acc_t(0) : (u + ev / ne) / ns;
+      out = lam * (gv - acc_t(2) * w * wg + acc_t(2) * u * qg);
+    }
+    grad_z[i * D + d] = static_cast<scalar_t>(dev_fma(coef, zv - ev, out));
+  }
+}
+
 // grad_cb = g * scale_c * cb_acc  (atomic path)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBwdThreads)
@@ -1062,7 +1127,8 @@ at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fwd_cuda(const at::Tensor& z,
                                                                  const at::Tensor& codebook,
-                                                                 double beta) {
+                                                                 double beta,
+                                                                 bool /*rotation: the backward's*/) {
   check_inputs(z, codebook, "quantize_fwd");
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor zc = z.contiguous();
@@ -1087,7 +1153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fwd_cuda(const at::Tenso
 template <typename scalar_t>
 void launch_backward(const at::Tensor& gq, const at::Tensor& g, const at::Tensor& zc,
                      const at::Tensor& cbc, const at::Tensor& idx, double beta, bool need_z,
-                     bool need_cb, at::Tensor& grad_z, at::Tensor& grad_cb) {
+                     bool need_cb, bool rotation, at::Tensor& grad_z, at::Tensor& grad_cb) {
   using acc_t = typename AccT<scalar_t>::type;
   const int64_t N = zc.size(0);
   const int K = static_cast<int>(cbc.size(0));
@@ -1101,6 +1167,16 @@ void launch_backward(const at::Tensor& gq, const at::Tensor& g, const at::Tensor
   const scalar_t* gq_ptr = need_z ? gq.data_ptr<scalar_t>() : nullptr;
   scalar_t* grad_z_ptr = need_z ? grad_z.data_ptr<scalar_t>() : nullptr;
   const int rows_grid = grid_for(total, kBwdThreads);
+
+  if (rotation && need_z) {  // grad_z by its own row kernel; the codebook's as without rotation
+    rotation_grad_z_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(N, kRotWarps)),
+                                       kRotWarps * 32, 0, stream>>>(
+        gq_ptr, zc.data_ptr<scalar_t>(), cbc.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), g_ptr,
+        scale_z, N, K, D, grad_z_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!need_cb) return;
+    need_z = false;
+  }
 
   if (at::globalContext().deterministicAlgorithms()) {
     if (need_z) {
@@ -1147,7 +1223,7 @@ void launch_backward(const at::Tensor& gq, const at::Tensor& g, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> quantize_bwd_cuda(
     const at::Tensor& grad_quantized, const at::Tensor& grad_loss, const at::Tensor& z,
     const at::Tensor& codebook, const at::Tensor& indices, double beta, bool need_grad_z,
-    bool need_grad_codebook) {
+    bool need_grad_codebook, bool rotation) {
   check_inputs(z, codebook, "quantize_bwd");
   const int64_t N = z.size(0);
   const int64_t D = z.size(1);
@@ -1194,20 +1270,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_bwd_cuda(
 
   switch (zc.scalar_type()) {
     case at::kFloat:
-      launch_backward<float>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook,
+      launch_backward<float>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook, rotation,
                              grad_z, grad_cb);
       break;
     case at::kDouble:
-      launch_backward<double>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook,
+      launch_backward<double>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook, rotation,
                               grad_z, grad_cb);
       break;
     case at::kHalf:
-      launch_backward<at::Half>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook,
+      launch_backward<at::Half>(gq, g, zc, cbc, idx, beta, need_grad_z, need_grad_codebook, rotation,
                                 grad_z, grad_cb);
       break;
     case at::kBFloat16:
       launch_backward<at::BFloat16>(gq, g, zc, cbc, idx, beta, need_grad_z,
-                                    need_grad_codebook, grad_z, grad_cb);
+                                    need_grad_codebook, rotation, grad_z, grad_cb);
       break;
     default:
       TORCH_CHECK(false, "quantize_bwd: unsupported dtype ", zc.scalar_type());

@@ -1,11 +1,15 @@
 """One set of op schemas for every compiled backend, with fakes and the autograd formula.
 
     <prefix>nearest_code(Tensor z, Tensor codebook) -> Tensor indices
-    <prefix>quantize_fwd(Tensor z, Tensor codebook, float beta)
+    <prefix>quantize_fwd(Tensor z, Tensor codebook, float beta, bool rotation=False)
         -> (Tensor quantized, Tensor indices, Tensor loss)
     <prefix>quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook,
-                         Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook)
+                         Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook,
+                         bool rotation=False)
         -> (Tensor grad_z, Tensor grad_codebook)
+
+`rotation` picks the rotation trick's gradient to z (reference.rotation_gradient) instead of
+the straight-through one; the forward ignores it and only hands it to the backward.
 
 The C++ library (`vqvae_fast._C`, CPU and CUDA kernels) defines the un-prefixed ops;
 `triton_ops.py` defines the `triton_` ones. The fakes let torch.compile trace through them;
@@ -23,21 +27,23 @@ def _fake_nearest(z, codebook):
     return z.new_empty(z.shape[0], dtype=torch.long)
 
 
-def _fake_fwd(z, codebook, beta):
+def _fake_fwd(z, codebook, beta, rotation=False):
     n, d = z.shape
     return codebook.new_empty(n, d), z.new_empty(n, dtype=torch.long), z.new_empty(())
 
 
-def _fake_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z, need_grad_codebook):
+def _fake_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z, need_grad_codebook,
+              rotation=False):
     return (z.new_empty(z.shape if need_grad_z else (0,)),
             codebook.new_empty(codebook.shape if need_grad_codebook else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    z, codebook, beta = inputs
+    z, codebook, beta, *rest = inputs
     _, indices, _ = output
     ctx.save_for_backward(z, codebook, indices)
     ctx.beta = beta
+    ctx.rotation = bool(rest[0]) if rest else False
     ctx.mark_non_differentiable(indices)
 
 
@@ -45,15 +51,15 @@ def _make_backward(bwd_op):
     def backward(ctx, grad_quantized, grad_indices, grad_loss):
         need_grad_z, need_grad_codebook = ctx.needs_input_grad[:2]
         if not (need_grad_z or need_grad_codebook):
-            return None, None, None
+            return None, None, None, None
         z, codebook, indices = ctx.saved_tensors
         if grad_quantized is None:
             grad_quantized = torch.zeros_like(z)
         if grad_loss is None:
             grad_loss = z.new_zeros(())
         grad_z, grad_codebook = bwd_op(grad_quantized, grad_loss, z, codebook, indices, ctx.beta,
-                                       need_grad_z, need_grad_codebook)
-        return (grad_z if need_grad_z else None), (grad_codebook if need_grad_codebook else None), None
+                                       need_grad_z, need_grad_codebook, ctx.rotation)
+        return (grad_z if need_grad_z else None), (grad_codebook if need_grad_codebook else None), None, None
 
     return backward
 

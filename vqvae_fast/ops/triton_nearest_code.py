@@ -385,23 +385,71 @@ def _grad_z_kernel(
     # strides
     stride_gn, stride_gd, stride_zn, stride_zd, stride_cn, stride_cd,
     # meta-parameters
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, ROTATION: tl.constexpr,
 ):
-    """grad_z = grad_quantized (straight through) + grad_loss * scale * (z - e_idx)."""
+    """grad_z = grad_quantized (straight through, or rotated: ROTATION) + grad_loss * scale * (z - e_idx).
+
+    The rotation trick: rot(g) = lam (g - 2 w (w . g) + 2 u (q . g)), u = z / |z|, q = e / |e|,
+    lam = |e| / |z|, w = (u + q) / |u + q|, from per-row sums over D taken in two first passes;
+    guards as in vqvae_fast/reference.py (g unchanged when lam is outside [1e-6, 1e6], w = 0 when
+    |u + q| <= 1e-6)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     idx = tl.load(indices_ptr + rows64, mask=row_mask, other=0)
     grad_loss = tl.load(grad_loss_ptr).to(ACC_DTYPE)
     coef = grad_loss * scale_head + grad_loss * scale_tail  # in ACC_DTYPE: see fp32_pair
+    g_rows = grad_q_ptr + rows64[:, None] * stride_gn
+    z_rows = z_ptr + rows64[:, None] * stride_zn
+    e_rows = codebook_ptr + idx[:, None] * stride_cn
+    if ROTATION:
+        zz = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        ee = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        gz = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        ge = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (d < D)[None, :]
+            g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
+            z = tl.load(z_rows + d[None, :] * stride_zd, mask=mask, other=0.0).to(ACC_DTYPE)
+            e = tl.load(e_rows + d[None, :] * stride_cd, mask=mask, other=0.0).to(ACC_DTYPE)
+            zz += tl.sum(z * z, axis=1)
+            ee += tl.sum(e * e, axis=1)
+            gz += tl.sum(g * z, axis=1)
+            ge += tl.sum(g * e, axis=1)
+        nz = tl.sqrt(zz)
+        ne = tl.sqrt(ee)
+        regular = (nz > 0.0) & (nz * 1e6 >= ne) & (ne * 1e6 >= nz)
+        nz = tl.where(regular, nz, 1.0)
+        ne = tl.where(regular, ne, 1.0)
+        ss = tl.zeros((BLOCK_N,), ACC_DTYPE)  # |u + q|^2 summed directly (2 + 2 u.q cancels)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (d < D)[None, :]
+            z = tl.load(z_rows + d[None, :] * stride_zd, mask=mask, other=0.0).to(ACC_DTYPE)
+            e = tl.load(e_rows + d[None, :] * stride_cd, mask=mask, other=0.0).to(ACC_DTYPE)
+            s = z / nz[:, None] + e / ne[:, None]
+            ss += tl.sum(s * s, axis=1)
+        ns = tl.sqrt(ss)
+        reflect = ns <= 1e-6
+        ns = tl.where(reflect, 1.0, ns)
+        wg = tl.where(reflect, 0.0, (gz / nz + ge / ne) / ns)  # w . g
+        qg = ge / ne
+        lam = ne / nz
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        g = tl.load(grad_q_ptr + rows64[:, None] * stride_gn + d[None, :] * stride_gd, mask=mask, other=0.0)
-        z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0)
-        e = tl.load(codebook_ptr + idx[:, None] * stride_cn + d[None, :] * stride_cd, mask=mask, other=0.0)
-        out = g.to(ACC_DTYPE) + coef * (z.to(ACC_DTYPE) - e.to(ACC_DTYPE))
-        tl.store(grad_z_ptr + rows64[:, None] * D + d[None, :], out.to(z.dtype), mask=mask)
+        g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
+        z_raw = tl.load(z_rows + d[None, :] * stride_zd, mask=mask, other=0.0)
+        z = z_raw.to(ACC_DTYPE)
+        e = tl.load(e_rows + d[None, :] * stride_cd, mask=mask, other=0.0).to(ACC_DTYPE)
+        if ROTATION:
+            u = z / nz[:, None]
+            w = tl.where(reflect[:, None], 0.0, (u + e / ne[:, None]) / ns[:, None])
+            rotated = lam[:, None] * (g - 2.0 * w * wg[:, None] + 2.0 * u * qg[:, None])
+            g = tl.where(regular[:, None], rotated, g)
+        out = g + coef * (z - e)
+        tl.store(grad_z_ptr + rows64[:, None] * D + d[None, :], out.to(z_raw.dtype), mask=mask)
 
 
 @triton.jit
@@ -780,6 +828,15 @@ def backward_meta(d: int, acc: torch.dtype) -> dict:
     return dict(BLOCK_N=32, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))), ACC_DTYPE=_TL_DTYPE[acc])
 
 
+def grad_z_meta(d: int, acc: torch.dtype, rotation: bool) -> dict:
+    """The grad_z kernel's tile: the rotation keeps more per-row state live, and in fp64 a
+    32 x 64 tile spills on sm_90 (scripts/inspect_kernels.py), so it takes 32 x 32 there."""
+    meta = dict(backward_meta(d, acc), ROTATION=rotation)
+    if rotation and acc == torch.float64:
+        meta["BLOCK_D"] = min(meta["BLOCK_D"], 32)
+    return meta
+
+
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """indices (N,) int64 of the nearest codes: no gather, no loss."""
     if z.shape[0] == 0:
@@ -804,9 +861,10 @@ def quantize_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float):
 
 
 def quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta: float, need_grad_z: bool,
-                 need_grad_codebook: bool):
-    """(grad_z, grad_codebook) of the straight-through estimator and the VQ losses; a
-    gradient that is not needed comes back as an empty tensor and costs nothing."""
+                 need_grad_codebook: bool, rotation: bool = False):
+    """(grad_z, grad_codebook) of the straight-through estimator (or the rotation trick's)
+    and the VQ losses; a gradient that is not needed comes back as an empty tensor and costs
+    nothing."""
     N, D = z.shape
     K = codebook.shape[0]
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -817,7 +875,7 @@ def quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta: float, n
     if need_grad_z and N and D:
         _grad_z_kernel[grid](grad_quantized, z, codebook, indices, grad_loss, grad_z, N, D,
                              *fp32_pair(2.0 * beta / (N * D)), grad_quantized.stride(0), grad_quantized.stride(1),
-                             *strides, **meta)
+                             *strides, **grad_z_meta(D, acc, bool(rotation)))
     if not need_grad_codebook:
         return grad_z, torch.empty(0, dtype=codebook.dtype, device=z.device)
     diff = torch.zeros((K, D), dtype=acc, device=z.device)

@@ -1,0 +1,197 @@
+"""The CIFAR-10 VQ-VAE trainer: its settings (`build_parser`), the model they make, and `train`,
+which `examples/train_cifar10.py` runs from the command line and `vqvae_fast.tuning` runs per trial.
+
+Writes OUT/metrics.jsonl (one line per evaluation), OUT/final.json, OUT/recon.png (held-out images
+above their reconstructions) and OUT/checkpoint.pt (for --resume and vqvae_fast.load_checkpoint).
+The whole dataset lives on the device as uint8 and batches are cut and augmented there, so the
+loop never waits on the host; the only syncs are the logging steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import DataNotFoundError, load_cifar10
+from .model import MODELS, save_checkpoint
+from .reconstruction import ReconstructionTask, save_reconstructions
+from .training import fit, parse_with_resume, pick_device, rng_state, set_rng_state
+
+RECIPES = {
+    # The project's recipe: k-means init, dead-code restarts, EMA codebook, fused quantizer.
+    "default": dict(kmeans_init=True, restart_dead=True, ema=True, backend="auto"),
+    # The classic VQ-VAE recipe, the baseline: plain cdist lookup, uniform init, codebook by gradient.
+    "plain": dict(kmeans_init=False, restart_dead=False, ema=False, backend="reference"),
+}
+# Flags that only steer this invocation; on --resume every other setting comes from the checkpoint.
+RUN_CONTROL = ("data_dir", "no_download", "out", "steps", "epochs", "device", "workers", "compile", "eval_every",
+               "eval_images", "log_every", "quiet", "resume")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a VQ-VAE (or the two-level VQ-VAE-2, --model vqvae2) "
+                                                 "on CIFAR-10.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default="data",
+                        help="a cifar-10-batches-py folder or its parent; the official release is downloaded "
+                             "here if absent and the network allows")
+    parser.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
+    parser.add_argument("--out", default="runs/cifar10", help="output folder")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="training steps (300 when neither --steps nor --epochs is given)")
+    length.add_argument("--epochs", type=float, help="training epochs, instead of --steps")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--model", choices=sorted(MODELS), default="vqvae",
+                        help="'vqvae': one 8x8 grid of codes; 'vqvae2': the two-level VQ-VAE-2 (4x4 top, 8x8 bottom)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                        help="codebook recipe: 'default' (k-means init, dead-code restarts, EMA) or 'plain' (classic)")
+    parser.add_argument("--num-codes", type=int, default=512)
+    parser.add_argument("--code-dim", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
+    parser.add_argument("--gradient", choices=("ste", "rotation"), default="ste",
+                        help="how the quantizer passes gradients to the encoder: straight through, or the "
+                             "rotation trick (Fifty et al., 2024)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                        help="EMA codebook updates instead of codebook gradients (default: the recipe's choice)")
+    parser.add_argument("--ema-decay", type=float, default=0.9, help="EMA codebook decay (with --ema)")
+    parser.add_argument("--dead-threshold", type=float, default=0.1,
+                        help="restart codes whose running usage falls below this share of uniform use")
+    parser.add_argument("--channels", type=int, default=160, help="encoder/decoder width")
+    parser.add_argument("--res-channels", type=int, default=128, help="residual block hidden width")
+    parser.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (the quantizer stays fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="CPU threads for torch (0: torch's default); data needs no loader processes "
+                             "since it lives on the device")
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoints")
+    parser.add_argument("--eval-images", type=int, default=2048,
+                        help="held-out images for the periodic evaluations (the final one uses all)")
+    parser.add_argument("--val-images", type=int, default=0,
+                        help="hold out this many training images (a fixed draw, the same for every seed) and "
+                             "evaluate on them instead of the test images; metrics are then named val_*")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between progress-bar updates")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
+    """(settings, checkpoint or None); see vqvae_fast.training.parse_with_resume."""
+    args, checkpoint = parse_with_resume(build_parser, argv, RUN_CONTROL, "vqvae_fast/1")
+    if args.steps is None and args.epochs is None:
+        args.steps = 300
+    return args, checkpoint
+
+
+def build_model(args: argparse.Namespace):
+    recipe = dict(RECIPES[args.recipe])
+    ema = recipe.pop("ema")
+    if args.ema is not None:  # --ema / --no-ema override the recipe
+        ema = args.ema
+    model_class = MODELS[getattr(args, "model", "vqvae")]
+    return model_class(num_codes=args.num_codes, code_dim=args.code_dim, beta=args.beta, channels=args.channels,
+                       res_channels=args.res_channels, num_res_blocks=args.res_blocks,
+                       ema_decay=args.ema_decay if ema else None, gradient=getattr(args, "gradient", "ste"),
+                       dead_threshold=getattr(args, "dead_threshold", 0.1),
+                       **recipe)
+
+
+def split_validation(train_uint8: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training images, validation images): `count` images drawn once with a fixed generator,
+    so every run and every trial of a study holds out the same ones."""
+    if not 0 <= count < train_uint8.shape[0]:
+        raise ValueError(f"--val-images must be in [0, {train_uint8.shape[0]}) for {train_uint8.shape[0]} "
+                         f"training images, got {count}")
+    order = torch.randperm(train_uint8.shape[0], generator=torch.Generator().manual_seed(20241008))
+    held = torch.zeros(train_uint8.shape[0], dtype=torch.bool)
+    held[order[:count]] = True
+    held = held.to(train_uint8.device)
+    return train_uint8[~held], train_uint8[held]
+
+
+def train(args: argparse.Namespace, checkpoint: dict | None = None,
+          report: Callable[[int, dict], None] | None = None) -> dict:
+    """Run the training `args` describe (resuming `checkpoint` if given) and return final.json's
+    content. `report(step, metrics)` is called after every evaluation (the tuner prunes there).
+    Raises DataNotFoundError when the images cannot be found."""
+    device = pick_device(args.device)
+    if args.workers > 0:
+        torch.set_num_threads(args.workers)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+    data = load_cifar10(args.data_dir, download=not args.no_download)
+    train_uint8, held_out = data["train"], data["test"]
+    split = "test"
+    if getattr(args, "val_images", 0):
+        train_uint8, held_out = split_validation(train_uint8, args.val_images)
+        split = "val"
+    train_uint8, held_out = train_uint8.to(device), held_out.to(device)
+    batch_size = min(args.batch_size, train_uint8.shape[0])
+    steps_per_epoch = train_uint8.shape[0] // batch_size
+    total_steps = args.steps if args.steps is not None else math.ceil(args.epochs * steps_per_epoch)
+
+    model = build_model(args).to(device, memory_format=torch.channels_last)
+    # The codebook is not in the optimizer under EMA (it has no gradient); fused Adam: one kernel on GPUs.
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                 fused=device.type == "cuda")
+    step, elapsed_before = 0, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, elapsed_before = checkpoint["step"], checkpoint["elapsed_s"]
+        set_rng_state(checkpoint["rng"], device)
+    if args.compile:
+        for module in (model.encoder, model.decoder):
+            module.compile()  # in place: state_dict keys stay the same
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_args = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+
+    def save(at_step: int, elapsed: float) -> None:
+        save_checkpoint(out_dir / "checkpoint.pt", model, optimizer=optimizer.state_dict(), step=at_step,
+                        rng=rng_state(device), args=run_args, elapsed_s=elapsed)
+
+    task = ReconstructionTask(model, train_uint8, held_out, batch_size, args.seed, args.eval_images, split=split,
+                              report=report)
+    result = fit(task, model, optimizer, steps=total_steps, out_dir=out_dir, save=save, device=device,
+                 eval_every=args.eval_every, log_every=args.log_every, amp=args.amp, quiet=args.quiet,
+                 desc=f"{args.model} {args.recipe}", start_step=step, elapsed_before=elapsed_before)
+
+    final = {"model": args.model, "recipe": args.recipe, "steps": result.step, "batch_size": batch_size,
+             "lr": args.lr, "ema_decay": model.config["ema_decay"], "gradient": model.config["gradient"],
+             "seed": args.seed, "device": str(device), "amp": args.amp,
+             "params": sum(p.numel() for p in model.parameters()), "train_images": train_uint8.shape[0],
+             f"{split}_images": held_out.shape[0], **result.metrics, "wall_s": result.wall_s,
+             "images_per_s": result.items_per_s}
+    model.eval()
+    save_reconstructions(model, held_out, out_dir / "recon.png")
+    save(result.step, final["wall_s"])
+    (out_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, checkpoint = parse_args(argv)
+    try:
+        final = train(args, checkpoint)
+    except DataNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    split = "val" if "val_psnr" in final else "test"
+    print(f"{split} PSNR {final[f'{split}_psnr']:.2f} dB (MSE {final[f'{split}_mse']:.5f}), "
+          f"perplexity {final['perplexity']:.1f}, codes used {final['codes_used']}/{args.num_codes}, "
+          f"{final['wall_s']:.0f} s, {final['images_per_s']:.0f} images/s -> {args.out}")
+    return 0
