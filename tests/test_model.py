@@ -6,6 +6,7 @@ import torch
 
 from vqvae_fast import VQVAE, VectorQuantizer, load_checkpoint, nearest_code
 from vqvae_fast.model import save_checkpoint
+from vqvae_fast.vector_quantizer import LAPLACE_EPS
 
 SMALL = dict(num_codes=32, code_dim=8, channels=16, res_channels=8)
 
@@ -114,11 +115,33 @@ def test_ema_codebook_follows_the_running_mean_of_its_vectors():
     out = vq(z)
     assert not vq.codebook.requires_grad
     assert out.indices.tolist() == [0, 0, 1, 1, 1]
-    # code = (.5 * sum + .5 * batch sum) / (.5 * count + .5 * batch count); unused codes stay put.
-    expected = torch.tensor([[0.0, 1.0 / 1.5], [(5.0 + 16.0) / 2.0, 1.5 / 2.0], [0.0, 10.0], [50.0, 50.0]])
-    torch.testing.assert_close(vq.codebook.detach(), expected)
+    # code = (.5 * sum + .5 * batch sum) / smoothed(.5 * count + .5 * batch count); unused codes stay put.
+    sums = torch.tensor([[0.0, 1.0], [(10.0 + 32.0) / 2.0, 1.5], [0.0, 5.0], [25.0, 25.0]])
+    counts = torch.tensor([1.5, 2.0, 0.5, 0.5])
+    smoothed = (counts + LAPLACE_EPS) / (counts.sum() + 4 * LAPLACE_EPS) * counts.sum()  # Laplace
+    torch.testing.assert_close(vq.codebook.detach(), sums / smoothed[:, None])
+    torch.testing.assert_close(vq.codebook.detach()[2:], torch.tensor([[0.0, 10.0], [50.0, 50.0]]), rtol=1e-4, atol=0)
     out.loss.backward()  # the commitment term still trains whatever produced z
     assert bool(z.grad.any())
+
+
+def test_an_ema_code_unused_for_many_steps_stays_finite_and_bounded():
+    """Laplace smoothing: with restarts off, a code nobody chooses keeps its place while its
+    count is large, then moves smoothly towards the origin as its count and sum vanish: never
+    further out than it was (the old clamp of the count let sum / 1e-5 blow it up), never inf/NaN."""
+    vq = VectorQuantizer(3, 2, ema_decay=0.9)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [40.0, -40.0]]))
+        vq.ema_sum.copy_(vq.codebook)
+    z = torch.tensor([[0.1, 0.0], [0.9, 1.1]])
+    norms = []
+    for step in range(2000):
+        vq(z)
+        assert torch.isfinite(vq.codebook).all(), step
+        norms.append(float(vq.codebook[2].norm()))
+    start = float(torch.tensor([40.0, -40.0]).norm())
+    assert norms[20] == pytest.approx(start, rel=1e-3)  # count 0.9^20 = 0.12 >> 1e-5: in place
+    assert max(norms) <= start * (1 + 1e-6) and norms[-1] < 1e-3
 
 
 @pytest.mark.parametrize("ema_decay", [None, 0.9])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -14,15 +15,25 @@ from torchvision.io import read_image
 from torchvision.utils import make_grid
 
 from vqvae_fast import load_checkpoint
-from vqvae_fast.data import load_split
+from vqvae_fast.data import load_cifar10, load_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared/data/cifar-10-subset/cifar-10-batches-py"
 TRAINER = REPO / "examples/train_cifar10.py"
 
-pytestmark = pytest.mark.skipif(
-    not SHARED_CIFAR.is_dir(),
-    reason=f"real CIFAR-10 images not found at {SHARED_CIFAR} (CI clones shared/ beside the repo)")
+
+
+def source_images() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Real CIFAR-10 images where the subset sits beside the repo; else synthetic ones (smooth
+    colour fields with noise, so there is something to learn): the tests never skip for data."""
+    if SHARED_CIFAR.is_dir():
+        return (*load_split(SHARED_CIFAR, train=True), *load_split(SHARED_CIFAR, train=False))
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(240, 3, 4, 4, generator=g) * 255
+    images = torch.nn.functional.interpolate(base, size=32, mode="bilinear", align_corners=False)
+    images = (images + torch.randn(240, 3, 32, 32, generator=g) * 8).clamp(0, 255).to(torch.uint8)
+    labels = torch.arange(240) % 10
+    return images[:192], labels[:192], images[192:], labels[192:]
 
 
 def load_trainer():
@@ -39,12 +50,11 @@ def trainer():
 
 @pytest.fixture(scope="module")
 def tiny_cifar(tmp_path_factory) -> Path:
-    """A cifar-10-batches-py folder of 192 real training images in two batches and 48 test images.
-
-    One batch has str keys (as in the shared subset), the others bytes keys (as in the official release).
+    """A cifar-10-batches-py folder of 192 training images in two batches and 48 test images, with
+    stray files beside them. One batch has str keys (as in the shared subset), the others bytes
+    keys (as in the official release).
     """
-    images, labels = load_split(SHARED_CIFAR, train=True)
-    test_images, test_labels = load_split(SHARED_CIFAR, train=False)
+    images, labels, test_images, test_labels = source_images()
     folder = tmp_path_factory.mktemp("data") / "cifar-10-batches-py"
     folder.mkdir()
 
@@ -58,6 +68,8 @@ def tiny_cifar(tmp_path_factory) -> Path:
     write("data_batch_1", images[:128], labels[:128], bytes_keys=False)
     write("data_batch_2", images[128:192], labels[128:192], bytes_keys=True)
     write("test_batch", test_images[:48], test_labels[:48], bytes_keys=True)
+    for stray in ("readme.html", "batches.meta.txt", "data_batch_1.bak", "data_batch_2 (copy)"):
+        (folder / stray).write_bytes(b"not a batch")
     return folder
 
 
@@ -111,9 +123,15 @@ def test_resume_continues_the_same_run_exactly(full_run, trainer, tiny_cifar, tm
     assert resumed["step"] == uninterrupted["step"] == 40
     for key, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], value), key
-    for state_a, state_b in zip(resumed["optimizer"]["state"].values(), uninterrupted["optimizer"]["state"].values()):
-        assert all(torch.equal(state_a[k], state_b[k]) for k in state_b)
-    assert torch.equal(resumed["rng"]["cpu"], uninterrupted["rng"]["cpu"])
+    states_a, states_b = resumed["optimizer"]["state"], uninterrupted["optimizer"]["state"]
+    assert states_a.keys() == states_b.keys() and len(states_b) > 0
+    for index, state_b in states_b.items():
+        assert states_a[index].keys() == state_b.keys()
+        for name, value in state_b.items():
+            assert torch.equal(states_a[index][name], value), (index, name)
+    assert resumed["rng"].keys() == uninterrupted["rng"].keys()
+    for device, state in uninterrupted["rng"].items():  # "cpu", and "cuda" where present
+        assert torch.equal(resumed["rng"][device], state), device
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40]
 
@@ -141,6 +159,118 @@ def test_missing_data_that_cannot_be_downloaded_fails_cleanly(trainer, tmp_path,
     err = capsys.readouterr().err
     assert "--data-dir" in err and "cifar-10-batches-py" in err and "network unreachable" in err
     assert not (tmp_path / "nothing").exists()
+
+
+def test_resume_after_a_crash_between_metrics_and_checkpoint_logs_each_step_once(trainer, tiny_cifar, tmp_path):
+    assert trainer.main(["--data-dir", str(tiny_cifar), "--steps", "20", "--out", str(tmp_path), *TINY]) == 0
+    saved = tmp_path / "checkpoint.pt"
+    # the run died after writing step 30's metrics line (and half of another), before its checkpoint
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 30, "test_mse": 1.0}) + "\n" + '{"step": 4')
+    assert trainer.main(["--data-dir", str(tiny_cifar), "--steps", "40", "--out", str(tmp_path),
+                         "--resume", str(saved), "--quiet"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [10, 20, 30, 40] and lines[2]["test_mse"] != 1.0
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from vqvae_fast import training
+
+    path = tmp_path / "checkpoint.pt"
+    training.atomic_save({"format": "vqvae_fast/1", "step": 1}, path)
+    before = path.read_bytes()
+
+    def crash(payload, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is killed in the middle of the write
+
+    monkeypatch.setattr(training.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        training.atomic_save({"format": "vqvae_fast/1", "step": 2}, path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", bytes(range(256)) * 4], ids=["empty", "truncated",
+                                                                                            "random"])
+def test_damaged_checkpoints_are_named_in_a_clear_error(trainer, tmp_path, capsys, content):
+    from vqvae_fast import CheckpointError
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="checkpoint.pt"):
+        load_checkpoint(path)
+    with pytest.raises(SystemExit):
+        trainer.main(["--resume", str(path)])
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "weights_only" not in err and "Traceback" not in err
+
+
+def test_a_foreign_dict_is_not_taken_for_a_checkpoint(trainer, tmp_path, capsys):
+    from vqvae_fast import CheckpointError
+
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    with pytest.raises(CheckpointError, match="not a vqvae_fast model checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(SystemExit):
+        trainer.main(["--resume", str(path)])
+    assert "weights.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["data_batch_3", "test_batch"])
+def test_an_empty_batch_file_is_named(tmp_path, tiny_cifar, name):
+    import shutil
+
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(tiny_cifar, folder)
+    (folder / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{name}.*the file is empty"):
+        load_cifar10(folder, download=False)
+
+
+def test_a_malicious_batch_file_is_refused_not_run(tmp_path, tiny_cifar):
+    import shutil
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(tiny_cifar, folder)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({"data": Payload(), "labels": []}, f)
+    with pytest.raises(ValueError, match="refusing to build"):
+        load_cifar10(folder, download=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_mistyped_data_dir_creates_no_folders_and_no_download_mentions_no_network(trainer, tmp_path, capsys):
+    typo = tmp_path / "dat" / "cifar"
+    assert trainer.main(["--data-dir", str(typo), "--steps", "1", "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "dat").exists() and "does not exist" in capsys.readouterr().err
+    assert trainer.main(["--data-dir", str(tmp_path), "--no-download", "--steps", "1", "--out",
+                         str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--no-download" in err and "network" not in err
+
+
+def test_models_refuse_uint8_and_channels_last_images():
+    from vqvae_fast import InputError, VQVAE, VQVAE2
+
+    for model in (VQVAE(num_codes=8, code_dim=4, channels=16, res_channels=8, num_res_blocks=1),
+                  VQVAE2(num_codes=8, code_dim=4, channels=16, res_channels=8, num_res_blocks=1)):
+        model.eval()
+        images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        for call in (model.reconstruct, model.encode_levels, model):
+            with pytest.raises(InputError, match="uint8"):
+                call(images)
+            with pytest.raises(InputError, match="channels last"):
+                call(images.permute(0, 2, 3, 1).float() / 255)
+
+
+def test_every_trainer_flag_has_help(trainer):
+    for action in trainer.build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"
 
 
 def test_missing_data_exits_non_zero_without_traceback(tmp_path):

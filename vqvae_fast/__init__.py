@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from . import _extension
 from .functional import BACKENDS, InputError, QuantizeOutput, nearest_code, quantize
-from .model import VQVAE, load_checkpoint
+from .model import VQVAE, VQVAE2, load_checkpoint
+from .training import CheckpointError
 from .vector_quantizer import VectorQuantizer, VQOutput
 
 __all__ = [
     "BACKENDS",
+    "CheckpointError",
     "InputError",
     "QuantizeOutput",
     "VQVAE",
+    "VQVAE2",
     "VQOutput",
     "VectorQuantizer",
     "load_checkpoint",

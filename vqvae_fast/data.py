@@ -6,7 +6,9 @@ official release. torchvision is used only to download the official release when
 """
 from __future__ import annotations
 
+import io
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -18,13 +20,37 @@ class DataNotFoundError(FileNotFoundError):
     """CIFAR-10 is not in the given folder and could not be downloaded; the message says what to pass."""
 
 
+TRAIN_BATCH = re.compile(r"data_batch_(\d+)")  # the whole name: data_batch_1.bak is not a batch
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds (dicts, lists, strings, numbers and numpy uint8
+    arrays): a file that asks for anything else (os.system, say) is refused, not run."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to build {module}.{name}: not part of a CIFAR-10 batch")
+
+
 def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    # The official release has bytes keys (b"data"); re-packed copies often have str keys.
-    batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
-    data = torch.as_tensor(batch["data"], dtype=torch.uint8)
-    labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(io.BufferedReader(f), encoding="bytes").load()
+        if not isinstance(batch, dict):
+            raise ValueError(f"a {type(batch).__name__}, not a dict")
+        # The official release has bytes keys (b"data"); re-packed copies often have str keys.
+        batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+        data = torch.as_tensor(batch["data"], dtype=torch.uint8)
+        labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, AttributeError) as error:
+        what = "the file is empty" if path.stat().st_size == 0 else f"{type(error).__name__}: {error}"
+        raise ValueError(f"{path}: not a CIFAR-10 python-pickle batch ({what})") from None
     if data.dim() != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
         raise ValueError(f"{path}: expected 'data' of shape (n, 3072) and n labels, "
                          f"got {tuple(data.shape)} and {tuple(labels.shape)}")
@@ -33,7 +59,14 @@ def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def is_cifar10_folder(folder: Path) -> bool:
     """True when `folder` holds a test batch and at least one training batch in the pickle layout."""
-    return (folder / "test_batch").is_file() and any(folder.glob("data_batch_*"))
+    return (folder / "test_batch").is_file() and bool(training_batches(folder))
+
+
+def training_batches(folder: Path) -> list[Path]:
+    """The `data_batch_<i>` files of a folder in order of i; other files (readme.html,
+    data_batch_1.bak, 'data_batch_2 (copy)') are not batches and are ignored."""
+    found = [(int(m.group(1)), p) for p in folder.glob("data_batch_*") if (m := TRAIN_BATCH.fullmatch(p.name))]
+    return [p for _, p in sorted(found) if p.is_file()]
 
 
 def load_split(folder: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +76,7 @@ def load_split(folder: str | Path, train: bool) -> tuple[torch.Tensor, torch.Ten
     """
     folder = Path(folder)
     if train:
-        paths = sorted(folder.glob("data_batch_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+        paths = training_batches(folder)
     else:
         paths = [folder / "test_batch"]
     if not paths or not all(p.is_file() for p in paths):
@@ -63,8 +96,10 @@ def find_cifar10(data_dir: str | Path, download: bool = True) -> Path:
     for folder in (data_dir, data_dir / FOLDER_NAME):
         if is_cifar10_folder(folder):
             return folder
-    why = "downloading is disabled"
-    if download:
+    why = "downloading is disabled (--no-download)"
+    if download and not data_dir.parent.is_dir():
+        why = f"its parent folder {data_dir.parent} does not exist either (a typo?), so nothing was downloaded"
+    elif download:
         existed = data_dir.exists()
         try:
             import torchvision
@@ -80,8 +115,8 @@ def find_cifar10(data_dir: str | Path, download: bool = True) -> Path:
     raise DataNotFoundError(
         f"CIFAR-10 not found in {data_dir} and {why}.\n"
         f"Pass --data-dir pointing at an existing '{FOLDER_NAME}' folder (python-pickle format, any number "
-        f"of images, e.g. ../shared/data/cifar-10-subset/{FOLDER_NAME}) or at its parent, or run where "
-        "the network allows the download.")
+        f"of images) or at its parent"
+        + (", or run where the network allows the download." if download else "."))
 
 
 def load_cifar10(data_dir: str | Path, download: bool = True) -> dict[str, torch.Tensor]:

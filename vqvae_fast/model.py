@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .functional import InputError
 from .vector_quantizer import VectorQuantizer
 
 # Per-channel statistics of the CIFAR-10 training set, for the model's own normalisation.
@@ -33,6 +34,18 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+def check_images(x: torch.Tensor, channels: int) -> None:
+    """Raise InputError unless x is a float batch (B, channels, H, W) of images in [0, 1]: uint8
+    images (0..255) would be encoded as if 255 times too bright, and (B, H, W, C) has the wrong layout."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"images must be floats in [0, 1], got {x.dtype} (uint8 images: x.float() / 255)")
+    if x.dim() != 4 or x.shape[1] != channels:
+        hint = " (channels last? use x.permute(0, 3, 1, 2))" if x.dim() == 4 and x.shape[-1] == channels else ""
+        raise InputError(f"images must have shape (B, {channels}, H, W), got {tuple(x.shape)}{hint}")
 
 
 def make_encoder(in_channels: int, channels: int, res_channels: int, num_res_blocks: int, levels: int,
@@ -136,6 +149,7 @@ class VQVAE(nn.Module):
 
         In training mode the quantizer also updates its codebook state (init, EMA, restarts).
         """
+        check_images(x, self.config["in_channels"])
         normalised = (x - self.mean) / self.std
         vq = self._quantize(self.encoder(normalised))
         decoded = self.decoder(vq.quantized)
@@ -149,6 +163,7 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) int64 of images x (B, C, H, W) in [0, 1]; never changes the model."""
+        check_images(x, self.config["in_channels"])
         return self._quantize(self.encoder((x - self.mean) / self.std), update=False).indices
 
     @torch.no_grad()
@@ -161,6 +176,7 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstructions (B, C, H, W) in [0, 1] of images x in [0, 1]; equals decode(encode(x))."""
+        check_images(x, self.config["in_channels"])
         vq = self._quantize(self.encoder((x - self.mean) / self.std), update=False)
         return self._decode_quantized(vq.quantized).clamp(0, 1)
 
@@ -236,6 +252,7 @@ class VQVAE2(nn.Module):
             return quantizer(z, update=update)
 
     def _encode(self, x: torch.Tensor, update: bool | None = None):
+        check_images(x, self.config["in_channels"])
         features = self.encoder((x - self.mean) / self.std)
         top = self._quantize(self.top_quantizer, self.top_encoder(features), update)
         bottom_in = self.bottom_in(torch.cat([features, self.top_decoder(top.quantized).to(features.dtype)], 1))
@@ -247,6 +264,7 @@ class VQVAE2(nn.Module):
         return self.decoder(torch.cat([self.upsample_top(top_quantized), bottom_quantized], 1))
 
     def forward(self, x: torch.Tensor) -> VQVAE2Output:
+        check_images(x, self.config["in_channels"])
         normalised = (x - self.mean) / self.std
         top, bottom = self._encode(x)
         decoded = self._decode_quantized(top.quantized, bottom.quantized)
@@ -295,16 +313,27 @@ def save_checkpoint(path, model: VQVAE | VQVAE2, **extra) -> None:
                  **extra}, path)
 
 
-def model_from_checkpoint(checkpoint: dict) -> VQVAE | VQVAE2:
+def model_from_checkpoint(checkpoint: dict, source: str = "the checkpoint") -> VQVAE | VQVAE2:
     """The model a loaded checkpoint dict describes, with its weights, in eval mode."""
-    model = MODELS[checkpoint.get("model_class", "vqvae")](**checkpoint["config"])
+    from .training import CheckpointError
+
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+        keys = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{source}: not a vqvae_fast model checkpoint (no 'config' and 'model'; found {keys})")
+    kind = checkpoint.get("model_class", "vqvae")
+    if kind not in MODELS:
+        raise CheckpointError(f"{source}: unknown model class {kind!r}; this version knows {sorted(MODELS)}")
+    model = MODELS[kind](**checkpoint["config"])
     model.load_state_dict(checkpoint["model"])
     return model.eval()
 
 
 def load_checkpoint(path, map_location: str | torch.device | None = "cpu") -> VQVAE | VQVAE2:
-    """The VQVAE (or VQVAE2) stored in checkpoint `path`, with its weights, in eval mode."""
-    model = model_from_checkpoint(torch.load(path, map_location=map_location, weights_only=True))
+    """The VQVAE (or VQVAE2) stored in checkpoint `path`, with its weights, in eval mode; a
+    missing, damaged or foreign file raises CheckpointError naming it."""
+    from .training import read_checkpoint
+
+    model = model_from_checkpoint(read_checkpoint(path, map_location=map_location), str(path))
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torchvision.utils import make_grid, save_image
 
+from .distributed import Run
 from .model import VQVAE, VQVAE2
 from .training import EpochOrder, Task, psnr, to_images
 from .vector_quantizer import code_counts, usage_stats
@@ -57,8 +58,15 @@ class ReconstructionTask(Task):
 
     def __init__(self, model: VQVAE | VQVAE2, train_uint8: torch.Tensor, test_uint8: torch.Tensor, batch_size: int,
                  seed: int, eval_images: int, split: str = "test",
-                 report: Callable[[int, dict], None] | None = None):
+                 report: Callable[[int, dict], None] | None = None, run: Run = Run(),
+                 train_model: torch.nn.Module | None = None):
+        """batch_size is the global batch: under torchrun each rank takes its 1/world share of
+        every global batch; `train_model` (the DDP wrapper) runs the training forward."""
+        if batch_size % run.world:
+            raise ValueError(f"the global batch ({batch_size}) must be a multiple of the {run.world} processes")
         self.model, self.train, self.test = model, train_uint8, test_uint8
+        self.train_model = train_model or model
+        self.run, self.shard = run, batch_size // run.world
         self.batch_size, self.eval_images = batch_size, eval_images
         self.split, self.report, self.last_metrics = split, report, {}
         self.items_per_step = batch_size
@@ -67,11 +75,13 @@ class ReconstructionTask(Task):
 
     def batch(self, step: int) -> torch.Tensor:
         rows, flip = self.order.rows(step, self.batch_size)
+        mine = slice(self.run.rank * self.shard, (self.run.rank + 1) * self.shard)  # this rank's share
+        rows, flip = rows[mine], flip[mine]
         x = to_images(self.train[rows])
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
     def loss(self, x: torch.Tensor):
-        out = self.model(x)
+        out = self.train_model(x)
         return out.loss, torch.stack([out.loss.detach().float(), out.mse.float(), out.perplexity.float()])
 
     def progress(self, stats: dict) -> dict:

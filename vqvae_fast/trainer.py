@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from .data import DataNotFoundError, load_cifar10
 from .model import MODELS, save_checkpoint
 from .reconstruction import ReconstructionTask, save_reconstructions
@@ -30,7 +32,7 @@ RECIPES = {
 }
 # Flags that only steer this invocation; on --resume every other setting comes from the checkpoint.
 RUN_CONTROL = ("data_dir", "no_download", "out", "steps", "epochs", "device", "workers", "compile", "eval_every",
-               "eval_images", "log_every", "quiet", "resume")
+               "eval_images", "log_every", "quiet", "resume", "dist_timeout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,14 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (300 when neither --steps nor --epochs is given)")
     length.add_argument("--epochs", type=float, help="training epochs, instead of --steps")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="images per step in all (under torchrun: the global batch, split across processes)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--model", choices=sorted(MODELS), default="vqvae",
                         help="'vqvae': one 8x8 grid of codes; 'vqvae2': the two-level VQ-VAE-2 (4x4 top, 8x8 bottom)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
                         help="codebook recipe: 'default' (k-means init, dead-code restarts, EMA) or 'plain' (classic)")
-    parser.add_argument("--num-codes", type=int, default=512)
-    parser.add_argument("--code-dim", type=int, default=64)
+    parser.add_argument("--num-codes", type=int, default=512, help="codebook size")
+    parser.add_argument("--code-dim", type=int, default=64, help="dimension of each code vector")
     parser.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
     parser.add_argument("--gradient", choices=("ste", "rotation"), default="ste",
                         help="how the quantizer passes gradients to the encoder: straight through, or the "
@@ -65,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=160, help="encoder/decoder width")
     parser.add_argument("--res-channels", type=int, default=128, help="residual block hidden width")
     parser.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="'auto': CUDA when available (under torchrun: the process's LOCAL_RANK GPU)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (the quantizer stays fp32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT")
     parser.add_argument("--workers", type=int, default=0,
                         help="CPU threads for torch (0: torch's default); data needs no loader processes "
@@ -81,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "evaluate on them instead of the test images; metrics are then named val_*")
     parser.add_argument("--log-every", type=int, default=10, help="steps between progress-bar updates")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--dist-timeout", type=float, default=600.0,
+                        help="under torchrun: seconds a collective may wait for the other processes before the "
+                             "run fails (a dead or stuck process never hangs the others)")
     return parser
 
 
@@ -119,11 +126,21 @@ def split_validation(train_uint8: torch.Tensor, count: int) -> tuple[torch.Tenso
 
 
 def train(args: argparse.Namespace, checkpoint: dict | None = None,
-          report: Callable[[int, dict], None] | None = None) -> dict:
+          report: Callable[[int, dict], None] | None = None,
+          on_finish: Callable[[torch.nn.Module], None] | None = None) -> dict:
     """Run the training `args` describe (resuming `checkpoint` if given) and return final.json's
     content. `report(step, metrics)` is called after every evaluation (the tuner prunes there).
+    Under torchrun every process calls this; rank 0 returns final.json's content, the others {}.
+    `on_finish(model)` runs on every process after training, while the process group still exists.
     Raises DataNotFoundError when the images cannot be found."""
-    device = pick_device(args.device)
+    run, device = distributed.start(pick_device(args.device), args.dist_timeout)
+    try:
+        return _train(args, checkpoint, report, on_finish, run, device)
+    finally:
+        distributed.stop()
+
+
+def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: torch.device) -> dict:
     if args.workers > 0:
         torch.set_num_threads(args.workers)
     torch.manual_seed(args.seed)
@@ -143,6 +160,15 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None,
     total_steps = args.steps if args.steps is not None else math.ceil(args.epochs * steps_per_epoch)
 
     model = build_model(args).to(device, memory_format=torch.channels_last)
+    train_model = model
+    if run.distributed:
+        # broadcast_buffers off: the quantizers keep their buffers in step themselves (and rank 0's
+        # broadcast would overwrite them); parameters start equal (same seed) and DDP checks that.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+        if run.is_main:
+            print(f"DDP: {run.world} processes ({torch.distributed.get_backend()}), global batch {batch_size} "
+                  f"({batch_size // run.world} per process), lr {args.lr}", file=sys.stderr)
     # The codebook is not in the optimizer under EMA (it has no gradient); fused Adam: one kernel on GPUs.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  fused=device.type == "cuda")
@@ -160,19 +186,23 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     run_args = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
 
-    def save(at_step: int, elapsed: float) -> None:
+    def save(at_step: int, elapsed: float) -> None:  # rank 0 only (fit and below)
         save_checkpoint(out_dir / "checkpoint.pt", model, optimizer=optimizer.state_dict(), step=at_step,
                         rng=rng_state(device), args=run_args, elapsed_s=elapsed)
 
     task = ReconstructionTask(model, train_uint8, held_out, batch_size, args.seed, args.eval_images, split=split,
-                              report=report)
+                              report=report, run=run, train_model=train_model)
     result = fit(task, model, optimizer, steps=total_steps, out_dir=out_dir, save=save, device=device,
                  eval_every=args.eval_every, log_every=args.log_every, amp=args.amp, quiet=args.quiet,
-                 desc=f"{args.model} {args.recipe}", start_step=step, elapsed_before=elapsed_before)
+                 desc=f"{args.model} {args.recipe}", start_step=step, elapsed_before=elapsed_before, run=run)
+    if on_finish is not None:
+        on_finish(model)
+    if not run.is_main:
+        return {}
 
     final = {"model": args.model, "recipe": args.recipe, "steps": result.step, "batch_size": batch_size,
              "lr": args.lr, "ema_decay": model.config["ema_decay"], "gradient": model.config["gradient"],
-             "seed": args.seed, "device": str(device), "amp": args.amp,
+             "seed": args.seed, "device": str(device), "amp": args.amp, "processes": run.world,
              "params": sum(p.numel() for p in model.parameters()), "train_images": train_uint8.shape[0],
              f"{split}_images": held_out.shape[0], **result.metrics, "wall_s": result.wall_s,
              "images_per_s": result.items_per_s}
@@ -190,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not final:  # not rank 0 of a torchrun job: rank 0 reports
+        return 0
     split = "val" if "val_psnr" in final else "test"
     print(f"{split} PSNR {final[f'{split}_psnr']:.2f} dB (MSE {final[f'{split}_mse']:.5f}), "
           f"perplexity {final['perplexity']:.1f}, codes used {final['codes_used']}/{args.num_codes}, "

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .distributed import Run, mean_over_ranks
+
 
 def psnr(mse: float) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
@@ -106,11 +108,16 @@ def read_checkpoint(path, expected_format: str | None = None, map_location="cpu"
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (a crash while it was written?)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, random bytes, a pickle needing arbitrary code, ...
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        if "weights_only" in reason:  # torch's advice to load it unsafely: wrong for a damaged file
+            reason = "its contents are not a checkpoint's"
         raise CheckpointError(f"{path}: not a readable checkpoint, the file is damaged or of another kind "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+                              f"({type(error).__name__}{': ' + reason if reason else ''})") from None
     found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
     if expected_format is not None and found != expected_format:
         what = repr(found) if found else "something else"
@@ -210,21 +217,48 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep only the metrics lines of steps <= `step` (the checkpoint a run resumes from): a run
+    that died between writing a metrics line and its checkpoint must not log those steps twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a torn last line from a crash mid-write
+            continue
+    if kept != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 def fit(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, steps: int, out_dir: Path,
         save: Callable[[int, float], None], device: torch.device, eval_every: int = 100, log_every: int = 10,
         amp: bool = False, quiet: bool = False, desc: str = "train", start_step: int = 0,
-        elapsed_before: float = 0.0, scheduler=None) -> FitResult:
+        elapsed_before: float = 0.0, scheduler=None, run: Run = Run()) -> FitResult:
     """Train from `start_step` to `steps`; every `eval_every` steps (and at the end) append a line to
     out_dir/metrics.jsonl and, except at the end (the caller saves the final state), call
-    save(step, elapsed_s). `scheduler`, if given, steps after every optimizer step."""
+    save(step, elapsed_s). `scheduler`, if given, steps after every optimizer step.
+
+    Under torchrun (`run.distributed`) every rank trains its shard and the training statistics
+    are averaged over ranks at each evaluation (a collective all ranks reach at the same step);
+    evaluation, metrics, checkpoints and the progress bar are rank 0's alone, with no collective
+    inside them. `metrics` of the result are then rank 0's; other ranks get {}."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if run.is_main:
+        drop_metrics_after(out_dir / "metrics.jsonl", start_step)
     n_stats = len(task.stat_names)
     log_sums = torch.zeros(n_stats, device=device)  # running sums on the device: read only when logging
     eval_sums = torch.zeros(n_stats, device=device)
     log_count = eval_count = 0
     step, start_time = start_step, time.perf_counter()
     eval_seconds, metrics = 0.0, None
-    progress = tqdm(total=steps, initial=step, disable=quiet, desc=desc, unit="step", dynamic_ncols=True)
+    progress = tqdm(total=steps, initial=step, disable=quiet or not run.is_main, desc=desc, unit="step",
+                    dynamic_ncols=True)
     model.train()
     while step < steps:
         batch = task.batch(step)
@@ -248,9 +282,12 @@ def fit(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
         final = step == steps
         if step % eval_every == 0 or final:
             eval_start = time.perf_counter()
-            train_stats = dict(zip(task.stat_names, (eval_sums / eval_count).tolist()))
+            train_stats = dict(zip(task.stat_names, mean_over_ranks(eval_sums / eval_count, run).tolist()))
             eval_sums.zero_()
             eval_count = 0
+            if not run.is_main:  # rank 0 evaluates, logs and saves; the others go on training
+                eval_seconds += time.perf_counter() - eval_start
+                continue
             metrics = task.evaluate(final)
             wall = time.perf_counter() - start_time
             line = {"step": step, "epoch": round(step / task.steps_per_epoch, 3), **task.log_fields(train_stats),
@@ -265,8 +302,8 @@ def fit(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
             eval_seconds += time.perf_counter() - eval_start
             model.train()
     progress.close()
-    if metrics is None:  # nothing trained in this invocation
+    if metrics is None and run.is_main:  # nothing trained in this invocation
         metrics = task.evaluate(True)
     train_seconds = time.perf_counter() - start_time - eval_seconds
-    return FitResult(step, metrics, elapsed_before + time.perf_counter() - start_time,
+    return FitResult(step, metrics or {}, elapsed_before + time.perf_counter() - start_time,
                      (step - start_step) * task.items_per_step / max(train_seconds, 1e-9))

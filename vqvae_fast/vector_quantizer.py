@@ -8,6 +8,7 @@ and the per-step updates are tensor ops with no host syncs.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .functional import InputError, check_options, nearest_code, quantize
@@ -52,6 +53,28 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     return usage_stats(code_counts(indices, num_codes))
 
 
+LAPLACE_EPS = 1e-5  # pseudo-count of the EMA counts' Laplace smoothing
+
+
+def process_group_size() -> int:
+    """Processes in the default torch.distributed group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of x (n_r, D) of every rank, concatenated in rank order (n_r may differ)."""
+    world = dist.get_world_size()
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros(max(counts), x.shape[1])
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, backend: str = "auto") -> torch.Tensor:
     """(k, D) centroids of x (N, D) by Lloyd's algorithm, seeded with k random rows of x.
@@ -90,12 +113,22 @@ class VectorQuantizer(nn.Module):
         that uniform use is 1; it is tracked in training mode whatever the options.
     State changes happen only in training mode (or with `update=True` in forward).
     gradient: "ste" (straight through) or "rotation" (the rotation trick); see `quantize`.
+
+    Under torch.distributed (DDP or any loop of your own; `sync=None` detects a process group),
+    the codebook state stays identical on every rank: k-means runs on rank 0 over the vectors
+    of all ranks and is broadcast; EMA counts and sums, usage and the batch statistics are
+    summed over ranks in one packed all-reduce per step; dead codes are decided from that global
+    usage and refilled from vectors gathered from all ranks. Every rank issues the same
+    collectives every training step whatever its data (an empty batch included), so none can
+    wait on another. Wrap the model with DistributedDataParallel(broadcast_buffers=False): the
+    buffers are kept in step here, and DDP's broadcast would overwrite them with rank 0's.
     """
 
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25, *, backend: str = "auto",
                  channels_last: bool | None = None, ema_decay: float | None = None,
                  kmeans_init: bool = False, kmeans_iters: int = 10, restart_dead: bool = False,
-                 dead_threshold: float = 0.1, usage_decay: float = 0.9, gradient: str = "ste"):
+                 dead_threshold: float = 0.1, usage_decay: float = 0.9, gradient: str = "ste",
+                 sync: bool | None = None):
         super().__init__()
         check_options(beta, gradient)
         if num_codes < 1 or dim < 1:
@@ -103,7 +136,7 @@ class VectorQuantizer(nn.Module):
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}")
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
-        self.backend, self.gradient = backend, gradient
+        self.backend, self.gradient, self.sync = backend, gradient, sync
         self.channels_last = channels_last
         self.ema_decay, self.kmeans_iters = ema_decay, kmeans_iters
         self.kmeans_init, self.restart_dead = kmeans_init, restart_dead
@@ -149,25 +182,38 @@ class VectorQuantizer(nn.Module):
         # Quantize in the codebook's precision (fp32 under bf16 autocast): argmin and the
         # codebook gradient stay accurate; the result goes back to the input's dtype.
         flat = moved.reshape(-1, self.dim).to(self.codebook.dtype)
-        if update and flat.shape[0] > 0:
-            self._before_step(flat.detach())
+        synced = update and self._synced()
+        if update and (synced or flat.shape[0] > 0):  # synced: every rank joins the collectives
+            self._before_step(flat.detach(), synced)
         codebook = self.codebook
         if self.ema_decay is not None:
             codebook = codebook.detach().clone()  # the EMA step below rewrites the codebook in place
         quantized, indices, loss = quantize(flat, codebook, beta=self.beta, backend=self.backend,
                                             gradient=self.gradient)
         counts = code_counts(indices, self.num_codes)
-        if update and flat.shape[0] > 0:
-            self._after_step(flat.detach(), indices, counts)
+        if update and (synced or flat.shape[0] > 0):
+            counts = self._after_step(flat.detach(), indices, counts, synced)
         perplexity, codes_used = usage_stats(counts)
         quantized = quantized.to(x.dtype).reshape(moved.shape).movedim(-1, channel_dim)
         return VQOutput(quantized, indices.reshape(moved.shape[:-1]), loss, perplexity, codes_used,
                         self.dead_mask().sum())
 
+    def _synced(self) -> bool:
+        return process_group_size() > 1 if self.sync is None else self.sync
+
     @torch.no_grad()
-    def init_codebook(self, vectors: torch.Tensor) -> None:
-        """Set the codebook to k-means centroids of `vectors` (N, dim) and mark it initialised."""
-        centroids = kmeans(vectors.to(self.codebook.dtype), self.num_codes, self.kmeans_iters, self.backend)
+    def init_codebook(self, vectors: torch.Tensor, synced: bool = False) -> None:
+        """Set the codebook to k-means centroids of `vectors` (N, dim) and mark it initialised;
+        `synced`: of the vectors of all ranks, computed on rank 0 and broadcast."""
+        vectors = vectors.to(self.codebook.dtype)
+        if synced:
+            vectors = gather_rows(vectors)
+            centroids = torch.empty_like(self.codebook)
+            if dist.get_rank() == 0:
+                centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend)
+            dist.broadcast(centroids, src=0)
+        else:
+            centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend)
         self.codebook.copy_(centroids)
         if self.ema_decay is not None:
             self.ema_count.fill_(1.0)
@@ -177,13 +223,29 @@ class VectorQuantizer(nn.Module):
         self._needs_init = False
 
     @torch.no_grad()
-    def _before_step(self, flat: torch.Tensor) -> None:
+    def _restart_candidates(self, flat: torch.Tensor, synced: bool) -> torch.Tensor:
+        """(num_codes, dim) random recent encoder outputs; synced: code k takes rank k % world's
+        draw, so every rank gets the same candidates (a rank without vectors offers the codebook)."""
+        if flat.shape[0] > 0:
+            candidates = flat[torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)]
+        else:
+            candidates = self.codebook.detach().clone()
+        if not synced:
+            return candidates
+        world = dist.get_world_size()
+        every = [torch.empty_like(candidates) for _ in range(world)]
+        dist.all_gather(every, candidates.contiguous())
+        owner = torch.arange(self.num_codes, device=candidates.device) % world
+        return torch.stack(every)[owner, torch.arange(self.num_codes, device=candidates.device)]
+
+    @torch.no_grad()
+    def _before_step(self, flat: torch.Tensor, synced: bool = False) -> None:
         if self._needs_init:
-            self.init_codebook(flat)
+            self.init_codebook(flat, synced)
         if self.restart_dead:
             # Every dead code moves onto a random vector of this batch: a place the encoder uses now.
             dead = self.dead_mask()
-            candidates = flat[torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)]
+            candidates = self._restart_candidates(flat, synced)
             self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
             self.usage.copy_(torch.where(dead, torch.ones_like(self.usage), self.usage))  # grace period
             if self.ema_decay is not None:
@@ -191,12 +253,28 @@ class VectorQuantizer(nn.Module):
                 self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
 
     @torch.no_grad()
-    def _after_step(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        share = counts * (self.num_codes / flat.shape[0])
+    def _after_step(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+                    synced: bool = False) -> torch.Tensor:
+        """Update usage and the EMA codebook from this step's assignments; returns the counts
+        used (summed over ranks when synced)."""
+        rows = torch.tensor([float(flat.shape[0])], device=flat.device)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat) if self.ema_decay is not None else None
+        if synced:  # one packed all-reduce: counts, rows and the EMA sums of every rank
+            dtype = torch.float32 if sums is None else torch.promote_types(sums.dtype, torch.float32)
+            parts = [counts, rows] + ([sums.reshape(-1)] if sums is not None else [])
+            packed = torch.cat([part.to(dtype) for part in parts])
+            dist.all_reduce(packed)
+            counts, rows = packed[:self.num_codes].float(), packed[self.num_codes:self.num_codes + 1].float()
+            if sums is not None:
+                sums = packed[self.num_codes + 1:].view_as(sums).to(sums.dtype)
+        share = counts * (self.num_codes / rows.clamp_min(1.0))
         self.usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
         if self.ema_decay is not None:
             decay = self.ema_decay
-            sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
             self.ema_count.mul_(decay).add_(counts, alpha=1.0 - decay)
             self.ema_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
-            self.codebook.copy_(self.ema_sum / self.ema_count.clamp_min(1e-5)[:, None])
+            # Laplace smoothing of the counts: a code unused for long keeps a finite, sensible value.
+            total = self.ema_count.sum()
+            smoothed = (self.ema_count + LAPLACE_EPS) / (total + self.num_codes * LAPLACE_EPS) * total
+            self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        return counts
