@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import correctness
-from providers import ADDMM, CDIST, COMPILED, FLASH_KMEANS, GEMM, GEMM_TF32, Provider, indices_of, providers
+from providers import ADDMM, CDIST, COMPILED, FAISS, FLASH_KMEANS, GEMM, GEMM_TF32, Provider, indices_of, providers
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -297,7 +297,7 @@ def check_result(provider: Provider, task: str, z, codebook, result) -> dict:
         return {}
     rows = correctness.sample_rows(z.shape[0], z.device)
     found = correctness.check_indices(z, codebook, indices, rows).as_dict()
-    found["rtol"] = correctness.index_rtol(provider.kind, provider.backend, z.dtype)
+    found["rtol"] = correctness.index_rtol(provider.kind, provider.backend, z.dtype, provider.name)
     ok = found["worst_excess"] <= found["rtol"]
     if task == "backward":
         found["grad_error"] = correctness.check_gradients(z, codebook, indices, result[1], result[2], rows)
@@ -364,7 +364,8 @@ def _add_ratios(rows: dict, point: Point, floor_rate: float) -> None:
             continue
         mine = row["median_s"]
         for name, key in ((CDIST, "speedup_vs_cdist"), (ADDMM, "speedup_vs_addmm"),
-                          (COMPILED, "speedup_vs_compiled"), (FLASH_KMEANS, "speedup_vs_flash_kmeans")):
+                          (COMPILED, "speedup_vs_compiled"), (FLASH_KMEANS, "speedup_vs_flash_kmeans"),
+                          (FAISS, "speedup_vs_faiss")):
             row[key] = median(name) / mine if median(name) else None
         row["time_vs_gemm"] = mine / median(GEMM) if median(GEMM) else None
         # fp32 on CUDA: ours does three TF32 passes (3xTF32); its floor is three TF32 GEMMs.

@@ -14,6 +14,10 @@ Providers, all implementing every task:
     flash-kmeans     the assignment kernel of the Triton k-means library `flash-kmeans` (GPU,
                      when importable: `pip install flash-kmeans`), then gather. Its fp32 runs
                      as plain TF32, so it is checked with TF32's tolerance.
+    faiss            FAISS' exact flat L2 index (`IndexFlatL2`, k = 1; CPU, when importable:
+                     `pip install faiss-cpu`), the standard fast CPU answer, then gather. The index
+                     is rebuilt on every call (the codebook changes every training step), it uses
+                     as many threads as torch, and works in fp32 (16-bit inputs are converted).
     GEMM floor       the bare z @ E^T of the same dtype: any exhaustive search does at least this
                      product, so its time is the floor for every task (it computes no indices).
                      fp32 on CUDA: full fp32 ("highest"), the precision ours matches
@@ -34,7 +38,7 @@ TASKS = ("nearest", "forward", "backward")
 BETA = 0.25  # commitment weight of the VQ-VAE loss, the same for every provider
 
 CDIST, ADDMM, COMPILED, GEMM = "cdist", "addmm", "compiled addmm", "GEMM floor"
-GEMM_TF32, FLASH_KMEANS = "GEMM floor tf32", "flash-kmeans"
+GEMM_TF32, FLASH_KMEANS, FAISS = "GEMM floor tf32", "flash-kmeans", "faiss"
 
 
 def cdist_indices(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -71,6 +75,24 @@ def flash_kmeans_indices():
         x = z[None]
         x_sq = (x.float() ** 2).sum(-1)  # its API takes ||x||^2 precomputed: part of the call
         return euclid_assign_triton(x, codebook[None], x_sq)[0].long()
+
+    return indices
+
+
+def faiss_indices():
+    """FAISS' IndexFlatL2 nearest-neighbour search (k = 1) as an indices function, or None when
+    faiss is not importable."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+
+    def indices(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexFlatL2(codebook.shape[1])
+        index.add(codebook.detach().float().contiguous().numpy())
+        _, found = index.search(z.detach().float().contiguous().numpy(), 1)
+        return torch.from_numpy(found[:, 0])
 
     return indices
 
@@ -185,6 +207,9 @@ def providers(device: str) -> list[Provider]:
     flash = flash_kmeans_indices() if device == "cuda" else None
     if flash is not None:
         found.append(Provider(FLASH_KMEANS, "peer", _search_task(flash)))
+    flat_l2 = faiss_indices() if device == "cpu" else None
+    if flat_l2 is not None:
+        found.append(Provider(FAISS, "peer", _search_task(flat_l2)))
     found.append(Provider(GEMM, "floor", lambda task: gemm, _nk_matrices(1, 1)))
     if device == "cuda":
         found.append(Provider(GEMM_TF32, "floor", lambda task: gemm_tf32, _nk_matrices(1, 1),
@@ -195,7 +220,7 @@ def providers(device: str) -> list[Provider]:
 
 def all_provider_names() -> list[str]:
     """Names of every provider on any machine (for test ids that do not depend on the machine)."""
-    return ([CDIST, ADDMM, COMPILED, FLASH_KMEANS, GEMM, GEMM_TF32]
+    return ([CDIST, ADDMM, COMPILED, FLASH_KMEANS, FAISS, GEMM, GEMM_TF32]
             + [f"vqvae_fast[{b}]" for b in ("cpu", "triton", "cuda")])
 
 

@@ -39,12 +39,12 @@ def compare_table(data: dict) -> str:
              + f"large-GEMM rate {data['large_gemm_gflops']:.0f} GFLOP/s",
              "",
              "| provider | median ms | min..max ms | GFLOP/s | speedup vs cdist | vs addmm | vs compiled addmm "
-             "| vs flash-kmeans | time / GEMM | time / 3 TF32 GEMMs | time / (flops ÷ large-GEMM rate) "
+             "| vs flash-kmeans | vs faiss | time / GEMM | time / 3 TF32 GEMMs | time / (flops ÷ large-GEMM rate) "
              "| peak extra MiB | check |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in data["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['provider']} | {r['status']}: {r['reason']} |" + " |" * 11)
+            lines.append(f"| {r['provider']} | {r['status']}: {r['reason']} |" + " |" * 12)
             continue
         check = r.get("check") or {}
         check_text = "–" if not check else (("ok" if check["ok"] else "**WRONG**")
@@ -53,6 +53,7 @@ def compare_table(data: dict) -> str:
         lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f}..{r['max_s'] * 1e3:.1f} "
                      f"| {r['gflops']:.1f} | {_x(r.get('speedup_vs_cdist'))} | {_x(r.get('speedup_vs_addmm'))} "
                      f"| {_x(r.get('speedup_vs_compiled'))} | {_x(r.get('speedup_vs_flash_kmeans'))} "
+                     f"| {_x(r.get('speedup_vs_faiss'))} "
                      f"| {_x(r.get('time_vs_gemm'))} | {_x(r.get('time_vs_3xtf32_gemm'))} "
                      f"| {_x(r.get('time_vs_peak_gemm_rate'))} | {_mib(r.get('peak_extra_bytes'))} | {check_text} |")
     return "\n".join(lines)

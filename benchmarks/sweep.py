@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from harness import DTYPES, SHORT_DTYPE, Point, machine_info, measure_undisturbed, run_point, write_json
-from providers import CDIST, FLASH_KMEANS, GEMM, TASKS
+from providers import CDIST, FAISS, FLASH_KMEANS, GEMM, TASKS
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,7 +76,8 @@ def summary_line(result: dict) -> str:
     cdist_mib = rows.get(CDIST, {}).get("peak_extra_bytes")
     check = best.get("check", {})
     return (f"{head} {best['provider']:>19} {best['median_s'] * 1e3:>10.2f} {ms(CDIST):>10} {ms('addmm'):>10} "
-            f"{ms('compiled addmm'):>10} {ms(FLASH_KMEANS):>10} {ms(GEMM):>10} {ratio(best.get('speedup_vs_cdist')):>8} "
+            f"{ms('compiled addmm'):>10} {ms(FLASH_KMEANS):>10} {ms(FAISS):>10} {ms(GEMM):>10} "
+            f"{ratio(best.get('speedup_vs_cdist')):>8} {ratio(best.get('speedup_vs_faiss')):>8} "
             f"{ratio(best.get('speedup_vs_addmm')):>8} {ratio(best.get('speedup_vs_compiled')):>8} "
             f"{ratio(best.get('time_vs_gemm')):>7} {mib:>8} "
             f"{'n/a' if cdist_mib is None else f'{cdist_mib / 2**20:.0f}':>9} "
@@ -84,7 +85,8 @@ def summary_line(result: dict) -> str:
 
 
 HEADER = (f"{'N':>8} {'K':>6} {'D':>4} {'dtype':>5} {'fastest of ours':>19} {'ours ms':>10} {'cdist ms':>10} "
-          f"{'addmm ms':>10} {'compiled':>10} {'flash-km':>10} {'GEMM ms':>10} {'/cdist':>8} {'/addmm':>8} {'/compil':>8} "
+          f"{'addmm ms':>10} {'compiled':>10} {'flash-km':>10} {'faiss ms':>10} {'GEMM ms':>10} {'/cdist':>8} "
+          f"{'/faiss':>8} {'/addmm':>8} {'/compil':>8} "
           f"{'xGEMM':>7} {'ours MiB':>8} {'cdist MiB':>9} {'check':>5} {'others':>6}")
 
 

@@ -14,6 +14,7 @@ fixed for every trial (e.g. `-- --res-blocks 1`). Needs `pip install -e .[tune]`
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--search", default=",".join(SEARCH_SPACE),
                         help=f"comma-separated settings to search, of: {', '.join(SEARCH_SPACE)}")
     parser.add_argument("--seed", type=int, help="the TPE sampler's seed (default: random)")
+    parser.add_argument("--first", metavar="JSON",
+                        help="a JSON file listing changes to the defaults (dicts of searched settings) that a new "
+                             "study tries first, after the defaults themselves")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER,
                         help="after `--`: train_cifar10.py flags fixed for every trial")
     return parser
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         run_study(args.data_dir, Path(args.out), trials=args.trials, steps=args.steps, timeout=args.timeout,
                   storage=args.storage, study_name=args.study_name, val_images=args.val_images,
                   searched=[name for name in args.search.split(",") if name], fixed_flags=fixed,
-                  sampler_seed=args.seed)
+                  sampler_seed=args.seed, first=json.loads(Path(args.first).read_text()) if args.first else None)
     except (TuningUnavailable, DataNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -161,6 +161,28 @@ def test_missing_data_that_cannot_be_downloaded_fails_cleanly(trainer, tmp_path,
     assert not (tmp_path / "nothing").exists()
 
 
+def test_an_interrupted_cosine_schedule_resumes_exactly(trainer, tiny_cifar, tmp_path):
+    """A run killed at step 20 of 40 and resumed ends where the uninterrupted run does: the
+    learning-rate schedule's state travels in the checkpoint."""
+    from vqvae_fast.trainer import build_parser, train
+
+    argv = ["--data-dir", str(tiny_cifar), "--steps", "40", "--lr-schedule", "cosine", *TINY]
+
+    def killed_at_20(step, metrics):
+        if step == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(build_parser().parse_args([*argv, "--out", str(tmp_path / "cut")]), report=killed_at_20)
+    assert trainer.main(["--resume", str(tmp_path / "cut/checkpoint.pt"), "--quiet"]) == 0
+    assert trainer.main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    resumed = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)
+    whole = torch.load(tmp_path / "whole/checkpoint.pt", weights_only=True)
+    assert resumed["step"] == whole["step"] == 40 and resumed["scheduler"] == whole["scheduler"]
+    for key, value in whole["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
 def test_resume_after_a_crash_between_metrics_and_checkpoint_logs_each_step_once(trainer, tiny_cifar, tmp_path):
     assert trainer.main(["--data-dir", str(tiny_cifar), "--steps", "20", "--out", str(tmp_path), *TINY]) == 0
     saved = tmp_path / "checkpoint.pt"

@@ -28,14 +28,18 @@ def load_tuner():
 
 def test_the_same_command_twice_continues_one_study(toy_cifar, tmp_path):
     tuner = load_tuner()
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps([{"lr": 0.002, "gradient": "rotation"}]))
     argv = ["--data-dir", str(toy_cifar), "--out", str(tmp_path), "--trials", "2", "--steps", "4",
-            "--val-images", "32", "--search", SEARCH, "--seed", "1", *TINY]
+            "--val-images", "32", "--search", SEARCH, "--seed", "1", "--first", str(first), *TINY]
     assert tuner.main(argv) == 0
     assert tuner.main(argv) == 0
     study = optuna.load_study(study_name="vqvae_cifar10", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert len(study.trials) == 4
     defaults = vars(build_parser().parse_args([]))
-    assert study.trials[0].params == {name: defaults[name] for name in SEARCH.split(",")}  # the baseline first
+    baseline = {name: defaults[name] for name in SEARCH.split(",")}
+    assert study.trials[0].params == baseline  # the defaults first, then the listed changes
+    assert study.trials[1].params == {**baseline, "lr": 0.002, "gradient": "rotation"}
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["trials"] == 4 and best["val_psnr"] == study.best_value and best["params"] == study.best_params
     assert "examples/train_cifar10.py" in best["command"] and "--res-blocks 1" in best["command"]

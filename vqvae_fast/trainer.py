@@ -22,7 +22,7 @@ from . import distributed
 from .data import DataNotFoundError, load_cifar10
 from .model import MODELS, save_checkpoint
 from .reconstruction import ReconstructionTask, save_reconstructions
-from .training import fit, parse_with_resume, pick_device, rng_state, set_rng_state
+from .training import fit, parse_with_resume, pick_device, rng_state, set_rng_state, warmup_cosine
 
 RECIPES = {
     # The project's recipe: k-means init, dead-code restarts, EMA codebook, fused quantizer.
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128,
                         help="images per step in all (under torchrun: the global batch, split across processes)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="'cosine': linear warm-up over the first 5%% of the steps, then cosine decay to 10%% "
+                             "of --lr at the last step")
     parser.add_argument("--model", choices=sorted(MODELS), default="vqvae",
                         help="'vqvae': one 8x8 grid of codes; 'vqvae2': the two-level VQ-VAE-2 (4x4 top, 8x8 bottom)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
@@ -172,10 +175,15 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
     # The codebook is not in the optimizer under EMA (it has no gradient); fused Adam: one kernel on GPUs.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  fused=device.type == "cuda")
+    scheduler = None
+    if getattr(args, "lr_schedule", "constant") == "cosine":
+        scheduler = warmup_cosine(optimizer, total_steps, max(1, total_steps // 20))
     step, elapsed_before = 0, 0.0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None and "scheduler" in checkpoint:
+            scheduler.load_state_dict(checkpoint["scheduler"])
         step, elapsed_before = checkpoint["step"], checkpoint["elapsed_s"]
         set_rng_state(checkpoint["rng"], device)
     if args.compile:
@@ -187,21 +195,23 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
     run_args = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
 
     def save(at_step: int, elapsed: float) -> None:  # rank 0 only (fit and below)
+        extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
         save_checkpoint(out_dir / "checkpoint.pt", model, optimizer=optimizer.state_dict(), step=at_step,
-                        rng=rng_state(device), args=run_args, elapsed_s=elapsed)
+                        rng=rng_state(device), args=run_args, elapsed_s=elapsed, **extra)
 
     task = ReconstructionTask(model, train_uint8, held_out, batch_size, args.seed, args.eval_images, split=split,
                               report=report, run=run, train_model=train_model)
     result = fit(task, model, optimizer, steps=total_steps, out_dir=out_dir, save=save, device=device,
                  eval_every=args.eval_every, log_every=args.log_every, amp=args.amp, quiet=args.quiet,
-                 desc=f"{args.model} {args.recipe}", start_step=step, elapsed_before=elapsed_before, run=run)
+                 desc=f"{args.model} {args.recipe}", start_step=step, elapsed_before=elapsed_before, run=run,
+                 scheduler=scheduler)
     if on_finish is not None:
         on_finish(model)
     if not run.is_main:
         return {}
 
     final = {"model": args.model, "recipe": args.recipe, "steps": result.step, "batch_size": batch_size,
-             "lr": args.lr, "ema_decay": model.config["ema_decay"], "gradient": model.config["gradient"],
+             "lr": args.lr, "lr_schedule": getattr(args, "lr_schedule", "constant"), "ema_decay": model.config["ema_decay"], "gradient": model.config["gradient"],
              "seed": args.seed, "device": str(device), "amp": args.amp, "processes": run.world,
              "params": sum(p.numel() for p in model.parameters()), "train_images": train_uint8.shape[0],
              f"{split}_images": held_out.shape[0], **result.metrics, "wall_s": result.wall_s,

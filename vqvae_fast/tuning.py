@@ -24,6 +24,7 @@ INSTALL_HINT = "the search needs Optuna: pip install -e .[tune]  (or: pip instal
 # name: (trainer flag, how to draw it). Floats on a log scale where their effect is multiplicative.
 SEARCH_SPACE: dict[str, tuple[str, Callable]] = {
     "lr": ("--lr", lambda t: t.suggest_float("lr", 3e-4, 6e-3, log=True)),
+    "lr_schedule": ("--lr-schedule", lambda t: t.suggest_categorical("lr_schedule", ["constant", "cosine"])),
     "beta": ("--beta", lambda t: t.suggest_float("beta", 0.05, 1.0, log=True)),
     "ema_decay": ("--ema-decay", lambda t: t.suggest_float("ema_decay", 0.7, 0.99)),
     "dead_threshold": ("--dead-threshold", lambda t: t.suggest_float("dead_threshold", 0.005, 0.5, log=True)),
@@ -149,9 +150,11 @@ def write_plots(study, out_dir: Path) -> list[str]:
 def run_study(data_dir: str, out_dir: Path, *, trials: int | None, steps: int, timeout: float | None = None,
               storage: str | None = None, study_name: str = "vqvae_cifar10", val_images: int = 1000,
               searched: list[str] | None = None, fixed_flags: list[str] | None = None, sampler_seed: int | None = None,
-              pruner=None, log: Callable[[str], None] = print) -> dict:
+              pruner=None, first: list[dict] | None = None, log: Callable[[str], None] = print) -> dict:
     """Add `trials` trials (or run until `timeout` seconds) to the study in `storage`, then write
-    best.json, trials.csv and the plots into out_dir; returns best.json's content."""
+    best.json, trials.csv and the plots into out_dir; returns best.json's content. A new study
+    starts with the trainer's defaults, then the changes to them listed in `first` (each a dict
+    of searched settings), then TPE's own draws."""
     optuna = import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,13 +166,20 @@ def run_study(data_dir: str, out_dir: Path, *, trials: int | None, steps: int, t
         raise ValueError(f"unknown search parameters {unknown}; choose from {sorted(SEARCH_SPACE)}")
     objective = Objective(data_dir, out_dir, steps, val_images, searched, fixed_flags)
     build_parser().parse_args(["--data-dir", data_dir, *fixed_flags])  # bad fixed flags fail before any trial
-    pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=objective.eval_every)
+    # Median pruning from the third evaluation on (60% of the steps at the default five): an early
+    # evaluation says little, and faster learning rates start lower and finish higher.
+    pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2 * objective.eval_every + 1)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=sampler_seed), pruner=pruner)
     before = len(study.trials)
     if before == 0:  # the trainer's defaults go first: the baseline every trial is measured against
         defaults = vars(build_parser().parse_args(["--data-dir", data_dir, *fixed_flags]))
-        study.enqueue_trial({name: defaults[name] for name in searched})
+        defaults = {name: defaults[name] for name in searched}
+        for change in [{}] + list(first or []):
+            unknown = sorted(set(change) - set(searched))
+            if unknown:
+                raise ValueError(f"starting point {change} sets {unknown}, which are not searched")
+            study.enqueue_trial({**defaults, **change})
     log(f"study {study_name!r} in {storage}: {before} trials so far; adding "
         f"{trials if trials is not None else 'as many as fit'} trials of {steps} steps"
         + (f" within {timeout:.0f} s" if timeout else ""))
