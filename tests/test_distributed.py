@@ -139,13 +139,14 @@ def test_ddp_training_matches_one_process_and_ranks_agree(toy_cifar, tmp_path):
     assert steps == [3, 6, 9]
 
 
-def test_a_failing_rank_ends_the_whole_run_with_an_error(toy_cifar, tmp_path):
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_ends_the_whole_run_with_an_error(toy_cifar, tmp_path, how):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
                str(free_port()), str(REPO / "tests/helpers/ddp_fail.py"), "--data-dir", str(toy_cifar),
                "--steps", "20", "--out", str(tmp_path), "--dist-timeout", "30", *TINY]
     start = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_FAIL": how})
     assert done.returncode != 0, done.stdout + done.stderr
     assert time.monotonic() - start < 120
-    assert "rank 1 fails on purpose" in done.stderr
+    assert ("rank 1 fails on purpose" if how == "raise" else "Signal 9") in done.stderr, done.stderr[-3000:]

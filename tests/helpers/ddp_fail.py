@@ -1,5 +1,7 @@
-"""Run by tests/test_distributed.py under torchrun: the trainer, with rank 1 raising at step 3."""
+"""Run by tests/test_distributed.py under torchrun: the trainer, with rank 1 failing at step 3,
+by raising (DDP_FAIL=raise) or by dying on SIGKILL (DDP_FAIL=kill), as a crashed process does."""
 import os
+import signal
 import sys
 
 from vqvae_fast import reconstruction, trainer
@@ -9,6 +11,8 @@ original_batch = reconstruction.ReconstructionTask.batch
 
 def failing_batch(self, step):
     if step == 3 and os.environ.get("RANK") == "1":
+        if os.environ.get("DDP_FAIL") == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError("rank 1 fails on purpose")
     return original_batch(self, step)
 
