@@ -290,6 +290,15 @@ def test_models_refuse_uint8_and_channels_last_images():
                 call(images.permute(0, 2, 3, 1).float() / 255)
 
 
+@pytest.mark.parametrize("flag, value", [("--beta", "-1"), ("--beta", "nan"), ("--lr", "0"), ("--ema-decay", "1"),
+                                         ("--batch-size", "0"), ("--steps", "-5")])
+def test_bad_settings_are_refused_by_name(trainer, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        trainer.parse_args([flag, value])
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+
+
 def test_every_trainer_flag_has_help(trainer):
     for action in trainer.build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help text"

@@ -109,7 +109,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
                 setattr(args, key, checkpoint["config"][key])
     if args.steps is None and args.epochs is None:
         args.steps = 300
+    problem = invalid_setting(args)
+    if problem:
+        build_parser().error(problem)
     return args, checkpoint
+
+
+def invalid_setting(args: argparse.Namespace) -> str | None:
+    """What is wrong with the settings, in the words of their flags, or None."""
+    checks = [
+        ("--steps", args.steps is None or args.steps >= 0, "must be >= 0"),
+        ("--epochs", args.epochs is None or args.epochs > 0, "must be > 0"),
+        ("--batch-size", args.batch_size >= 1, "must be >= 1"),
+        ("--lr", 0 < args.lr < math.inf, "must be a positive number"),
+        ("--beta", 0 <= args.beta < math.inf, "must be a finite number >= 0"),
+        ("--ema-decay", 0 <= args.ema_decay < 1, "must be in [0, 1)"),
+        ("--dead-threshold", 0 <= args.dead_threshold < math.inf, "must be a finite number >= 0"),
+        ("--num-codes", args.num_codes >= 1, "must be >= 1"),
+        ("--code-dim", args.code_dim >= 1, "must be >= 1"),
+        ("--val-images", args.val_images >= 0, "must be >= 0"),
+        ("--eval-every", args.eval_every >= 1, "must be >= 1"),
+    ]
+    for flag, ok, rule in checks:
+        if not ok:
+            return f"{flag} {rule}, got {getattr(args, flag[2:].replace('-', '_'))}"
+    return None
 
 
 def build_model(args: argparse.Namespace):
