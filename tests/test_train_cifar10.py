@@ -29,9 +29,9 @@ def source_images() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     if SHARED_CIFAR.is_dir():
         return (*load_split(SHARED_CIFAR, train=True), *load_split(SHARED_CIFAR, train=False))
     g = torch.Generator().manual_seed(0)
-    base = torch.rand(240, 3, 4, 4, generator=g) * 255
+    base = torch.rand(240, 3, 2, 2, generator=g) * 255
     images = torch.nn.functional.interpolate(base, size=32, mode="bilinear", align_corners=False)
-    images = (images + torch.randn(240, 3, 32, 32, generator=g) * 8).clamp(0, 255).to(torch.uint8)
+    images = (images + torch.randn(240, 3, 32, 32, generator=g) * 2).clamp(0, 255).to(torch.uint8)
     labels = torch.arange(240) % 10
     return images[:192], labels[:192], images[192:], labels[192:]
 
