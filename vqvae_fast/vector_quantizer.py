@@ -257,17 +257,17 @@ class VectorQuantizer(nn.Module):
                     synced: bool = False) -> torch.Tensor:
         """Update usage and the EMA codebook from this step's assignments; returns the counts
         used (summed over ranks when synced)."""
-        rows = torch.tensor([float(flat.shape[0])], device=flat.device)
+        rows = float(flat.shape[0])  # a host number: no copy to the device unless synced
         sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat) if self.ema_decay is not None else None
         if synced:  # one packed all-reduce: counts, rows and the EMA sums of every rank
             dtype = torch.float32 if sums is None else torch.promote_types(sums.dtype, torch.float32)
-            parts = [counts, rows] + ([sums.reshape(-1)] if sums is not None else [])
+            parts = [counts, counts.new_full((1,), rows)] + ([sums.reshape(-1)] if sums is not None else [])
             packed = torch.cat([part.to(dtype) for part in parts])
             dist.all_reduce(packed)
             counts, rows = packed[:self.num_codes].float(), packed[self.num_codes:self.num_codes + 1].float()
             if sums is not None:
                 sums = packed[self.num_codes + 1:].view_as(sums).to(sums.dtype)
-        share = counts * (self.num_codes / rows.clamp_min(1.0))
+        share = counts * (self.num_codes / (rows.clamp_min(1.0) if synced else max(rows, 1.0)))
         self.usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
         if self.ema_decay is not None:
             decay = self.ema_decay
