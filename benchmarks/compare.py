@@ -37,8 +37,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-other-load", type=float, default=None, metavar="SHARE",
                         help="on a shared machine: if other processes used more than this share of the CPUs "
                              "while timing, wait for an idle machine and measure again (up to 4 tries)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and FAISS (default: torch's, one per core)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     task = "backward" if args.backward else args.task

@@ -1,6 +1,7 @@
 """Sweep N, K, D and dtype; write JSON, print a table, draw the plots.
 
-    python benchmarks/sweep.py                     # CPU grid, ~10 minutes on 2 cores
+    python benchmarks/sweep.py                     # CPU grid, ~15 minutes on 2 cores
+    python benchmarks/sweep.py --threads 1         # the same on one core
     python benchmarks/sweep.py --gpu               # GPU grid around the tokenizer size, fp32/bf16/fp16
     python benchmarks/sweep.py --gpu --grid full   # every N x K x D x dtype combination (hours)
     python benchmarks/sweep.py --N 65536 --K 256 1024 --D 64 --dtypes float32   # any cartesian grid
@@ -26,10 +27,15 @@ from providers import CDIST, FAISS, FLASH_KMEANS, GEMM, TASKS
 
 HERE = Path(__file__).resolve().parent
 
-# CPU: small enough for ~10 minutes on a 2-core machine. bf16 at two points only: the CPU
-# kernel scores in fp32 whatever the dtype, so bf16 mostly measures the baselines.
-CPU_GRID = [Point(n, k, d) for n, k, d in itertools.product((16384, 65536), (256, 1024, 4096), (16, 64, 256))] + [
-    Point(65536, 1024, 64, "bfloat16"), Point(16384, 4096, 256, "bfloat16")]
+# CPU: every N x K x D of the usual range in fp32, then the low-dimensional (factorised) codes
+# and the large codebooks people also use, then bf16 and fp16 at three of the fp32 shapes (the
+# CPU kernel scores in fp32 whatever the dtype, so these should cost what fp32 does).
+CPU_GRID = ([Point(n, k, d) for n, k, d in itertools.product((16384, 65536), (256, 1024, 4096, 16384),
+                                                             (32, 64, 128, 256))]
+            + [Point(65536, k, d) for k, d in ((1024, 4), (1024, 8), (16384, 8), (4096, 16))]
+            + [Point(16384, 65536, d) for d in (32, 256)]
+            + [Point(n, k, d, dt) for dt in ("bfloat16", "float16")
+               for n, k, d in ((65536, 1024, 64), (65536, 4096, 32), (16384, 4096, 256))])
 
 
 def gpu_grid() -> list[Point]:
@@ -102,6 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="dtypes of a custom or full grid")
     parser.add_argument("--task", choices=TASKS, default="forward")
     parser.add_argument("--rounds", type=int, default=None, help="timed samples per provider (default 5 CPU, 10 GPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and FAISS (default: torch's, one per core)")
+    parser.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (default: all)")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new point after this long")
     parser.add_argument("--max-other-load", type=float, default=None, metavar="SHARE",
                         help="on a shared machine: repeat a point (after waiting for an idle machine, up to 4 "
@@ -111,6 +120,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     device = args.device or ("cuda" if args.gpu else "cpu")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--gpu / --device cuda: no CUDA device here")
     grid_name = args.grid or ("gpu" if device == "cuda" else "cpu")
@@ -141,7 +154,7 @@ def main(argv=None) -> int:
             sweep["not_run"] = [p.__dict__ for p in points[i:]]
             print(f"time budget of {args.max_minutes} min spent: {len(points) - i} points not run")
             break
-        result = measure_undisturbed(lambda: run_point(point, device, args.task, rounds),
+        result = measure_undisturbed(lambda: run_point(point, device, args.task, rounds, only=args.providers),
                                      lambda r: r["other_processes_cpu_share"], args.max_other_load)
         sweep["points"].append(result)
         sweep["machine"]["load_average_end"] = os.getloadavg()

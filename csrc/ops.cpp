@@ -4,6 +4,7 @@
 // file with TORCH_LIBRARY_IMPL(vqvae_fast, <DispatchKey>, m):
 //   csrc/cpu/nearest_code.cpp   CPU
 //   csrc/cuda/nearest_code.cu   CUDA (built only when a CUDA toolkit is found)
+// csrc/cpu/nearest_code.cpp also defines cpu_forward_path() -> str (no tensors, so no dispatch).
 // Fake (meta) implementations and the autograd formula are registered from Python
 // (vqvae_fast/ops/registration.py).
 

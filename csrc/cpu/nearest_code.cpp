@@ -2,18 +2,23 @@
 // (schemas in csrc/ops.cpp).
 //
 // Forward, for z (N, D) and codebook (K, D):
-//   1. Centre everything on the codebook mean mu (double, per column over its finite
-//      entries): a shared offset (say all vectors near +1000) would otherwise be lost to
+//   1. Centre everything on the codebook mean mu (per column over its finite
+//      entries, rounded to float): a shared offset (say all vectors near +1000) would otherwise be lost to
 //      cancellation in ||z||^2 - 2 z.e + ||e||^2. Codes with a NaN/Inf entry are never chosen
 //      (unless every code has one) and do not change the centre.
-//   2. For blocks of R rows, score every code with one float32 GEMM:
+//   2. Score every code in float32, whatever the input dtype:
 //        s_k = ||e_k - mu||^2 - 2 (z_i - mu).(e_k - mu)     (= ||z_i - e_k||^2 - const_i)
-//      into a per-thread R x K buffer that stays in cache (nothing is N x K).
+//      Fused path (CPUs with AVX-512F, scan.h): panels of 32 rows against groups of 12 codes
+//      in registers, folded at once into each row's best and second-best score; no score is
+//      stored. GEMM path (other CPUs, and the rows the fused path hands back): one BLAS GEMM
+//      per block of rows into a per-thread buffer that stays in cache. Nothing is N x K.
 //   3. Re-score exactly, in double from the original values, every code whose float
 //      score is within a rigorous error bound of the row's best float score, and keep
-//      the smallest exact distance (ties -> lowest index). The chosen code therefore has
-//      the true minimum distance up to double rounding, and its exact distance is the
-//      row's term of the loss.
+//      the smallest exact distance (ties -> lowest index). On the fused path a row whose
+//      second-best score is beyond that bound has one candidate, so only its best code is
+//      re-scored; near-ties go to the GEMM path, which re-scores all of its candidates.
+//      The chosen code therefore has the true minimum distance up to double rounding, and
+//      its exact distance is the row's term of the loss.
 // Rows whose float scores could overflow, or with NaN/Inf, are scanned exactly over all
 // finite codes; if no distance compares smaller than +inf (all NaN/Inf) the index is 0.
 
@@ -24,11 +29,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <numeric>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "scan.h"
 
 namespace vqvae_fast {
 namespace {
@@ -93,16 +103,6 @@ void check_z_codebook(const char* op, const Tensor& z, const Tensor& codebook) {
               codebook.device());
 }
 
-// Exact (double) squared Euclidean distance between two rows of length D.
-inline double sq_dist(const double* a, const double* b, int64_t D) {
-  double s = 0.0;
-  for (int64_t d = 0; d < D; ++d) {
-    const double t = a[d] - b[d];
-    s += t * t;
-  }
-  return s;
-}
-
 // min_k (e_norm[k] + dot[k]); only called on rows whose scores are all finite.
 inline float min_score(const float* dot, const float* e_norm, int64_t K) {
   constexpr int64_t W = 16;  // independent lanes, so the compiler can vectorise
@@ -124,89 +124,176 @@ inline float min_score(const float* dot, const float* e_norm, int64_t K) {
   return r;
 }
 
-// Fills indices (N,) and, unless quantized is null, quantized (N, D, contiguous); returns
-// sum_i ||z_i - e_{idx_i}||^2.
-template <typename scalar_t>
-double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* indices,
-                           scalar_t* quantized) {
-  const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
-  const View2D<scalar_t> Z(z), E(codebook);
+// Which forward the CPU runs: the fused AVX-512 scan where the CPU has it, otherwise one BLAS
+// GEMM per block of rows; VQVAE_FAST_CPU_SCAN=gemm forces the GEMM path (tests, comparisons).
+bool use_fused_scan() {
+  const char* choice = std::getenv("VQVAE_FAST_CPU_SCAN");
+  if (choice != nullptr && std::string(choice) == "gemm") return false;
+  return scan_available();
+}
 
-  // Codebook: exact values in double; mu = per-column mean of the finite entries.
-  std::vector<double> e64(K * D);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t d = 0; d < D; ++d) e64[k * D + d] = to_double(E(k, d));
-  std::vector<double> mu(D, 0.0), count(D, 0.0);
-  std::vector<char> code_finite(K, 1);
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t d = 0; d < D; ++d) {
-      const double v = e64[k * D + d];
-      if (std::isfinite(v)) {
-        mu[d] += v;
-        count[d] += 1.0;
-      } else {
-        code_finite[k] = 0;
+// The codebook as both forward paths read it, centred on the per-column mean mu of its finite
+// entries (a shared offset would otherwise be lost to cancellation in the float scores).
+struct PreparedCodebook {
+  int64_t K, D;
+  std::vector<double> e64;     // K x D, the exact values
+  std::vector<float> centre;   // D, the mean of the finite entries per column, rounded to float
+  std::vector<float> e_norm;   // K, ||e_k - mu||^2 in float; +inf for a code with a NaN/Inf entry
+  Tensor ec_m2;                // K x D float, -2 (e_k - mu) (0 for a non-finite code)
+  double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
+
+  template <typename scalar_t>
+  PreparedCodebook(const Tensor& codebook, const View2D<scalar_t>& E) : K(codebook.size(0)), D(codebook.size(1)) {
+    e64.resize(K * D);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) e64[k * D + d] = to_double(E(k, d));
+    std::vector<double> mu(D, 0.0), count(D, 0.0);
+    std::vector<char> code_finite(K, 1);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t d = 0; d < D; ++d) {
+        const double v = e64[k * D + d];
+        if (std::isfinite(v)) {
+          mu[d] += v;
+          count[d] += 1.0;
+        } else {
+          code_finite[k] = 0;
+        }
       }
     }
-  }
-  for (int64_t d = 0; d < D; ++d) mu[d] = count[d] > 0 ? mu[d] / count[d] : 0.0;
+    centre.resize(D);
+    for (int64_t d = 0; d < D; ++d) centre[d] = static_cast<float>(count[d] > 0 ? mu[d] / count[d] : 0.0);
 
-  // Centred float copy scaled by -2 (exact), norms; non-finite codes score +inf.
-  Tensor ec_m2 = at::empty({K, D}, z.options().dtype(at::kFloat));
-  float* ecp = ec_m2.data_ptr<float>();
-  std::vector<float> e_norm(K);
-  double max_norm2 = 0.0;
-  bool norms_finite = true;
-  for (int64_t k = 0; k < K; ++k) {
-    double n2 = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      const float c = code_finite[k] ? static_cast<float>(e64[k * D + d] - mu[d]) : 0.0f;
-      ecp[k * D + d] = -2.0f * c;
-      n2 += static_cast<double>(c) * c;
+    ec_m2 = at::empty({K, D}, codebook.options().dtype(at::kFloat));
+    float* ecp = ec_m2.data_ptr<float>();
+    e_norm.resize(K);
+    double max_norm2 = 0.0;
+    bool norms_finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      double n2 = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const float c = code_finite[k] ? static_cast<float>(e64[k * D + d] - centre[d]) : 0.0f;
+        ecp[k * D + d] = -2.0f * c;  // exact
+        n2 += static_cast<double>(c) * c;
+      }
+      if (!code_finite[k]) {
+        e_norm[k] = std::numeric_limits<float>::infinity();
+        continue;
+      }
+      e_norm[k] = static_cast<float>(n2);
+      norms_finite = norms_finite && std::isfinite(n2) && std::isfinite(e_norm[k]);
+      max_norm2 = std::max(max_norm2, n2);
     }
-    if (!code_finite[k]) {
-      e_norm[k] = std::numeric_limits<float>::infinity();
-      continue;
-    }
-    e_norm[k] = static_cast<float>(n2);
-    norms_finite = norms_finite && std::isfinite(n2) && std::isfinite(e_norm[k]);
-    max_norm2 = std::max(max_norm2, n2);
+    M2 = norms_finite ? max_norm2 : std::numeric_limits<double>::infinity();
+    M = std::sqrt(M2);
   }
-  // M2 = max over finite codes of ||e_k - mu||^2; +inf sends every row to the exact scan.
-  const double M2 = norms_finite ? max_norm2 : std::numeric_limits<double>::infinity();
-  const double M = std::sqrt(M2);
-  const Tensor ecT = ec_m2.t();  // (D, K)
+};
 
-  // Float score error (one code) <= ~(D + 2) * u * (M2 + 2 ||zc|| M) from the GEMM, the
-  // norms and the centring; two codes and a factor 2 of safety give the tolerance below.
-  // Underflow adds at most (D + 1) * 2^-149 per score.
-  const double unit = std::ldexp(1.0, -24);
-  const double rel_tol = 4.0 * static_cast<double>(D + 4) * unit;
-  const double abs_tol = static_cast<double>(D + 4) * std::ldexp(1.0, -147);
-  const double overflow_guard = 1e38;  // < FLT_MAX / 3: no float score can overflow
+// Settles rows: picks each row's code and its exact distance, given its float scores.
+template <typename scalar_t>
+struct RowSettler {
+  const PreparedCodebook& cb;
+  View2D<scalar_t> Z, E;
+  const Tensor& z;
+  const float* zf = nullptr;  // z as contiguous floats, where the fused path made that copy
+  int64_t* indices;
+  scalar_t* quantized;  // null: no gather
+  std::vector<double>& row_err;
+  // Float score error (one code) <= ~(D + 2) * u * (M2 + 2 ||zc|| M) from the dot product (any
+  // order, FMA or not), the norms and the centring; two codes and a factor 2 of safety give
+  // the tolerance below. Underflow adds at most (D + 1) * 2^-149 per score.
+  double rel_tol, abs_tol;
+  static constexpr double kOverflowGuard = 1e38;  // < FLT_MAX / 3: no float score can overflow
 
+  RowSettler(const PreparedCodebook& cb, const Tensor& z, const Tensor& codebook, int64_t* indices,
+             scalar_t* quantized, std::vector<double>& row_err)
+      : cb(cb), Z(z), E(codebook), z(z), indices(indices), quantized(quantized), row_err(row_err),
+        rel_tol(4.0 * static_cast<double>(cb.D + 4) * std::ldexp(1.0, -24)),
+        abs_tol(static_cast<double>(cb.D + 4) * std::ldexp(1.0, -147)) {}
+
+  // Largest float score error of row i's codes, up to the tolerance factors; not below the
+  // overflow guard (or NaN) when the row's float scores cannot be trusted at all.
+  double bound(double zc_norm2) const { return cb.M2 + 2.0 * std::sqrt(zc_norm2) * cb.M; }
+  bool scores_usable(double bound) const { return bound < kOverflowGuard; }  // false for NaN/Inf
+  double threshold(float best_score, double bound) const {
+    return static_cast<double>(best_score) + rel_tol * bound + abs_tol;
+  }
+
+  double exact_dist(int64_t i, int64_t k) const {
+    const double* e = cb.e64.data() + k * cb.D;
+    if (zf != nullptr) return exact_sq_dist(zf + i * cb.D, e, cb.D);
+    double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
+    int64_t d = 0;
+    for (; d + 4 <= cb.D; d += 4) {
+      for (int j = 0; j < 4; ++j) {
+        const double t = to_double(Z(i, d + j)) - e[d + j];
+        s[j] += t * t;
+      }
+    }
+    for (; d < cb.D; ++d) {
+      const double t = to_double(Z(i, d)) - e[d];
+      s[0] += t * t;
+    }
+    return (s[0] + s[1]) + (s[2] + s[3]);
+  }
+
+  void finish(int64_t i, int64_t best, double best_dist) {
+    if (best < 0) {  // every distance NaN or +inf
+      best = 0;
+      best_dist = exact_dist(i, 0);
+    }
+    indices[i] = best;
+    row_err[i] = best_dist;
+    if (quantized != nullptr) {
+      scalar_t* q = quantized + i * cb.D;
+      for (int64_t d = 0; d < cb.D; ++d) q[d] = E(best, d);
+    }
+  }
+
+  // The smallest exact distance among the codes `is_candidate` admits (ties -> lowest index).
+  template <typename Pred>
+  void settle(int64_t i, Pred is_candidate) {
+    int64_t best = -1;
+    double best_dist = std::numeric_limits<double>::infinity();
+    for (int64_t k = 0; k < cb.K; ++k) {
+      if (!is_candidate(k)) continue;
+      const double dist = exact_dist(i, k);
+      if (dist < best_dist) {
+        best_dist = dist;
+        best = k;
+      }
+    }
+    finish(i, best, best_dist);
+  }
+};
+
+// Settles the given rows with one float32 GEMM per block of rows: scores
+//   s_k = ||e_k - mu||^2 - 2 (z_i - mu).(e_k - mu)     (= ||z_i - e_k||^2 - const_i)
+// into a per-thread cache-sized buffer, then every code within the error bound of the row's
+// best score is re-scored exactly. Rows whose scores could overflow, or with NaN/Inf, are
+// scanned exactly over all codes.
+template <typename scalar_t>
+void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>& rows) {
+  const PreparedCodebook& cb = settler.cb;
+  const int64_t n = static_cast<int64_t>(rows.size()), K = cb.K, D = cb.D;
+  if (n == 0) return;
+  const Tensor ecT = cb.ec_m2.t();  // (D, K)
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   int64_t R = std::clamp<int64_t>(kTileFloats / (K + D), 16, 4096);
-  R = std::max<int64_t>(1, std::min(R, ceil_div(N, nthreads)));
-  const int64_t nblocks = ceil_div(N, R);
+  R = std::max<int64_t>(1, std::min(R, ceil_div(n, nthreads)));
 
-  std::vector<double> row_err(N);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    Tensor zc = at::empty({R, D}, z.options().dtype(at::kFloat));
-    Tensor dots = at::empty({R, K}, z.options().dtype(at::kFloat));
+  at::parallel_for(0, ceil_div(n, R), 1, [&](int64_t b0, int64_t b1) {
+    Tensor zc = at::empty({R, D}, cb.ec_m2.options());
+    Tensor dots = at::empty({R, K}, cb.ec_m2.options());
     float* zcp = zc.data_ptr<float>();
     const float* dp = dots.const_data_ptr<float>();
-    std::vector<double> z64(R * D);
     std::vector<double> zc_norm2(R);
-
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * R, r = std::min(R, N - i0);
+      const int64_t j0 = b * R, r = std::min(R, n - j0);
       for (int64_t t = 0; t < r; ++t) {
+        const int64_t i = rows[j0 + t];
         double n2 = 0.0;
         for (int64_t d = 0; d < D; ++d) {
-          const double v = to_double(Z(i0 + t, d));
-          const float c = static_cast<float>(v - mu[d]);
-          z64[t * D + d] = v;
+          const float c = static_cast<float>(to_double(settler.Z(i, d)) - cb.centre[d]);
           zcp[t * D + d] = c;
           n2 += static_cast<double>(c) * c;
         }
@@ -216,43 +303,134 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
       at::mm_out(out, zc.narrow(0, 0, r), ecT);  // -2 (z - mu).(e - mu)
 
       for (int64_t t = 0; t < r; ++t) {
-        const int64_t i = i0 + t;
-        const double* zr = z64.data() + t * D;
+        const int64_t i = rows[j0 + t];
         const float* row = dp + t * K;
-        int64_t best = -1;
-        double best_dist = std::numeric_limits<double>::infinity();
-        auto recheck = [&](int64_t k) {
-          const double dist = sq_dist(zr, e64.data() + k * D, D);
-          if (dist < best_dist) {
-            best_dist = dist;
-            best = k;
-          }
-        };
-        const double bound = M2 + 2.0 * std::sqrt(zc_norm2[t]) * M;
-        if (bound < overflow_guard) {  // false for NaN/Inf
-          const float s_min = min_score(row, e_norm.data(), K);
-          const double threshold = static_cast<double>(s_min) + rel_tol * bound + abs_tol;
-          for (int64_t k = 0; k < K; ++k) {
-            if (static_cast<double>(e_norm[k] + row[k]) <= threshold) recheck(k);
-          }
-        } else {
-          for (int64_t k = 0; k < K; ++k) recheck(k);
+        const double bound = settler.bound(zc_norm2[t]);
+        if (!settler.scores_usable(bound)) {
+          settler.settle(i, [](int64_t) { return true; });
+          continue;
         }
-        if (best < 0) {  // every distance NaN or +inf
-          best = 0;
-          best_dist = sq_dist(zr, e64.data(), D);
-        }
-        indices[i] = best;
-        row_err[i] = best_dist;
-        if (quantized != nullptr) {
-          scalar_t* q = quantized + i * D;
-          for (int64_t d = 0; d < D; ++d) q[d] = E(best, d);
-        }
+        const double threshold = settler.threshold(min_score(row, cb.e_norm.data(), K), bound);
+        settler.settle(i, [&](int64_t k) { return static_cast<double>(cb.e_norm[k] + row[k]) <= threshold; });
       }
     }
   });
+}
 
-  double sum = 0.0;  // in row order: independent of the thread count
+// The fused path: for panels of kScanRows rows, scan_panel keeps each row's best and second-best
+// float score over all codes. A row whose second-best is beyond the error bound of its best has
+// exactly one candidate, the best, and only that code's distance is computed exactly; the rare
+// others (near-ties, rows that could overflow) are returned for settle_rows_gemm.
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N) {
+  const PreparedCodebook& cb = settler.cb;
+  const int64_t K = cb.K, D = cb.D;
+  const int64_t groups = ceil_div(K, kScanCodes);
+
+  // Codebook in groups of kScanCodes codes, coordinate-major inside a group; padding codes
+  // score +inf.
+  std::vector<float> codes(groups * D * kScanCodes, 0.0f);
+  std::vector<float> norms(groups * kScanCodes, std::numeric_limits<float>::infinity());
+  const float* ecp = cb.ec_m2.const_data_ptr<float>();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t g = k / kScanCodes, j = k % kScanCodes;
+    for (int64_t d = 0; d < D; ++d) codes[(g * D + d) * kScanCodes + j] = ecp[k * D + d];
+    norms[k] = cb.e_norm[k];
+  }
+
+  // A thread takes blocks of panels whose rows (~512 KiB) stay in its L2 while the codebook
+  // streams past in chunks of ~256 KiB, each chunk scored against every panel of the block.
+  const int64_t panels = ceil_div(N, kScanRows);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = std::clamp<int64_t>(std::min(kTileFloats / (kScanRows * D), ceil_div(panels, nthreads)),
+                                            1, panels);
+  const int64_t chunk = std::max<int64_t>(1, (kTileFloats / 2) / (D * kScanCodes));
+  std::vector<int64_t> unsettled;
+  std::mutex unsettled_mutex;
+  // Every dtype but double is packed from the float copy; double is centred in double, then rounded.
+  constexpr bool wide = std::is_same_v<scalar_t, double>;
+  const float* zfp = settler.zf;
+
+  at::parallel_for(0, ceil_div(panels, block), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> zt(block * D * kScanRows);
+    std::vector<float> zc_norm2(block * kScanRows);
+    std::vector<ScanState> states(block);
+    std::vector<int64_t> mine;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t p0 = b * block, np = std::min(block, panels - p0);
+      for (int64_t p = 0; p < np; ++p) {
+        float* panel = zt.data() + p * D * kScanRows;
+        const int64_t first = (p0 + p) * kScanRows, rows = std::min(kScanRows, N - first);
+        if (!wide) {
+          pack_panel(zfp + first * D, D, rows, cb.centre.data(), D, panel, zc_norm2.data() + p * kScanRows);
+        } else {
+          for (int64_t t = 0; t < kScanRows; ++t) {
+            float n2 = 0.0f;
+            for (int64_t d = 0; d < D; ++d) {
+              const float c = t < rows ? static_cast<float>(to_double(settler.Z(first + t, d)) - cb.centre[d]) : 0.0f;
+              panel[d * kScanRows + t] = c;
+              n2 += c * c;
+            }
+            zc_norm2[p * kScanRows + t] = n2;
+          }
+        }
+        ScanState& s = states[p];
+        std::fill(s.best, s.best + kScanRows, std::numeric_limits<float>::infinity());
+        std::fill(s.second, s.second + kScanRows, std::numeric_limits<float>::infinity());
+        std::fill(s.index, s.index + kScanRows, 0);
+      }
+      for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
+        const int64_t g1 = std::min(groups, g0 + chunk);
+        for (int64_t p = 0; p < np; ++p)
+          scan_panel(zt.data() + p * D * kScanRows, codes.data(), norms.data(), D, g0, g1, states[p]);
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        const ScanState& s = states[p];
+        for (int64_t t = 0; t < kScanRows; ++t) {
+          const int64_t i = (p0 + p) * kScanRows + t;
+          if (i >= N) break;
+          const double bound = settler.bound(zc_norm2[p * kScanRows + t]);
+          if (!settler.scores_usable(bound) ||
+              !(static_cast<double>(s.second[t]) > settler.threshold(s.best[t], bound))) {
+            mine.push_back(i);  // near-tie, or no trustworthy float scores
+            continue;
+          }
+          settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(unsettled_mutex);
+    unsettled.insert(unsettled.end(), mine.begin(), mine.end());
+  });
+  return unsettled;
+}
+
+// Fills indices (N,) and, unless quantized is null, quantized (N, D, contiguous); returns
+// sum_i ||z_i - e_{idx_i}||^2, summed in row order (independent of the thread count).
+template <typename scalar_t>
+double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* indices,
+                           scalar_t* quantized) {
+  const int64_t N = z.size(0);
+  const PreparedCodebook cb(codebook, View2D<scalar_t>(codebook));
+  std::vector<double> row_err(N);
+  RowSettler<scalar_t> settler(cb, z, codebook, indices, quantized, row_err);
+  std::vector<int64_t> rows;
+  Tensor zf;  // outlives both paths: settler.zf points into it
+  if (use_fused_scan() && cb.K <= std::numeric_limits<int32_t>::max()) {
+    // 16-bit floats widen to float exactly: a float copy (none for contiguous float input)
+    // serves the packing and the exact distances.
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      zf = z.to(at::kFloat).contiguous();
+      settler.zf = zf.const_data_ptr<float>();
+    }
+    rows = settle_rows_fused(settler, N);
+  } else {
+    rows.resize(N);
+    std::iota(rows.begin(), rows.end(), 0);
+  }
+  settle_rows_gemm(settler, rows);
+
+  double sum = 0.0;
   for (int64_t i = 0; i < N; ++i) sum += row_err[i];
   return sum;
 }
@@ -412,7 +590,12 @@ std::tuple<Tensor, Tensor> quantize_bwd_cpu(const Tensor& grad_quantized, const 
   return {grad_z, grad_codebook};
 }
 
+std::string cpu_forward_path() { return use_fused_scan() ? "fused-avx512" : "gemm"; }
+
 }  // namespace
+
+// Which forward the CPU kernels take on this machine: "fused-avx512" or "gemm".
+TORCH_LIBRARY_FRAGMENT(vqvae_fast, m) { m.def("cpu_forward_path() -> str", &cpu_forward_path); }
 
 TORCH_LIBRARY_IMPL(vqvae_fast, CPU, m) {
   m.impl("nearest_code", &nearest_code_cpu);

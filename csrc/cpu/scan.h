@@ -1,0 +1,41 @@
+// The fused nearest-code scan of the CPU forward (AVX-512): scores of a panel of 32 rows
+// against groups of 12 codes are accumulated in registers and folded straight into a running
+// best / second-best / index per row, so no score is ever written to memory.
+#pragma once
+
+#include <cstdint>
+
+namespace vqvae_fast {
+
+constexpr int64_t kScanRows = 32;   // rows per panel: the lanes of two 512-bit vectors
+constexpr int64_t kScanCodes = 12;  // codes per group: 24 accumulators, the rest of the registers for operands
+
+// What a scan has seen so far, per row of a panel: the smallest float score, the second
+// smallest (over all other codes, ties included) and the index of the smallest.
+struct ScanState {
+  alignas(64) float best[kScanRows];
+  alignas(64) float second[kScanRows];
+  alignas(64) int32_t index[kScanRows];
+};
+
+// True when this CPU can run scan_panel (AVX-512F; checked once).
+bool scan_available();
+
+// Folds the scores of code groups [g0, g1) into `state`, for one panel of rows:
+//   zt     D x kScanRows floats, zt[d * kScanRows + r] = coordinate d of row r
+//   codes  per group, D x kScanCodes floats, codes[(g * D + d) * kScanCodes + j] = coordinate d of
+//          code g * kScanCodes + j, already multiplied by the factor the score needs (-2)
+//   norms  per code, the score's constant term (||e||^2, +inf for a code that must never win)
+// score(r, k) = norms[k] + sum_d zt[d][r] * codes[k][d], accumulated in float with FMAs.
+void scan_panel(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0,
+                int64_t g1, ScanState& state);
+
+// Packs n <= kScanRows rows of z (float, row i at z + i * ld) minus `centre` into zt (D x
+// kScanRows, zero rows after n) and their squared norms, summed in float, into norms[0..n).
+void pack_panel(const float* z, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt, float* norms);
+
+// sum_d (z[d] - e[d])^2 in double (products and sums of the widened floats: exact up to
+// double rounding), eight lanes summed in a fixed order.
+double exact_sq_dist(const float* z, const double* e, int64_t D);
+
+}  // namespace vqvae_fast

@@ -1,0 +1,143 @@
+// AVX-512 body of the fused CPU scan (see scan.h). Compiled for AVX-512F through function
+// attributes and called only after scan_available(), so the library still loads everywhere.
+
+#include "scan.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace vqvae_fast {
+
+bool scan_available() {
+  static const bool available = __builtin_cpu_supports("avx512f");
+  return available;
+}
+
+namespace {
+
+// Folds 16 scores s of code k into the running (best, second, index) of 16 rows. `second`
+// takes max(best, s) before best moves, so it is the smallest score of every code but the
+// current best; equal scores of two codes leave second == best.
+__attribute__((target("avx512f"), always_inline)) inline void fold(__m512 s, __m512i k, __m512& best,
+                                                                   __m512& second, __m512i& index) {
+  second = _mm512_min_ps(second, _mm512_max_ps(best, s));
+  const __mmask16 better = _mm512_cmp_ps_mask(s, best, _CMP_LT_OQ);
+  best = _mm512_min_ps(best, s);
+  index = _mm512_mask_mov_epi32(index, better, k);
+}
+
+}  // namespace
+
+__attribute__((target("avx512f"))) void scan_panel(const float* zt, const float* codes, const float* norms,
+                                                   int64_t D, int64_t g0, int64_t g1, ScanState& state) {
+  __m512 best0 = _mm512_load_ps(state.best), best1 = _mm512_load_ps(state.best + 16);
+  __m512 second0 = _mm512_load_ps(state.second), second1 = _mm512_load_ps(state.second + 16);
+  __m512i index0 = _mm512_load_si512(state.index), index1 = _mm512_load_si512(state.index + 16);
+
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* group = codes + g * D * kScanCodes;
+    const float* norm = norms + g * kScanCodes;
+    __m512 acc0[kScanCodes], acc1[kScanCodes];
+#pragma GCC unroll 12
+    for (int j = 0; j < kScanCodes; ++j) acc0[j] = acc1[j] = _mm512_set1_ps(norm[j]);
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 row0 = _mm512_loadu_ps(zt + d * kScanRows);
+      const __m512 row1 = _mm512_loadu_ps(zt + d * kScanRows + 16);
+      const float* c = group + d * kScanCodes;
+#pragma GCC unroll 12
+      for (int j = 0; j < kScanCodes; ++j) {
+        const __m512 cj = _mm512_set1_ps(c[j]);
+        acc0[j] = _mm512_fmadd_ps(row0, cj, acc0[j]);
+        acc1[j] = _mm512_fmadd_ps(row1, cj, acc1[j]);
+      }
+    }
+#pragma GCC unroll 12
+    for (int j = 0; j < kScanCodes; ++j) {
+      const __m512i k = _mm512_set1_epi32(static_cast<int>(g * kScanCodes + j));
+      fold(acc0[j], k, best0, second0, index0);
+      fold(acc1[j], k, best1, second1, index1);
+    }
+  }
+
+  _mm512_store_ps(state.best, best0);
+  _mm512_store_ps(state.best + 16, best1);
+  _mm512_store_ps(state.second, second0);
+  _mm512_store_ps(state.second + 16, second1);
+  _mm512_store_si512(state.index, index0);
+  _mm512_store_si512(state.index + 16, index1);
+}
+
+namespace {
+
+// In-register transpose of a 16 x 16 block: r[i][j] -> r[j][i].
+__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16], v[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      v[8 * i + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      v[8 * i + 4 + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0xDD);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0xDD);
+  }
+}
+
+}  // namespace
+
+__attribute__((target("avx512f"))) void pack_panel(const float* z, int64_t ld, int64_t n, const float* centre,
+                                                   int64_t D, float* zt, float* norms) {
+  // Blocks of 16 rows x 16 coordinates: centred as rows, transposed in registers, stored as
+  // 16 coordinates of 16 row lanes. Rows past n and coordinates past D are zero.
+  alignas(64) float all[kScanRows];
+  for (int64_t half = 0; half < kScanRows / 16; ++half) {
+    const int64_t row0 = half * 16, rows = std::max<int64_t>(0, std::min<int64_t>(16, n - row0));
+    __m512 norm = _mm512_setzero_ps();
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t width = std::min<int64_t>(16, D - d0);
+      const __mmask16 cols = width == 16 ? 0xFFFF : static_cast<__mmask16>((1u << width) - 1);
+      const __m512 c = _mm512_maskz_loadu_ps(cols, centre + d0);
+      __m512 r[16];
+      for (int t = 0; t < 16; ++t) {
+        r[t] = t < rows ? _mm512_maskz_sub_ps(cols, _mm512_maskz_loadu_ps(cols, z + (row0 + t) * ld + d0), c)
+                        : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int j = 0; j < width; ++j) {
+        _mm512_storeu_ps(zt + (d0 + j) * kScanRows + row0, r[j]);
+        norm = _mm512_fmadd_ps(r[j], r[j], norm);
+      }
+    }
+    _mm512_store_ps(all + row0, norm);
+  }
+  for (int64_t t = 0; t < n; ++t) norms[t] = all[t];
+}
+
+__attribute__((target("avx512f"))) double exact_sq_dist(const float* z, const double* e, int64_t D) {
+  __m512d sum = _mm512_setzero_pd();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m512d t = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(z + d)), _mm512_loadu_pd(e + d));
+    sum = _mm512_fmadd_pd(t, t, sum);
+  }
+  double total = _mm512_reduce_add_pd(sum);
+  for (; d < D; ++d) {
+    const double t = static_cast<double>(z[d]) - e[d];
+    total += t * t;
+  }
+  return total;
+}
+
+}  // namespace vqvae_fast
