@@ -34,6 +34,8 @@ def test_quantize_matches_reference(backend, dtype, shape):
         return
     expected = 1.3 * ((z.double() - codebook[indices].double()) ** 2).mean()
     tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+    if backend == "reference" and dtype in (torch.bfloat16, torch.float16):
+        tol = 3e-2  # plain PyTorch in 16-bit: a rounding per op (difference, square, mean, scale), not one
     assert abs(loss.double().item() - expected.item()) <= tol * expected.item()
     assert torch.equal(nearest_code(z, codebook, backend=backend), indices)
 

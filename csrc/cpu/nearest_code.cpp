@@ -47,6 +47,8 @@ using at::Tensor;
 
 // Size of the per-thread float work tile (R rows of scores and of centred z).
 constexpr int64_t kTileFloats = 128 * 1024;  // 512 KiB
+// Up to this D the fused scan records the group of each row's best code, not the code.
+constexpr int64_t kGroupIndexMaxD = 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -249,12 +251,13 @@ struct RowSettler {
     }
   }
 
-  // The smallest exact distance among the codes `is_candidate` admits (ties -> lowest index).
+  // The smallest exact distance among the codes of [k0, k1) that `is_candidate` admits (ties ->
+  // lowest index).
   template <typename Pred>
-  void settle(int64_t i, Pred is_candidate) {
+  void settle(int64_t i, Pred is_candidate, int64_t k0 = 0, int64_t k1 = -1) {
     int64_t best = -1;
     double best_dist = std::numeric_limits<double>::infinity();
-    for (int64_t k = 0; k < cb.K; ++k) {
+    for (int64_t k = k0; k < (k1 < 0 ? cb.K : k1); ++k) {
       if (!is_candidate(k)) continue;
       const double dist = exact_dist(i, k);
       if (dist < best_dist) {
@@ -263,6 +266,9 @@ struct RowSettler {
       }
     }
     finish(i, best, best_dist);
+  }
+  void settle_range(int64_t i, int64_t k0, int64_t k1) {
+    settle(i, [](int64_t) { return true; }, k0, k1);
   }
 };
 
@@ -345,6 +351,9 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
   const int64_t block = std::clamp<int64_t>(std::min(kTileFloats / (kScanRows * D), ceil_div(panels, nthreads)),
                                             1, panels);
   const int64_t chunk = std::max<int64_t>(1, (kTileFloats / 2) / (D * kScanCodes));
+  // Small D: the per-code bookkeeping is a large share of the work, so track groups instead;
+  // finding the code then costs kScanCodes exact distances per row, small next to the scan.
+  const bool group_index = D <= kGroupIndexMaxD;
   std::vector<int64_t> unsettled;
   std::mutex unsettled_mutex;
   // Every dtype but double is packed from the float copy; double is centred in double, then rounded.
@@ -382,7 +391,7 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
       for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
         const int64_t g1 = std::min(groups, g0 + chunk);
         for (int64_t p = 0; p < np; ++p)
-          scan_panel(zt.data() + p * D * kScanRows, codes.data(), norms.data(), D, g0, g1, states[p]);
+          scan_panel(zt.data() + p * D * kScanRows, codes.data(), norms.data(), D, g0, g1, states[p], group_index);
       }
       for (int64_t p = 0; p < np; ++p) {
         const ScanState& s = states[p];
@@ -395,7 +404,18 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
             mine.push_back(i);  // near-tie, or no trustworthy float scores
             continue;
           }
-          settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
+          if (!group_index) {
+            settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
+            continue;
+          }
+          const int64_t g = s.index[t];
+          const int64_t j = code_in_group(zt.data() + p * D * kScanRows, t, codes.data(), norms.data(), D, g,
+                                          s.best[t]);
+          if (j >= 0 && g * kScanCodes + j < K) {
+            settler.finish(i, g * kScanCodes + j, settler.exact_dist(i, g * kScanCodes + j));
+          } else {  // not expected: the one candidate is in the group, and is its exactly nearest code
+            settler.settle_range(i, g * kScanCodes, std::min(K, (g + 1) * kScanCodes));
+          }
         }
       }
     }

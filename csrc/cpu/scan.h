@@ -11,7 +11,7 @@ constexpr int64_t kScanRows = 32;   // rows per panel: the lanes of two 512-bit 
 constexpr int64_t kScanCodes = 12;  // codes per group: 24 accumulators, the rest of the registers for operands
 
 // What a scan has seen so far, per row of a panel: the smallest float score, the second
-// smallest (over all other codes, ties included) and the index of the smallest.
+// smallest (over all other codes, ties included) and the index of the smallest (or of its group).
 struct ScanState {
   alignas(64) float best[kScanRows];
   alignas(64) float second[kScanRows];
@@ -27,8 +27,15 @@ bool scan_available();
 //          code g * kScanCodes + j, already multiplied by the factor the score needs (-2)
 //   norms  per code, the score's constant term (||e||^2, +inf for a code that must never win)
 // score(r, k) = norms[k] + sum_d zt[d][r] * codes[k][d], accumulated in float with FMAs.
+// With group_index, state.index holds the group of the best code rather than the code (cheaper
+// per code, which matters at small D; the caller then finds the code among the group's).
 void scan_panel(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0,
-                int64_t g1, ScanState& state);
+                int64_t g1, ScanState& state, bool group_index);
+
+// After a scan with group_index: the code of group g whose score for panel row `row` is `best`
+// (the scores recomputed exactly as the scan computed them), or -1 if none is.
+int64_t code_in_group(const float* zt, int64_t row, const float* codes, const float* norms, int64_t D,
+                      int64_t g, float best);
 
 // Packs n <= kScanRows rows of z (float, row i at z + i * ld) minus `centre` into zt (D x
 // kScanRows, zero rows after n) and their squared norms, summed in float, into norms[0..n).

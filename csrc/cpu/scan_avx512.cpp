@@ -16,21 +16,19 @@ bool scan_available() {
 
 namespace {
 
-// Folds 16 scores s of code k into the running (best, second, index) of 16 rows. `second`
-// takes max(best, s) before best moves, so it is the smallest score of every code but the
-// current best; equal scores of two codes leave second == best.
-__attribute__((target("avx512f"), always_inline)) inline void fold(__m512 s, __m512i k, __m512& best,
-                                                                   __m512& second, __m512i& index) {
+// Folds 16 scores s into the running best and second-best scores of 16 rows. `second` takes
+// max(best, s) before best moves, so it is the smallest score of every code but the current
+// best; equal scores of two codes leave second == best.
+__attribute__((target("avx512f"), always_inline)) inline void fold(__m512 s, __m512& best, __m512& second) {
   second = _mm512_min_ps(second, _mm512_max_ps(best, s));
-  const __mmask16 better = _mm512_cmp_ps_mask(s, best, _CMP_LT_OQ);
   best = _mm512_min_ps(best, s);
-  index = _mm512_mask_mov_epi32(index, better, k);
 }
 
-}  // namespace
-
-__attribute__((target("avx512f"))) void scan_panel(const float* zt, const float* codes, const float* norms,
-                                                   int64_t D, int64_t g0, int64_t g1, ScanState& state) {
+// kGroupIndex: record the group of the best code (two operations per group instead of two per
+// code; the caller finds the code inside the group), else the code itself.
+template <bool kGroupIndex>
+__attribute__((target("avx512f"))) void scan(const float* zt, const float* codes, const float* norms, int64_t D,
+                                             int64_t g0, int64_t g1, ScanState& state) {
   __m512 best0 = _mm512_load_ps(state.best), best1 = _mm512_load_ps(state.best + 16);
   __m512 second0 = _mm512_load_ps(state.second), second1 = _mm512_load_ps(state.second + 16);
   __m512i index0 = _mm512_load_si512(state.index), index1 = _mm512_load_si512(state.index + 16);
@@ -52,11 +50,25 @@ __attribute__((target("avx512f"))) void scan_panel(const float* zt, const float*
         acc1[j] = _mm512_fmadd_ps(row1, cj, acc1[j]);
       }
     }
+    if constexpr (kGroupIndex) {
+      const __m512 before0 = best0, before1 = best1;
 #pragma GCC unroll 12
-    for (int j = 0; j < kScanCodes; ++j) {
-      const __m512i k = _mm512_set1_epi32(static_cast<int>(g * kScanCodes + j));
-      fold(acc0[j], k, best0, second0, index0);
-      fold(acc1[j], k, best1, second1, index1);
+      for (int j = 0; j < kScanCodes; ++j) {
+        fold(acc0[j], best0, second0);
+        fold(acc1[j], best1, second1);
+      }
+      const __m512i here = _mm512_set1_epi32(static_cast<int>(g));
+      index0 = _mm512_mask_mov_epi32(index0, _mm512_cmp_ps_mask(best0, before0, _CMP_LT_OQ), here);
+      index1 = _mm512_mask_mov_epi32(index1, _mm512_cmp_ps_mask(best1, before1, _CMP_LT_OQ), here);
+    } else {
+#pragma GCC unroll 12
+      for (int j = 0; j < kScanCodes; ++j) {
+        const __m512i k = _mm512_set1_epi32(static_cast<int>(g * kScanCodes + j));
+        index0 = _mm512_mask_mov_epi32(index0, _mm512_cmp_ps_mask(acc0[j], best0, _CMP_LT_OQ), k);
+        index1 = _mm512_mask_mov_epi32(index1, _mm512_cmp_ps_mask(acc1[j], best1, _CMP_LT_OQ), k);
+        fold(acc0[j], best0, second0);
+        fold(acc1[j], best1, second1);
+      }
     }
   }
 
@@ -66,6 +78,37 @@ __attribute__((target("avx512f"))) void scan_panel(const float* zt, const float*
   _mm512_store_ps(state.second + 16, second1);
   _mm512_store_si512(state.index, index0);
   _mm512_store_si512(state.index + 16, index1);
+}
+
+}  // namespace
+
+// The scores of group g's codes for one row, lane j = code j, with the scan's operations in the
+// scan's order (norm, then one FMA per coordinate): bit for bit the scan's scores.
+__attribute__((target("avx512f"))) int64_t code_in_group_avx512(const float* zt, int64_t row, const float* codes,
+                                                              const float* norms, int64_t D, int64_t g, float best) {
+  constexpr __mmask16 lanes = (1u << kScanCodes) - 1;
+  const float* group = codes + g * D * kScanCodes;
+  __m512 acc = _mm512_maskz_loadu_ps(lanes, norms + g * kScanCodes);
+  for (int64_t d = 0; d < D; ++d) {
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(zt[d * kScanRows + row]), _mm512_maskz_loadu_ps(lanes, group + d * kScanCodes),
+                          acc);
+  }
+  const __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes, acc, _mm512_set1_ps(best), _CMP_EQ_OQ);
+  return hit == 0 ? -1 : __builtin_ctz(hit);
+}
+
+void scan_panel(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0, int64_t g1,
+                ScanState& state, bool group_index) {
+  if (group_index) {
+    scan<true>(zt, codes, norms, D, g0, g1, state);
+  } else {
+    scan<false>(zt, codes, norms, D, g0, g1, state);
+  }
+}
+
+int64_t code_in_group(const float* zt, int64_t row, const float* codes, const float* norms, int64_t D,
+                      int64_t g, float best) {
+  return code_in_group_avx512(zt, row, codes, norms, D, g, best);
 }
 
 namespace {
