@@ -196,7 +196,11 @@ struct RowSettler {
   const PreparedCodebook& cb;
   View2D<scalar_t> Z, E;
   const Tensor& z;
-  const float* zf = nullptr;  // z as contiguous floats, where the fused path made that copy
+  // Rows of z the AVX-512 helpers read directly (fused path, every dtype but double): row i
+  // starts at element i * z_ld of z_rows.
+  const void* z_rows = nullptr;
+  Elem z_type = Elem::kFloat;
+  int64_t z_ld = 0;
   int64_t* indices;
   scalar_t* quantized;  // null: no gather
   std::vector<double>& row_err;
@@ -220,9 +224,13 @@ struct RowSettler {
     return static_cast<double>(best_score) + rel_tol * bound + abs_tol;
   }
 
+  const void* row_ptr(int64_t i) const {
+    return static_cast<const char*>(z_rows) + i * z_ld * static_cast<int64_t>(sizeof(scalar_t));
+  }
+
   double exact_dist(int64_t i, int64_t k) const {
     const double* e = cb.e64.data() + k * cb.D;
-    if (zf != nullptr) return exact_sq_dist(zf + i * cb.D, e, cb.D);
+    if (z_rows != nullptr) return exact_sq_dist(row_ptr(i), z_type, e, cb.D);
     double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
     int64_t d = 0;
     for (; d + 4 <= cb.D; d += 4) {
@@ -356,9 +364,8 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
   const bool group_index = D <= kGroupIndexMaxD;
   std::vector<int64_t> unsettled;
   std::mutex unsettled_mutex;
-  // Every dtype but double is packed from the float copy; double is centred in double, then rounded.
+  // Double is centred in double, then rounded; the other dtypes are read by pack_panel.
   constexpr bool wide = std::is_same_v<scalar_t, double>;
-  const float* zfp = settler.zf;
 
   at::parallel_for(0, ceil_div(panels, block), 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> zt(block * D * kScanRows);
@@ -371,7 +378,8 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
         float* panel = zt.data() + p * D * kScanRows;
         const int64_t first = (p0 + p) * kScanRows, rows = std::min(kScanRows, N - first);
         if (!wide) {
-          pack_panel(zfp + first * D, D, rows, cb.centre.data(), D, panel, zc_norm2.data() + p * kScanRows);
+          pack_panel(settler.row_ptr(first), settler.z_type, settler.z_ld, rows, cb.centre.data(), D, panel,
+                     zc_norm2.data() + p * kScanRows);
         } else {
           for (int64_t t = 0; t < kScanRows; ++t) {
             float n2 = 0.0f;
@@ -435,13 +443,15 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
   std::vector<double> row_err(N);
   RowSettler<scalar_t> settler(cb, z, codebook, indices, quantized, row_err);
   std::vector<int64_t> rows;
-  Tensor zf;  // outlives both paths: settler.zf points into it
+  Tensor z_rows;  // outlives both paths: settler.z_rows points into it
   if (use_fused_scan() && cb.K <= std::numeric_limits<int32_t>::max()) {
-    // 16-bit floats widen to float exactly: a float copy (none for contiguous float input)
-    // serves the packing and the exact distances.
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      zf = z.to(at::kFloat).contiguous();
-      settler.zf = zf.const_data_ptr<float>();
+      z_rows = z.stride(1) == 1 ? z : z.contiguous();  // rows of contiguous elements
+      settler.z_rows = z_rows.const_data_ptr();
+      settler.z_ld = z_rows.stride(0);
+      settler.z_type = std::is_same_v<scalar_t, float>           ? Elem::kFloat
+                       : std::is_same_v<scalar_t, at::BFloat16> ? Elem::kBFloat16
+                                                                : Elem::kHalf;
     }
     rows = settle_rows_fused(settler, N);
   } else {

@@ -37,12 +37,16 @@ void scan_panel(const float* zt, const float* codes, const float* norms, int64_t
 int64_t code_in_group(const float* zt, int64_t row, const float* codes, const float* norms, int64_t D,
                       int64_t g, float best);
 
-// Packs n <= kScanRows rows of z (float, row i at z + i * ld) minus `centre` into zt (D x
-// kScanRows, zero rows after n) and their squared norms, summed in float, into norms[0..n).
-void pack_panel(const float* z, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt, float* norms);
+// Element types the packing and the exact distances read directly (16-bit ones widen exactly).
+enum class Elem { kFloat, kBFloat16, kHalf };
 
-// sum_d (z[d] - e[d])^2 in double (products and sums of the widened floats: exact up to
-// double rounding), eight lanes summed in a fixed order.
-double exact_sq_dist(const float* z, const double* e, int64_t D);
+// Packs n <= kScanRows rows of z (row i at element i * ld) minus `centre` into zt (D x
+// kScanRows, zero rows after n) and their squared norms, summed in float, into norms[0..n).
+void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
+                float* norms);
+
+// sum_d (z[d] - e[d])^2 in double for one row of z: exact products and sums of the widened
+// values up to double rounding, in a fixed order.
+double exact_sq_dist(const void* z, Elem type, const double* e, int64_t D);
 
 }  // namespace vqvae_fast

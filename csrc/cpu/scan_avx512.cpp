@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace vqvae_fast {
 
@@ -140,10 +141,40 @@ __attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512
 
 }  // namespace
 
-__attribute__((target("avx512f"))) void pack_panel(const float* z, int64_t ld, int64_t n, const float* centre,
-                                                   int64_t D, float* zt, float* norms) {
+namespace {
+
+// `count` <= 16 values at p as floats (exactly: 16-bit floats widen exactly), zeros after them;
+// nothing past them is read.
+template <Elem T>
+__attribute__((target("avx512f"), always_inline)) inline __m512 load16(const void* p, int64_t count) {
+  if constexpr (T == Elem::kFloat) {
+    return _mm512_maskz_loadu_ps(count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1), p);
+  } else {
+    __m256i raw;
+    if (count >= 16) {
+      raw = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+    } else {
+      alignas(32) uint16_t part[16] = {};
+      std::memcpy(part, p, count * sizeof(uint16_t));
+      raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+    }
+    if constexpr (T == Elem::kBFloat16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16: a float's top half
+    } else {
+      return _mm512_cvtph_ps(raw);
+    }
+  }
+}
+
+template <Elem T>
+constexpr int64_t elem_size() { return T == Elem::kFloat ? 4 : 2; }
+
+template <Elem T>
+__attribute__((target("avx512f"))) void pack(const void* z, int64_t ld, int64_t n, const float* centre, int64_t D,
+                                             float* zt, float* norms) {
   // Blocks of 16 rows x 16 coordinates: centred as rows, transposed in registers, stored as
   // 16 coordinates of 16 row lanes. Rows past n and coordinates past D are zero.
+  const char* base = static_cast<const char*>(z);
   alignas(64) float all[kScanRows];
   for (int64_t half = 0; half < kScanRows / 16; ++half) {
     const int64_t row0 = half * 16, rows = std::max<int64_t>(0, std::min<int64_t>(16, n - row0));
@@ -154,7 +185,7 @@ __attribute__((target("avx512f"))) void pack_panel(const float* z, int64_t ld, i
       const __m512 c = _mm512_maskz_loadu_ps(cols, centre + d0);
       __m512 r[16];
       for (int t = 0; t < 16; ++t) {
-        r[t] = t < rows ? _mm512_maskz_sub_ps(cols, _mm512_maskz_loadu_ps(cols, z + (row0 + t) * ld + d0), c)
+        r[t] = t < rows ? _mm512_maskz_sub_ps(cols, load16<T>(base + ((row0 + t) * ld + d0) * elem_size<T>(), width), c)
                         : _mm512_setzero_ps();
       }
       transpose16(r);
@@ -168,19 +199,43 @@ __attribute__((target("avx512f"))) void pack_panel(const float* z, int64_t ld, i
   for (int64_t t = 0; t < n; ++t) norms[t] = all[t];
 }
 
-__attribute__((target("avx512f"))) double exact_sq_dist(const float* z, const double* e, int64_t D) {
+template <Elem T>
+__attribute__((target("avx512f"))) double exact(const void* z, const double* e, int64_t D) {
+  const char* base = static_cast<const char*>(z);
   __m512d sum = _mm512_setzero_pd();
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    const __m512d t = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(z + d)), _mm512_loadu_pd(e + d));
-    sum = _mm512_fmadd_pd(t, t, sum);
+  for (int64_t d = 0; d < D; d += 16) {
+    const int64_t width = std::min<int64_t>(16, D - d);
+    const __m512 v = load16<T>(base + d * elem_size<T>(), width);
+    const __mmask8 low = width >= 8 ? 0xFF : static_cast<__mmask8>((1u << width) - 1);
+    const __mmask8 high = width >= 16 ? 0xFF : width <= 8 ? 0 : static_cast<__mmask8>((1u << (width - 8)) - 1);
+    const __m512d lo = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), _mm512_maskz_loadu_pd(low, e + d));
+    const __m512d hi = _mm512_sub_pd(
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))),
+        _mm512_maskz_loadu_pd(high, e + d + 8));
+    sum = _mm512_fmadd_pd(lo, lo, sum);
+    sum = _mm512_fmadd_pd(hi, hi, sum);
   }
-  double total = _mm512_reduce_add_pd(sum);
-  for (; d < D; ++d) {
-    const double t = static_cast<double>(z[d]) - e[d];
-    total += t * t;
+  return _mm512_reduce_add_pd(sum);
+}
+
+}  // namespace
+
+void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
+                float* norms) {
+  switch (type) {
+    case Elem::kFloat: return pack<Elem::kFloat>(z, ld, n, centre, D, zt, norms);
+    case Elem::kBFloat16: return pack<Elem::kBFloat16>(z, ld, n, centre, D, zt, norms);
+    case Elem::kHalf: return pack<Elem::kHalf>(z, ld, n, centre, D, zt, norms);
   }
-  return total;
+}
+
+double exact_sq_dist(const void* z, Elem type, const double* e, int64_t D) {
+  switch (type) {
+    case Elem::kFloat: return exact<Elem::kFloat>(z, e, D);
+    case Elem::kBFloat16: return exact<Elem::kBFloat16>(z, e, D);
+    case Elem::kHalf: return exact<Elem::kHalf>(z, e, D);
+  }
+  return 0.0;
 }
 
 }  // namespace vqvae_fast
