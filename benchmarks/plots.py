@@ -19,16 +19,18 @@ matplotlib.use("Agg")  # files only: no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from harness import SHORT_DTYPE  # noqa: E402
-from providers import CDIST, GEMM  # noqa: E402
+from providers import CDIST, FAISS, GEMM  # noqa: E402
 
 # The goals, drawn as dashed lines so a plot shows at a glance whether they are met.
-SPEEDUP_GOAL = {"cpu": 2.0, "cuda": 3.0}
+SPEEDUP_GOAL = {"cpu": 3.0, "cuda": 3.0}
+FAISS_GOAL = 1.2
 GEMM_GOAL = 1.4
 STYLE = {  # ours stands out; the baselines are thinner
     "cdist": dict(color="tab:red", marker="o"),
     "addmm": dict(color="tab:orange", marker="s"),
     "compiled addmm": dict(color="tab:purple", marker="^"),
     "GEMM floor": dict(color="black", marker="x", linestyle="--"),
+    "faiss": dict(color="tab:brown", marker="P"),
     "vqvae_fast[cpu]": dict(color="tab:blue", marker="D", linewidth=2.5),
     "vqvae_fast[triton]": dict(color="tab:blue", marker="D", linewidth=2.5),
     "vqvae_fast[cuda]": dict(color="tab:green", marker="v", linewidth=2.5),
@@ -136,7 +138,8 @@ def draw(sweep: dict, out_dir) -> list[Path]:
     written = []
 
     def save(fig, name):
-        path = out_dir / f"sweep_{device}_{task}_{name}.png"
+        threads = f"_{sweep['machine']['torch_threads']}t" if device == "cpu" else ""
+        path = out_dir / f"sweep_{device}{threads}_{task}_{name}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
@@ -151,6 +154,11 @@ def draw(sweep: dict, out_dir) -> list[Path]:
                            f"{task}: speedup over cdist+argmin+gather ({short}, {where})", logy=False,
                            hlines=[(1, "cdist"), (SPEEDUP_GOAL[device], f"goal {SPEEDUP_GOAL[device]:g}x")],
                            skip=(CDIST,)), f"speedup_vs_cdist_{short}")
+            if any(r["provider"] == FAISS for _, r in _ok_rows(points)):
+                save(_k_figure(panels, lambda r, rows: r.get("speedup_vs_faiss"), "speedup over FAISS (x)",
+                               f"{task}: speedup over FAISS IndexFlatL2 ({short}, {where})", logy=False,
+                               hlines=[(1, "FAISS"), (FAISS_GOAL, f"goal {FAISS_GOAL:g}x")],
+                               skip=(CDIST, FAISS, "addmm", "compiled addmm", GEMM)), f"speedup_vs_faiss_{short}")
             save(_k_figure(panels, lambda r, rows: r.get("time_vs_gemm"), "time / bare GEMM time",
                            f"{task}: time relative to the GEMM floor z@E^T ({short}, {where})", logy=True,
                            hlines=[(1, "GEMM"), (GEMM_GOAL, f"goal {GEMM_GOAL:g}x")], skip=(GEMM,)),

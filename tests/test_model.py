@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqvae_fast import VQVAE, VectorQuantizer, load_checkpoint, nearest_code
+from vqvae_fast import VQVAE, VQVAE2, VectorQuantizer, load_checkpoint, nearest_code
+from vqvae_fast.functional import InputError
 from vqvae_fast.model import save_checkpoint
 from vqvae_fast.vector_quantizer import LAPLACE_EPS
 
@@ -41,6 +42,19 @@ def test_sizes_are_configurable():
     assert codes.shape == (3, 4, 2)
     assert int(codes.max()) < 16
     assert model.decode(codes).shape == (3, 3, 32, 16)
+
+
+@pytest.mark.parametrize("model_class", [VQVAE, VQVAE2])
+def test_activation_is_used_everywhere_and_checked(tmp_path, model_class):
+    model = model_class(activation="silu", **SMALL)
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.SiLU in kinds and torch.nn.ReLU not in kinds
+    save_checkpoint(tmp_path / "ckpt.pt", model, step=0)
+    loaded = load_checkpoint(tmp_path / "ckpt.pt", map_location="cpu")
+    assert torch.nn.SiLU in {type(m) for m in loaded.modules()}
+    assert torch.nn.SiLU not in {type(m) for m in model_class(**SMALL).modules()}  # the paper's ReLU by default
+    with pytest.raises(InputError, match="activation must be one of"):
+        model_class(activation="gelu", **SMALL)
 
 
 @pytest.mark.parametrize("recipe", ["default", "plain", "gradient_codebook"])

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .data import DataNotFoundError, load_cifar10
-from .model import MODELS, save_checkpoint
+from .model import ACTIVATIONS, MODELS, save_checkpoint
 from .reconstruction import ReconstructionTask, save_reconstructions
 from .training import fit, parse_with_resume, pick_device, rng_state, set_rng_state, warmup_cosine
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=160, help="encoder/decoder width")
     parser.add_argument("--res-channels", type=int, default=128, help="residual block hidden width")
     parser.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
+    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
+                        help="activation of the encoder and decoder")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="'auto': CUDA when available (under torchrun: the process's LOCAL_RANK GPU)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (the quantizer stays fp32)")
@@ -103,10 +105,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     args, checkpoint = parse_with_resume(build_parser, argv, RUN_CONTROL, "vqvae_fast/1")
     if checkpoint is not None:
         # Settings that became flags after a checkpoint was written: its model config has the
-        # value the run used (not today's default).
-        for key in ("dead_threshold", "gradient"):
-            if key not in checkpoint["args"] and key in checkpoint.get("config", {}):
-                setattr(args, key, checkpoint["config"][key])
+        # value the run used (not today's default); a model older than the setting had its
+        # constructor's default.
+        config = checkpoint.get("config", {})
+        for key, before in (("dead_threshold", None), ("gradient", None), ("activation", "relu")):
+            if key not in checkpoint["args"]:
+                if key in config:
+                    setattr(args, key, config[key])
+                elif before is not None:
+                    setattr(args, key, before)
     if args.steps is None and args.epochs is None:
         args.steps = 300
     problem = invalid_setting(args)
@@ -146,6 +153,7 @@ def build_model(args: argparse.Namespace):
                        res_channels=args.res_channels, num_res_blocks=args.res_blocks,
                        ema_decay=args.ema_decay if ema else None, gradient=getattr(args, "gradient", "ste"),
                        dead_threshold=getattr(args, "dead_threshold", 0.1),
+                       activation=getattr(args, "activation", "relu"),
                        **recipe)
 
 

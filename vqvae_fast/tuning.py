@@ -29,10 +29,12 @@ SEARCH_SPACE: dict[str, tuple[str, Callable]] = {
     "ema_decay": ("--ema-decay", lambda t: t.suggest_float("ema_decay", 0.7, 0.99)),
     "dead_threshold": ("--dead-threshold", lambda t: t.suggest_float("dead_threshold", 0.005, 0.5, log=True)),
     "code_dim": ("--code-dim", lambda t: t.suggest_categorical("code_dim", [16, 32, 64, 128])),
-    "num_codes": ("--num-codes", lambda t: t.suggest_categorical("num_codes", [128, 256, 512, 1024])),
+    "num_codes": ("--num-codes", lambda t: t.suggest_categorical("num_codes", [256, 512, 1024, 2048, 4096, 8192])),
     # Up to 176: the convolutions' cost grows as width squared, and a new default may cost at
     # most 1.25x the old one's (160) wall time.
     "channels": ("--channels", lambda t: t.suggest_categorical("channels", [96, 128, 160, 176])),
+    "res_channels": ("--res-channels", lambda t: t.suggest_categorical("res_channels", [64, 128])),
+    "activation": ("--activation", lambda t: t.suggest_categorical("activation", ["relu", "silu"])),
     "gradient": ("--gradient", lambda t: t.suggest_categorical("gradient", ["ste", "rotation"])),
 }
 
