@@ -46,6 +46,15 @@ class Point:
     def flops(self) -> int:
         return 2 * self.n * self.k * self.d  # the z @ E^T product at the heart of every provider
 
+    def min_bytes(self, task: str) -> int:
+        """Bytes any implementation must move: read z and the codebook once, write the indices
+        (int64), and for forward the quantized rows; backward also reads the incoming gradient
+        and writes both gradients."""
+        size = DTYPES[self.dtype].itemsize
+        nd, kd = self.n * self.d, self.k * self.d
+        moved = {"nearest": nd + kd, "forward": 2 * nd + kd, "backward": 4 * nd + 2 * kd}[task]
+        return size * moved + 8 * self.n
+
     def label(self) -> str:
         return f"N={self.n} K={self.k} D={self.d} {SHORT_DTYPE[self.dtype]}"
 
@@ -130,6 +139,15 @@ def gemm_rate(device: str, dtype: str) -> float:
     a = torch.randn(size, size, device=device).to(DTYPES[dtype])
     samples = time_interleaved({"gemm": lambda x, y: x @ y}, a, a, device, rounds=7)[0]["gemm"]
     return 2 * size ** 3 / statistics.median(samples)
+
+
+def copy_rate(device: str) -> float:
+    """Bytes/s moved by copying a 256 MiB buffer (read + write): the memory-traffic roof, measured
+    next to gemm_rate for the same reason."""
+    src = torch.empty(64 * 2**20, device=device).uniform_()
+    dst = torch.empty_like(src)
+    samples = time_interleaved({"copy": lambda a, b: b.copy_(a)}, src, dst, device, rounds=7)[0]["copy"]
+    return 2 * src.numel() * src.element_size() / statistics.median(samples)
 
 
 # --------------------------------------------------------------------------- timing and memory
@@ -330,6 +348,7 @@ def run_point(point: Point, device: str, task: str, rounds: int, *, only: list[s
 
     with OtherLoad() as other_load:
         large_gemm_rate = gemm_rate(device, point.dtype)
+        memory_rate = copy_rate(device)
         times, errors = time_interleaved(fns, z, codebook, device, rounds)
     for name, error in errors.items():
         rows[name].update(status="failed", reason=error)
@@ -348,13 +367,13 @@ def run_point(point: Point, device: str, task: str, rounds: int, *, only: list[s
         del z, codebook  # the probe process makes its own: do not hold two copies
         for name, peak in peak_extra_bytes_cpu(point, task, list(times)).items():
             rows[name]["peak_extra_bytes"] = peak
-    _add_ratios(rows, point, large_gemm_rate)
-    return dict(point=point.__dict__, task=task, flops=point.flops, rounds=rounds, load_average=os.getloadavg(),
-                other_processes_cpu_share=other_load.share, large_gemm_gflops=large_gemm_rate / 1e9,
-                rows=list(rows.values()))
+    _add_ratios(rows, point, large_gemm_rate, point.min_bytes(task) / memory_rate)
+    return dict(point=point.__dict__, task=task, flops=point.flops, min_bytes=point.min_bytes(task), rounds=rounds,
+                load_average=os.getloadavg(), other_processes_cpu_share=other_load.share,
+                large_gemm_gflops=large_gemm_rate / 1e9, copy_gbps=memory_rate / 1e9, rows=list(rows.values()))
 
 
-def _add_ratios(rows: dict, point: Point, floor_rate: float) -> None:
+def _add_ratios(rows: dict, point: Point, floor_rate: float, memory_floor_s: float) -> None:
     """Speedups over the baselines (>1: faster) and time relative to the GEMM floor (>1: slower)."""
     def median(name):
         row = rows.get(name, {})
@@ -374,6 +393,8 @@ def _add_ratios(rows: dict, point: Point, floor_rate: float) -> None:
         # The floor from the flop count at the large-GEMM rate: where the bare z @ E^T itself is
         # memory-bound (small D), this floor is lower than the measured GEMM.
         row["time_vs_peak_gemm_rate"] = mine / (point.flops / floor_rate)
+        # The floor from the bytes that must move, at the rate of a large copy.
+        row["time_vs_memory_floor"] = mine / memory_floor_s
 
 
 # --------------------------------------------------------------------------- output

@@ -360,7 +360,7 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
                                             1, panels);
   const int64_t chunk = std::max<int64_t>(1, (kTileFloats / 2) / (D * kScanCodes));
   // Small D: the per-code bookkeeping is a large share of the work, so track groups instead;
-  // finding the code then costs kScanCodes exact distances per row, small next to the scan.
+  // finding the code then costs one group's D x kScanCodes FMAs per row, small next to the scan.
   const bool group_index = D <= kGroupIndexMaxD;
   std::vector<int64_t> unsettled;
   std::mutex unsettled_mutex;
