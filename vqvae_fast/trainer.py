@@ -24,10 +24,12 @@ from .model import ACTIVATIONS, MODELS, save_checkpoint
 from .reconstruction import ReconstructionTask, save_reconstructions
 from .training import fit, parse_with_resume, pick_device, rng_state, set_rng_state, warmup_cosine
 
-# The defaults below (lr, beta, EMA decay, dead threshold, code size and count) are the best trial
-# of the Optuna study in the README (examples/tune_cifar10.py, 300 steps x 128 on the CIFAR-10
-# subset); the previous ones were --lr 1e-3 --beta 0.25 --ema-decay 0.9 --dead-threshold 0.1
-# --code-dim 64 --num-codes 512.
+# The defaults below (lr, beta, EMA decay, dead threshold, code size and count, residual width,
+# activation) are the best trial of the second Optuna study in the README (examples/tune_cifar10.py,
+# 300 steps x 128 on the CIFAR-10 subset, docs/results/tune300b/). Before it: --lr 1.3e-3 --beta 0.4
+# --ema-decay 0.87 --dead-threshold 0.37 --num-codes 1024 --res-channels 128 --activation relu (the
+# first study's); before that: --lr 1e-3 --beta 0.25 --ema-decay 0.9 --dead-threshold 0.1
+# --code-dim 64 --num-codes 512 --res-channels 128 --activation relu.
 RECIPES = {
     # The project's recipe: k-means init, dead-code restarts, EMA codebook, fused quantizer.
     "default": dict(kmeans_init=True, restart_dead=True, ema=True, backend="auto"),
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=float, help="training epochs, instead of --steps")
     parser.add_argument("--batch-size", type=int, default=128,
                         help="images per step in all (under torchrun: the global batch, split across processes)")
-    parser.add_argument("--lr", type=float, default=1.3e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=2.35e-3, help="Adam learning rate")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                         help="'cosine': linear warm-up over the first 5%% of the steps, then cosine decay to 10%% "
                              "of --lr at the last step")
@@ -61,21 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'vqvae': one 8x8 grid of codes; 'vqvae2': the two-level VQ-VAE-2 (4x4 top, 8x8 bottom)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
                         help="codebook recipe: 'default' (k-means init, dead-code restarts, EMA) or 'plain' (classic)")
-    parser.add_argument("--num-codes", type=int, default=1024, help="codebook size")
+    parser.add_argument("--num-codes", type=int, default=4096, help="codebook size")
     parser.add_argument("--code-dim", type=int, default=32, help="dimension of each code vector")
-    parser.add_argument("--beta", type=float, default=0.4, help="commitment loss weight")
+    parser.add_argument("--beta", type=float, default=0.51, help="commitment loss weight")
     parser.add_argument("--gradient", choices=("ste", "rotation"), default="ste",
                         help="how the quantizer passes gradients to the encoder: straight through, or the "
                              "rotation trick (Fifty et al., 2024)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
                         help="EMA codebook updates instead of codebook gradients (default: the recipe's choice)")
-    parser.add_argument("--ema-decay", type=float, default=0.87, help="EMA codebook decay (with --ema)")
-    parser.add_argument("--dead-threshold", type=float, default=0.37,
+    parser.add_argument("--ema-decay", type=float, default=0.756, help="EMA codebook decay (with --ema)")
+    parser.add_argument("--dead-threshold", type=float, default=0.07,
                         help="restart codes whose running usage falls below this share of uniform use")
     parser.add_argument("--channels", type=int, default=160, help="encoder/decoder width")
-    parser.add_argument("--res-channels", type=int, default=128, help="residual block hidden width")
+    parser.add_argument("--res-channels", type=int, default=64, help="residual block hidden width")
     parser.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
-    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
+    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="silu",
                         help="activation of the encoder and decoder")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="'auto': CUDA when available (under torchrun: the process's LOCAL_RANK GPU)")
