@@ -138,52 +138,62 @@ bool use_fused_scan() {
 // entries (a shared offset would otherwise be lost to cancellation in the float scores).
 struct PreparedCodebook {
   int64_t K, D;
-  std::vector<double> e64;     // K x D, the exact values
   std::vector<float> centre;   // D, the mean of the finite entries per column, rounded to float
   std::vector<float> e_norm;   // K, ||e_k - mu||^2 in float; +inf for a code with a NaN/Inf entry
   Tensor ec_m2;                // K x D float, -2 (e_k - mu) (0 for a non-finite code)
   double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
 
   template <typename scalar_t>
+  // The passes over K x D run on all threads (page faults of the workspace included); every
+  // value is computed as a serial pass would, so the result does not depend on the threads.
   PreparedCodebook(const Tensor& codebook, const View2D<scalar_t>& E) : K(codebook.size(0)), D(codebook.size(1)) {
-    e64.resize(K * D);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t d = 0; d < D; ++d) e64[k * D + d] = to_double(E(k, d));
-    std::vector<double> mu(D, 0.0), count(D, 0.0);
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
     std::vector<char> code_finite(K, 1);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t d = 0; d < D; ++d) {
-        const double v = e64[k * D + d];
-        if (std::isfinite(v)) {
-          mu[d] += v;
-          count[d] += 1.0;
-        } else {
-          code_finite[k] = 0;
+    at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t d = 0; d < D; ++d) {
+          if (!std::isfinite(to_double(E(k, d)))) code_finite[k] = 0;
         }
       }
-    }
+    });
+    // Column sums over the finite entries, each column summed in code order by one thread.
+    std::vector<double> mu(D, 0.0), count(D, 0.0);
+    at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t d = d0; d < d1; ++d) {
+          const double v = to_double(E(k, d));
+          if (std::isfinite(v)) {
+            mu[d] += v;
+            count[d] += 1.0;
+          }
+        }
+      }
+    });
     centre.resize(D);
     for (int64_t d = 0; d < D; ++d) centre[d] = static_cast<float>(count[d] > 0 ? mu[d] / count[d] : 0.0);
 
     ec_m2 = at::empty({K, D}, codebook.options().dtype(at::kFloat));
     float* ecp = ec_m2.data_ptr<float>();
     e_norm.resize(K);
+    std::vector<double> norm2(K, 0.0);
+    at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double n2 = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const float c = code_finite[k] ? static_cast<float>(to_double(E(k, d)) - centre[d]) : 0.0f;
+          ecp[k * D + d] = -2.0f * c;  // exact
+          n2 += static_cast<double>(c) * c;
+        }
+        norm2[k] = n2;
+        e_norm[k] = code_finite[k] ? static_cast<float>(n2) : std::numeric_limits<float>::infinity();
+      }
+    });
     double max_norm2 = 0.0;
     bool norms_finite = true;
     for (int64_t k = 0; k < K; ++k) {
-      double n2 = 0.0;
-      for (int64_t d = 0; d < D; ++d) {
-        const float c = code_finite[k] ? static_cast<float>(e64[k * D + d] - centre[d]) : 0.0f;
-        ecp[k * D + d] = -2.0f * c;  // exact
-        n2 += static_cast<double>(c) * c;
-      }
-      if (!code_finite[k]) {
-        e_norm[k] = std::numeric_limits<float>::infinity();
-        continue;
-      }
-      e_norm[k] = static_cast<float>(n2);
-      norms_finite = norms_finite && std::isfinite(n2) && std::isfinite(e_norm[k]);
-      max_norm2 = std::max(max_norm2, n2);
+      if (!code_finite[k]) continue;
+      norms_finite = norms_finite && std::isfinite(norm2[k]) && std::isfinite(e_norm[k]);
+      max_norm2 = std::max(max_norm2, norm2[k]);
     }
     M2 = norms_finite ? max_norm2 : std::numeric_limits<double>::infinity();
     M = std::sqrt(M2);
@@ -201,6 +211,9 @@ struct RowSettler {
   const void* z_rows = nullptr;
   Elem z_type = Elem::kFloat;
   int64_t z_ld = 0;
+  const void* e_rows = nullptr;  // the codebook's rows, the same way (element e_ld * k starts code k)
+  int64_t e_ld = 0;
+  static constexpr int64_t elem_bytes = sizeof(scalar_t);
   int64_t* indices;
   scalar_t* quantized;  // null: no gather
   std::vector<double>& row_err;
@@ -225,22 +238,23 @@ struct RowSettler {
   }
 
   const void* row_ptr(int64_t i) const {
-    return static_cast<const char*>(z_rows) + i * z_ld * static_cast<int64_t>(sizeof(scalar_t));
+    return static_cast<const char*>(z_rows) + i * z_ld * elem_bytes;
   }
 
   double exact_dist(int64_t i, int64_t k) const {
-    const double* e = cb.e64.data() + k * cb.D;
-    if (z_rows != nullptr) return exact_sq_dist(row_ptr(i), z_type, e, cb.D);
+    if (z_rows != nullptr) {
+      return exact_sq_dist(row_ptr(i), static_cast<const char*>(e_rows) + k * e_ld * elem_bytes, z_type, cb.D);
+    }
     double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
     int64_t d = 0;
     for (; d + 4 <= cb.D; d += 4) {
       for (int j = 0; j < 4; ++j) {
-        const double t = to_double(Z(i, d + j)) - e[d + j];
+        const double t = to_double(Z(i, d + j)) - to_double(E(k, d + j));
         s[j] += t * t;
       }
     }
     for (; d < cb.D; ++d) {
-      const double t = to_double(Z(i, d)) - e[d];
+      const double t = to_double(Z(i, d)) - to_double(E(k, d));
       s[0] += t * t;
     }
     return (s[0] + s[1]) + (s[2] + s[3]);
@@ -343,14 +357,20 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
 
   // Codebook in groups of kScanCodes codes, coordinate-major inside a group; padding codes
   // score +inf.
-  std::vector<float> codes(groups * D * kScanCodes, 0.0f);
+  std::vector<float> codes(groups * D * kScanCodes);
   std::vector<float> norms(groups * kScanCodes, std::numeric_limits<float>::infinity());
   const float* ecp = cb.ec_m2.const_data_ptr<float>();
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t g = k / kScanCodes, j = k % kScanCodes;
-    for (int64_t d = 0; d < D; ++d) codes[(g * D + d) * kScanCodes + j] = ecp[k * D + d];
-    norms[k] = cb.e_norm[k];
-  }
+  at::parallel_for(0, groups, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, D)), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t j = 0; j < kScanCodes; ++j) {
+          const int64_t k = g * kScanCodes + j;
+          codes[(g * D + d) * kScanCodes + j] = k < K ? ecp[k * D + d] : 0.0f;
+        }
+      }
+    }
+  });
+  std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
 
   // A thread takes blocks of panels whose rows (~512 KiB) stay in its L2 while the codebook
   // streams past in chunks of ~256 KiB, each chunk scored against every panel of the block.
@@ -443,12 +463,15 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
   std::vector<double> row_err(N);
   RowSettler<scalar_t> settler(cb, z, codebook, indices, quantized, row_err);
   std::vector<int64_t> rows;
-  Tensor z_rows;  // outlives both paths: settler.z_rows points into it
+  Tensor z_rows, e_rows;  // outlive both paths: settler.z_rows and e_rows point into them
   if (use_fused_scan() && cb.K <= std::numeric_limits<int32_t>::max()) {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       z_rows = z.stride(1) == 1 ? z : z.contiguous();  // rows of contiguous elements
       settler.z_rows = z_rows.const_data_ptr();
       settler.z_ld = z_rows.stride(0);
+      e_rows = codebook.stride(1) == 1 ? codebook : codebook.contiguous();
+      settler.e_rows = e_rows.const_data_ptr();
+      settler.e_ld = e_rows.stride(0);
       settler.z_type = std::is_same_v<scalar_t, float>           ? Elem::kFloat
                        : std::is_same_v<scalar_t, at::BFloat16> ? Elem::kBFloat16
                                                                 : Elem::kHalf;

@@ -45,8 +45,8 @@ enum class Elem { kFloat, kBFloat16, kHalf };
 void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
                 float* norms);
 
-// sum_d (z[d] - e[d])^2 in double for one row of z: exact products and sums of the widened
-// values up to double rounding, in a fixed order.
-double exact_sq_dist(const void* z, Elem type, const double* e, int64_t D);
+// sum_d (z[d] - e[d])^2 in double for a row of z and a code (both of `type`): exact products
+// and sums of the widened values up to double rounding, in a fixed order.
+double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D);
 
 }  // namespace vqvae_fast

@@ -199,19 +199,25 @@ __attribute__((target("avx512f"))) void pack(const void* z, int64_t ld, int64_t 
   for (int64_t t = 0; t < n; ++t) norms[t] = all[t];
 }
 
+// The 8 low and the 8 high floats of v, widened to double (exactly).
+__attribute__((target("avx512f"), always_inline)) inline __m512d low8(__m512 v) {
+  return _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512d high8(__m512 v) {
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
 template <Elem T>
-__attribute__((target("avx512f"))) double exact(const void* z, const double* e, int64_t D) {
-  const char* base = static_cast<const char*>(z);
+__attribute__((target("avx512f"))) double exact(const void* z, const void* e, int64_t D) {
+  const char* zb = static_cast<const char*>(z);
+  const char* eb = static_cast<const char*>(e);
   __m512d sum = _mm512_setzero_pd();
   for (int64_t d = 0; d < D; d += 16) {
     const int64_t width = std::min<int64_t>(16, D - d);
-    const __m512 v = load16<T>(base + d * elem_size<T>(), width);
-    const __mmask8 low = width >= 8 ? 0xFF : static_cast<__mmask8>((1u << width) - 1);
-    const __mmask8 high = width >= 16 ? 0xFF : width <= 8 ? 0 : static_cast<__mmask8>((1u << (width - 8)) - 1);
-    const __m512d lo = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), _mm512_maskz_loadu_pd(low, e + d));
-    const __m512d hi = _mm512_sub_pd(
-        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))),
-        _mm512_maskz_loadu_pd(high, e + d + 8));
+    const __m512 zv = load16<T>(zb + d * elem_size<T>(), width);  // zeros past D in both
+    const __m512 ev = load16<T>(eb + d * elem_size<T>(), width);
+    const __m512d lo = _mm512_sub_pd(low8(zv), low8(ev));
+    const __m512d hi = _mm512_sub_pd(high8(zv), high8(ev));
     sum = _mm512_fmadd_pd(lo, lo, sum);
     sum = _mm512_fmadd_pd(hi, hi, sum);
   }
@@ -229,7 +235,7 @@ void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* ce
   }
 }
 
-double exact_sq_dist(const void* z, Elem type, const double* e, int64_t D) {
+double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D) {
   switch (type) {
     case Elem::kFloat: return exact<Elem::kFloat>(z, e, D);
     case Elem::kBFloat16: return exact<Elem::kBFloat16>(z, e, D);
