@@ -143,9 +143,9 @@ struct PreparedCodebook {
   Tensor ec_m2;                // K x D float, -2 (e_k - mu) (0 for a non-finite code)
   double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
 
-  template <typename scalar_t>
   // The passes over K x D run on all threads (page faults of the workspace included); every
   // value is computed as a serial pass would, so the result does not depend on the threads.
+  template <typename scalar_t>
   PreparedCodebook(const Tensor& codebook, const View2D<scalar_t>& E) : K(codebook.size(0)), D(codebook.size(1)) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
     std::vector<char> code_finite(K, 1);
@@ -205,7 +205,6 @@ template <typename scalar_t>
 struct RowSettler {
   const PreparedCodebook& cb;
   View2D<scalar_t> Z, E;
-  const Tensor& z;
   // Rows of z the AVX-512 helpers read directly (fused path, every dtype but double): row i
   // starts at element i * z_ld of z_rows.
   const void* z_rows = nullptr;
@@ -225,7 +224,7 @@ struct RowSettler {
 
   RowSettler(const PreparedCodebook& cb, const Tensor& z, const Tensor& codebook, int64_t* indices,
              scalar_t* quantized, std::vector<double>& row_err)
-      : cb(cb), Z(z), E(codebook), z(z), indices(indices), quantized(quantized), row_err(row_err),
+      : cb(cb), Z(z), E(codebook), indices(indices), quantized(quantized), row_err(row_err),
         rel_tol(4.0 * static_cast<double>(cb.D + 4) * std::ldexp(1.0, -24)),
         abs_tol(static_cast<double>(cb.D + 4) * std::ldexp(1.0, -147)) {}
 

@@ -85,8 +85,8 @@ __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes
 
 // The scores of group g's codes for one row, lane j = code j, with the scan's operations in the
 // scan's order (norm, then one FMA per coordinate): bit for bit the scan's scores.
-__attribute__((target("avx512f"))) int64_t code_in_group_avx512(const float* zt, int64_t row, const float* codes,
-                                                              const float* norms, int64_t D, int64_t g, float best) {
+__attribute__((target("avx512f"))) int64_t code_in_group(const float* zt, int64_t row, const float* codes,
+                                                       const float* norms, int64_t D, int64_t g, float best) {
   constexpr __mmask16 lanes = (1u << kScanCodes) - 1;
   const float* group = codes + g * D * kScanCodes;
   __m512 acc = _mm512_maskz_loadu_ps(lanes, norms + g * kScanCodes);
@@ -105,11 +105,6 @@ void scan_panel(const float* zt, const float* codes, const float* norms, int64_t
   } else {
     scan<false>(zt, codes, norms, D, g0, g1, state);
   }
-}
-
-int64_t code_in_group(const float* zt, int64_t row, const float* codes, const float* norms, int64_t D,
-                      int64_t g, float best) {
-  return code_in_group_avx512(zt, row, codes, norms, D, g, best);
 }
 
 namespace {
