@@ -86,9 +86,15 @@ def test_rotation_gradients_match_reference(backend, dtype, shape):
     scale = max(float(expected_z.abs().max()) if n else 1.0, 1e-30)
     assert gz.dtype == dtype
     torch.testing.assert_close(gz.double() / scale, expected_z / scale, rtol=tol, atol=tol)
-    # The codebook's gradient comes from the loss alone, as with the straight-through estimator.
+    # The codebook's gradient comes from the loss alone, as with the straight-through estimator:
+    # bit for bit on the CPU; on a GPU the per-code sums are atomic adds, whose order (and so
+    # the last bit) changes from run to run.
     _, _, _, ge_ste = _grads(z, codebook, grad_quantized, "ste", backend)
-    torch.testing.assert_close(ge, ge_ste, rtol=0, atol=0)
+    if device == "cpu":
+        torch.testing.assert_close(ge, ge_ste, rtol=0, atol=0)
+    else:
+        ge_scale = max(float(ge_ste.abs().max()) if n else 1.0, 1e-30)
+        torch.testing.assert_close(ge.double() / ge_scale, ge_ste.double() / ge_scale, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

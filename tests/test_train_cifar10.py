@@ -73,7 +73,11 @@ def tiny_cifar(tmp_path_factory) -> Path:
     return folder
 
 
-TINY = ["--batch-size", "32", "--num-codes", "32", "--code-dim", "8", "--channels", "32", "--res-channels", "16",
+# Exact resume is a CPU property: on a GPU, atomic adds and cuDNN's algorithms reorder sums run to
+# run (seen on an H200: weights 1e-6..1e-4 apart after 20 resumed steps). --device is not stored
+# in the checkpoint, so each --resume below names it again.
+ON_CPU = ["--device", "cpu"]
+TINY = [*ON_CPU, "--batch-size", "32", "--num-codes", "32", "--code-dim", "8", "--channels", "32", "--res-channels", "16",
         "--res-blocks", "1", "--ema", "--eval-every", "10", "--lr", "1e-3", "--seed", "3", "--quiet"]
 
 
@@ -117,7 +121,7 @@ def test_resume_continues_the_same_run_exactly(full_run, trainer, tiny_cifar, tm
     # Stop at step 20 (mid-epoch: 6 steps per epoch), then resume to 40.
     assert trainer.main(["--data-dir", str(tiny_cifar), "--steps", "20", "--out", str(tmp_path), *TINY]) == 0
     assert trainer.main(["--data-dir", str(tiny_cifar), "--steps", "40", "--out", str(tmp_path),
-                         "--resume", str(tmp_path / "checkpoint.pt"), "--quiet"]) == 0
+                         "--resume", str(tmp_path / "checkpoint.pt"), "--quiet", *ON_CPU]) == 0
     resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     uninterrupted = torch.load(full_run / "checkpoint.pt", weights_only=True)
     assert resumed["step"] == uninterrupted["step"] == 40
@@ -174,7 +178,7 @@ def test_an_interrupted_cosine_schedule_resumes_exactly(trainer, tiny_cifar, tmp
 
     with pytest.raises(KeyboardInterrupt):
         train(build_parser().parse_args([*argv, "--out", str(tmp_path / "cut")]), report=killed_at_20)
-    assert trainer.main(["--resume", str(tmp_path / "cut/checkpoint.pt"), "--quiet"]) == 0
+    assert trainer.main(["--resume", str(tmp_path / "cut/checkpoint.pt"), "--quiet", *ON_CPU]) == 0
     assert trainer.main([*argv, "--out", str(tmp_path / "whole")]) == 0
     resumed = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)
     whole = torch.load(tmp_path / "whole/checkpoint.pt", weights_only=True)
