@@ -1,6 +1,7 @@
-"""The cpu backend's two forward paths: the fused AVX-512 scan (used where the CPU has it) and the
-BLAS GEMM path (every other CPU; VQVAE_FAST_CPU_SCAN=gemm forces it). Both must give the exact
-nearest code; the forward suite runs on the default path, and once more here on the GEMM path."""
+"""The cpu backend's forward paths: the fused scan in its AMX form (large D, CPUs with AMX-BF16:
+bf16 tile products of split operands) and its AVX-512 form, and the BLAS GEMM path (every other
+CPU). VQVAE_FAST_CPU_SCAN=amx | avx512 | gemm forces one. Each must give the exact nearest code;
+the forward suite runs on the default path, and once more here on each forced path."""
 from __future__ import annotations
 
 import os
@@ -16,32 +17,46 @@ import vqvae_fast  # noqa: F401  (loads the ops)
 from vqvae_fast import nearest_code, quantize
 
 TESTS = Path(__file__).parent
+# What each forced path reports where the CPU can run it.
+REPORTED = {"amx": "fused-amx", "avx512": "fused-avx512", "gemm": "gemm"}
 
 
-def cpu_has_avx512f() -> bool:
+def cpu_flags() -> set[str]:
     try:
-        return " avx512f" in Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         pytest.skip("no /proc/cpuinfo to compare with")
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
 
 
-@pytest.fixture(params=["fused", "gemm"])
+def force(path: str, monkeypatch) -> None:
+    """Forces a forward path, skipping where this CPU cannot run it."""
+    monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", path)
+    if torch.ops.vqvae_fast.cpu_forward_path(64) != REPORTED[path]:
+        pytest.skip(f"this CPU cannot run the {path} path")
+
+
+@pytest.fixture(params=list(REPORTED))
 def scan(request, monkeypatch):
-    if request.param == "fused":
-        monkeypatch.delenv("VQVAE_FAST_CPU_SCAN", raising=False)
-        if torch.ops.vqvae_fast.cpu_forward_path() != "fused-avx512":
-            pytest.skip("this CPU has no AVX-512F: the fused scan cannot run")
-    else:
-        monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "gemm")
+    force(request.param, monkeypatch)
     return request.param
 
 
 def test_reported_path_matches_the_cpu(monkeypatch):
     monkeypatch.delenv("VQVAE_FAST_CPU_SCAN", raising=False)
-    expected = "fused-avx512" if cpu_has_avx512f() else "gemm"
-    assert torch.ops.vqvae_fast.cpu_forward_path() == expected
+    flags = cpu_flags()
+    avx512 = "avx512f" in flags
+    amx = avx512 and {"amx_tile", "amx_bf16", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+    large, small = torch.ops.vqvae_fast.cpu_forward_path(32), torch.ops.vqvae_fast.cpu_forward_path(31)
+    assert small == ("fused-avx512" if avx512 else "gemm")
+    # AMX also needs the kernel's permission for this process (Linux 5.16 on): where the flags
+    # say AMX, the AVX-512 scan is the only other acceptable answer.
+    assert large == ("fused-amx" if amx else small) or (amx and large == "fused-avx512")
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "gemm")
-    assert torch.ops.vqvae_fast.cpu_forward_path() == "gemm"
+    assert torch.ops.vqvae_fast.cpu_forward_path(256) == "gemm"
+    monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "avx512")
+    assert torch.ops.vqvae_fast.cpu_forward_path(256) == small
 
 
 # Around the fused scan's blocks: 32-row panels, 12-code groups, codebook chunks of
@@ -65,25 +80,45 @@ def test_exact_nearest_on_both_paths(scan, dtype, shape):
 
 
 def test_paths_agree_bit_for_bit(monkeypatch):
-    """Same indices and the same loss (exact distances summed in row order) on both paths, with
-    threads: rows settled by the scan and rows it hands back (near-ties) mixed in one call."""
-    base = torch.randn(50, 24)
-    codebook = torch.cat([base, torch.randn(400, 24), base])  # exact duplicates: ties for the GEMM path
-    z = torch.cat([torch.randn(3000, 24), base[torch.randint(0, 50, (500,))] + 1e-3 * torch.randn(500, 24)])
+    """Same indices and the same loss (exact distances summed in row order) on every path, with
+    threads: rows settled by a scan and rows it hands back (near-ties) mixed in one call."""
+    base = torch.randn(50, 40)
+    codebook = torch.cat([base, torch.randn(400, 40), base])  # exact duplicates: ties for the GEMM path
+    z = torch.cat([torch.randn(3000, 40), base[torch.randint(0, 50, (500,))] + 1e-3 * torch.randn(500, 40)])
     results = {}
-    for path in ("default", "gemm"):
-        if path == "gemm":
-            monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "gemm")
-        _, indices, loss = quantize(z, codebook, backend="cpu")
-        results[path] = (indices, loss)
-    assert torch.equal(results["default"][0], results["gemm"][0])
-    assert torch.equal(results["default"][1], results["gemm"][1])
-    assert bool((results["default"][0] < 450).all()), "an exact tie must go to the lowest index"
+    for path in REPORTED:
+        monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", path)
+        if torch.ops.vqvae_fast.cpu_forward_path(40) == REPORTED[path]:
+            _, indices, loss = quantize(z, codebook, backend="cpu")
+            results[path] = (indices, loss)
+    assert "gemm" in results
+    for path, (indices, loss) in results.items():
+        assert torch.equal(indices, results["gemm"][0]), path
+        assert torch.equal(loss, results["gemm"][1]), path
+        assert bool((indices < 450).all()), f"{path}: an exact tie must go to the lowest index"
 
 
-def test_gemm_path_passes_the_forward_suite():
-    """The forward and input-check suites, cpu backend, with the GEMM path forced."""
-    env = dict(os.environ, VQVAE_FAST_CPU_SCAN="gemm")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("d", (32, 100, 256))
+def test_split_bf16_scores_never_pick_a_wrong_code(scan, dtype, d):
+    """Rows a hair from the midpoint of two codes (closer than the bf16 parts can tell, farther
+    than float can), a shared offset, and scales from denormal products to float overflow."""
+    codebook = torch.randn(300, d)
+    a, b = codebook[:150], codebook[150:]
+    mid = (a + b) / 2
+    step = (b - a) / (b - a).norm(dim=1, keepdim=True)
+    z = torch.cat([mid + 1e-4 * step, mid - 1e-4 * step, mid + 3e-3 * step, torch.randn(200, d)])
+    for scale, offset in ((1.0, 0.0), (1.0, 1000.0), (1e-30, 0.0), (1e15, 0.0), (1e20, 0.0)):
+        zs, cs = (z * scale + offset).to(dtype), (codebook * scale + offset).to(dtype)
+        indices = nearest_code(zs, cs, backend="cpu")
+        assert_nearest(zs, cs, indices, 1e-12)
+
+
+@pytest.mark.parametrize("path", list(REPORTED))
+def test_forced_path_passes_the_forward_suite(path, monkeypatch):
+    """The forward and input-check suites, cpu backend, with one path forced."""
+    force(path, monkeypatch)
+    env = dict(os.environ, VQVAE_FAST_CPU_SCAN=path)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu and not triton",
          str(TESTS / "test_nearest_code.py"), str(TESTS / "test_inputs.py")],

@@ -126,12 +126,20 @@ inline float min_score(const float* dot, const float* e_norm, int64_t K) {
   return r;
 }
 
-// Which forward the CPU runs: the fused AVX-512 scan where the CPU has it, otherwise one BLAS
-// GEMM per block of rows; VQVAE_FAST_CPU_SCAN=gemm forces the GEMM path (tests, comparisons).
-bool use_fused_scan() {
+// Which forward the CPU runs: the fused AVX-512 scan where the CPU has it (its AMX variant from
+// kAmxMinD on, where the CPU has AMX-BF16), otherwise one BLAS GEMM per block of rows.
+// VQVAE_FAST_CPU_SCAN=gemm | avx512 | amx forces a path where the CPU can run it (tests, comparisons).
+constexpr int64_t kAmxMinD = 32;  // below, the per-score bookkeeping outweighs the tiles' speed
+
+std::string scan_choice() {
   const char* choice = std::getenv("VQVAE_FAST_CPU_SCAN");
-  if (choice != nullptr && std::string(choice) == "gemm") return false;
-  return scan_available();
+  return choice == nullptr ? "" : choice;
+}
+bool use_fused_scan() { return scan_choice() != "gemm" && scan_available(); }
+bool use_amx_scan(int64_t D) {
+  const std::string choice = scan_choice();
+  if (choice == "gemm" || choice == "avx512" || !amx_scan_available()) return false;
+  return choice == "amx" || D >= kAmxMinD;
 }
 
 // The codebook as both forward paths read it, centred on the per-column mean mu of its finite
@@ -452,6 +460,83 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
   return unsettled;
 }
 
+// The AMX path (large D): like settle_rows_fused, with scores from bf16 tile products of split
+// operands (scan.h). Their error per score is at most
+//   3.1 * 2^-16 * 2 ||zc|| M                     the dropped parts of the split (xl.yl and the remainders)
+// + 1.05 (3 Dp + 8) u (M2 + 2 ||zc|| M)         float accumulation of the exact bf16 products, norm, centring
+// + (6 Dp + 8) 2^-126 (1 + ||zc|| + 2M)         denormal inputs and results flushed to zero by the tiles
+// (Dp: D rounded up to 32); two codes and a factor 2 of safety give the tolerance below. A row
+// whose second-best is beyond it has one candidate, re-scored exactly; the others go to the GEMM path.
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N) {
+  const PreparedCodebook& cb = settler.cb;
+  const int64_t K = cb.K, D = cb.D;
+  const int64_t groups = ceil_div(K, kAmxCodes), length = amx_row_length(D), dp = length / 3;
+  const int64_t group_elems = length * kAmxCodes;
+  std::vector<uint16_t> codes(groups * group_elems);
+  std::vector<float> norms(groups * kAmxCodes, std::numeric_limits<float>::infinity());
+  const float* ecp = cb.ec_m2.const_data_ptr<float>();
+  at::parallel_for(0, groups, std::max<int64_t>(1, 256 / std::max<int64_t>(1, D)), [&](int64_t g0, int64_t g1) {
+    amx_pack_codes(ecp, K, D, g0, g1, codes.data());
+  });
+  std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
+  const double u = std::ldexp(1.0, -24);
+  const double rel_tol = 4.0 * (3.1 * std::ldexp(1.0, -16) + 1.05 * static_cast<double>(3 * dp + 8) * u);
+  const double abs_scale = 4.0 * static_cast<double>(6 * dp + 8) * std::ldexp(1.0, -126);
+
+  // Blocks of panels (~512 KiB of packed rows) stay in L2 while chunks of ~256 KiB of codes stream past.
+  const int64_t panels = ceil_div(N, kAmxRows);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t panel_elems = kAmxRows * length;
+  const int64_t block = std::clamp<int64_t>(std::min<int64_t>((256 * 1024) / panel_elems, ceil_div(panels, nthreads)),
+                                            1, panels);
+  const int64_t chunk = std::max<int64_t>(1, (128 * 1024) / group_elems);
+  std::vector<int64_t> unsettled;
+  std::mutex unsettled_mutex;
+  at::parallel_for(0, ceil_div(panels, block), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> centred(kAmxRows * D);
+    std::vector<uint16_t> a(block * panel_elems);
+    std::vector<float> zc_norm2(block * kAmxRows);
+    std::vector<AmxState> states(block);
+    ScanState result;
+    std::vector<int64_t> mine;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t p0 = b * block, np = std::min(block, panels - p0);
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t first = (p0 + p) * kAmxRows, rows = std::min(kAmxRows, N - first);
+        centre_panel_rows(settler.row_ptr(first), settler.z_type, settler.z_ld, rows, cb.centre.data(), D,
+                          centred.data(), zc_norm2.data() + p * kAmxRows);
+        amx_pack_panel(centred.data(), D, a.data() + p * panel_elems);
+        amx_reset(states[p]);
+      }
+      for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
+        const int64_t g1 = std::min(groups, g0 + chunk);
+        for (int64_t p = 0; p < np; ++p)
+          amx_scan_panel(a.data() + p * panel_elems, codes.data(), norms.data(), D, g0, g1, states[p]);
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        amx_finish(states[p], result);
+        for (int64_t t = 0; t < kAmxRows; ++t) {
+          const int64_t i = (p0 + p) * kAmxRows + t;
+          if (i >= N) break;
+          const double zc2 = zc_norm2[p * kAmxRows + t];
+          const double bound = settler.bound(zc2);
+          const double threshold = static_cast<double>(result.best[t]) + rel_tol * bound +
+                                   abs_scale * (1.0 + std::sqrt(zc2) + 2.0 * cb.M);
+          if (!settler.scores_usable(bound) || !(static_cast<double>(result.second[t]) > threshold)) {
+            mine.push_back(i);  // near-tie, or no trustworthy scores
+            continue;
+          }
+          settler.finish(i, result.index[t], settler.exact_dist(i, result.index[t]));
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(unsettled_mutex);
+    unsettled.insert(unsettled.end(), mine.begin(), mine.end());
+  });
+  return unsettled;
+}
+
 // Fills indices (N,) and, unless quantized is null, quantized (N, D, contiguous); returns
 // sum_i ||z_i - e_{idx_i}||^2, summed in row order (independent of the thread count).
 template <typename scalar_t>
@@ -475,7 +560,11 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
                        : std::is_same_v<scalar_t, at::BFloat16> ? Elem::kBFloat16
                                                                 : Elem::kHalf;
     }
-    rows = settle_rows_fused(settler, N);
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      rows = use_amx_scan(cb.D) ? settle_rows_amx(settler, N) : settle_rows_fused(settler, N);
+    } else {
+      rows = settle_rows_fused(settler, N);
+    }
   } else {
     rows.resize(N);
     std::iota(rows.begin(), rows.end(), 0);
@@ -642,12 +731,15 @@ std::tuple<Tensor, Tensor> quantize_bwd_cpu(const Tensor& grad_quantized, const 
   return {grad_z, grad_codebook};
 }
 
-std::string cpu_forward_path() { return use_fused_scan() ? "fused-avx512" : "gemm"; }
+std::string cpu_forward_path(int64_t D) {
+  return !use_fused_scan() ? "gemm" : use_amx_scan(D) ? "fused-amx" : "fused-avx512";
+}
 
 }  // namespace
 
-// Which forward the CPU kernels take on this machine: "fused-avx512" or "gemm".
-TORCH_LIBRARY_FRAGMENT(vqvae_fast, m) { m.def("cpu_forward_path() -> str", &cpu_forward_path); }
+// Which forward the CPU kernels take on this machine for rows of D elements (float32, bf16, fp16;
+// float64 never takes the AMX one): "fused-amx", "fused-avx512" or "gemm".
+TORCH_LIBRARY_FRAGMENT(vqvae_fast, m) { m.def("cpu_forward_path(int D=256) -> str", &cpu_forward_path); }
 
 TORCH_LIBRARY_IMPL(vqvae_fast, CPU, m) {
   m.impl("nearest_code", &nearest_code_cpu);

@@ -194,6 +194,27 @@ __attribute__((target("avx512f"))) void pack(const void* z, int64_t ld, int64_t 
   for (int64_t t = 0; t < n; ++t) norms[t] = all[t];
 }
 
+// Rows as rows: out[t * D + d] = z[t][d] - centre[d] for t < kScanRows (zero rows past n),
+// norms as pack's (the squares summed in float).
+template <Elem T>
+__attribute__((target("avx512f"))) void centre_rows(const void* z, int64_t ld, int64_t n, const float* centre,
+                                                    int64_t D, float* out, float* norms) {
+  const char* base = static_cast<const char*>(z);
+  for (int64_t t = 0; t < kScanRows; ++t) {
+    __m512 norm = _mm512_setzero_ps();
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t width = std::min<int64_t>(16, D - d0);
+      const __mmask16 cols = width == 16 ? 0xFFFF : static_cast<__mmask16>((1u << width) - 1);
+      const __m512 r = t < n ? _mm512_maskz_sub_ps(cols, load16<T>(base + (t * ld + d0) * elem_size<T>(), width),
+                                                   _mm512_maskz_loadu_ps(cols, centre + d0))
+                             : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(out + t * D + d0, cols, r);
+      norm = _mm512_fmadd_ps(r, r, norm);
+    }
+    if (t < n) norms[t] = _mm512_reduce_add_ps(norm);
+  }
+}
+
 // The 8 low and the 8 high floats of v, widened to double (exactly).
 __attribute__((target("avx512f"), always_inline)) inline __m512d low8(__m512 v) {
   return _mm512_cvtps_pd(_mm512_castps512_ps256(v));
@@ -227,6 +248,15 @@ void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* ce
     case Elem::kFloat: return pack<Elem::kFloat>(z, ld, n, centre, D, zt, norms);
     case Elem::kBFloat16: return pack<Elem::kBFloat16>(z, ld, n, centre, D, zt, norms);
     case Elem::kHalf: return pack<Elem::kHalf>(z, ld, n, centre, D, zt, norms);
+  }
+}
+
+void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* out,
+                       float* norms) {
+  switch (type) {
+    case Elem::kFloat: return centre_rows<Elem::kFloat>(z, ld, n, centre, D, out, norms);
+    case Elem::kBFloat16: return centre_rows<Elem::kBFloat16>(z, ld, n, centre, D, out, norms);
+    case Elem::kHalf: return centre_rows<Elem::kHalf>(z, ld, n, centre, D, out, norms);
   }
 }
 
