@@ -99,7 +99,7 @@ def machine_info(device: str) -> dict:
     import vqvae_fast._extension as ext
     if ext.has_compiled():
         library = Path(ext._C.__file__)
-        # fused-amx (D >= 32 where the CPU has AMX), fused-avx512 or gemm, at a small and a large D
+        # fused-amx (D >= 16 where the CPU has AMX), fused-avx512 or gemm, at a small and a large D
         info["cpu_forward_path"] = {d: torch.ops.vqvae_fast.cpu_forward_path(d) for d in (8, 256)}
         info["vqvae_fast_library"] = dict(file=library.name, size=library.stat().st_size, modified=datetime.datetime.
                                           fromtimestamp(library.stat().st_mtime, datetime.timezone.utc)

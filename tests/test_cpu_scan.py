@@ -48,7 +48,7 @@ def test_reported_path_matches_the_cpu(monkeypatch):
     flags = cpu_flags()
     avx512 = "avx512f" in flags
     amx = avx512 and {"amx_tile", "amx_bf16", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
-    large, small = torch.ops.vqvae_fast.cpu_forward_path(32), torch.ops.vqvae_fast.cpu_forward_path(31)
+    large, small = torch.ops.vqvae_fast.cpu_forward_path(16), torch.ops.vqvae_fast.cpu_forward_path(15)
     assert small == ("fused-avx512" if avx512 else "gemm")
     # AMX also needs the kernel's permission for this process (Linux 5.16 on): where the flags
     # say AMX, the AVX-512 scan is the only other acceptable answer.

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <numeric>
@@ -127,9 +128,9 @@ inline float min_score(const float* dot, const float* e_norm, int64_t K) {
 }
 
 // Which forward the CPU runs: the fused AVX-512 scan where the CPU has it (its AMX variant from
-// kAmxMinD on, where the CPU has AMX-BF16), otherwise one BLAS GEMM per block of rows.
+// D = kAmxMinD on, where the CPU has AMX-BF16), otherwise one BLAS GEMM per block of rows.
 // VQVAE_FAST_CPU_SCAN=gemm | avx512 | amx forces a path where the CPU can run it (tests, comparisons).
-constexpr int64_t kAmxMinD = 32;  // below, the per-score bookkeeping outweighs the tiles' speed
+constexpr int64_t kAmxMinD = 16;  // below, storing and folding the score tiles costs more than the tiles save
 
 std::string scan_choice() {
   const char* choice = std::getenv("VQVAE_FAST_CPU_SCAN");
@@ -352,12 +353,22 @@ void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>&
   });
 }
 
+// Nothing seen yet: every score +inf.
+void reset(ScanState& state) {
+  std::fill(state.best, state.best + kScanRows, std::numeric_limits<float>::infinity());
+  std::fill(state.second, state.second + kScanRows, std::numeric_limits<float>::infinity());
+  std::fill(state.index, state.index + kScanRows, 0);
+}
+
 // The fused path: for panels of kScanRows rows, scan_panel keeps each row's best and second-best
 // float score over all codes. A row whose second-best is beyond the error bound of its best has
 // exactly one candidate, the best, and only that code's distance is computed exactly; the rare
 // others (near-ties, rows that could overflow) are returned for settle_rows_gemm.
 template <typename scalar_t>
-std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N) {
+std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N,
+                                       const std::vector<int64_t>* subset = nullptr) {
+  // Row j of the scan is row `subset[j]` of z (all N rows when there is no subset).
+  auto row_of = [subset](int64_t j) { return subset != nullptr ? (*subset)[j] : j; };
   const PreparedCodebook& cb = settler.cb;
   const int64_t K = cb.K, D = cb.D;
   const int64_t groups = ceil_div(K, kScanCodes);
@@ -399,29 +410,36 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
     std::vector<float> zc_norm2(block * kScanRows);
     std::vector<ScanState> states(block);
     std::vector<int64_t> mine;
+    std::vector<char> gathered(subset != nullptr ? kScanRows * D * settler.elem_bytes : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t p0 = b * block, np = std::min(block, panels - p0);
       for (int64_t p = 0; p < np; ++p) {
         float* panel = zt.data() + p * D * kScanRows;
         const int64_t first = (p0 + p) * kScanRows, rows = std::min(kScanRows, N - first);
         if (!wide) {
-          pack_panel(settler.row_ptr(first), settler.z_type, settler.z_ld, rows, cb.centre.data(), D, panel,
+          const void* z_first = settler.row_ptr(first);
+          int64_t ld = settler.z_ld;
+          if (subset != nullptr) {  // gather the panel's rows
+            for (int64_t t = 0; t < rows; ++t)
+              std::memcpy(gathered.data() + t * D * settler.elem_bytes, settler.row_ptr(row_of(first + t)),
+                          D * settler.elem_bytes);
+            z_first = gathered.data();
+            ld = D;
+          }
+          pack_panel(z_first, settler.z_type, ld, rows, cb.centre.data(), D, panel,
                      zc_norm2.data() + p * kScanRows);
         } else {
           for (int64_t t = 0; t < kScanRows; ++t) {
             float n2 = 0.0f;
             for (int64_t d = 0; d < D; ++d) {
-              const float c = t < rows ? static_cast<float>(to_double(settler.Z(first + t, d)) - cb.centre[d]) : 0.0f;
+              const float c = t < rows ? static_cast<float>(to_double(settler.Z(row_of(first + t), d)) - cb.centre[d]) : 0.0f;
               panel[d * kScanRows + t] = c;
               n2 += c * c;
             }
             zc_norm2[p * kScanRows + t] = n2;
           }
         }
-        ScanState& s = states[p];
-        std::fill(s.best, s.best + kScanRows, std::numeric_limits<float>::infinity());
-        std::fill(s.second, s.second + kScanRows, std::numeric_limits<float>::infinity());
-        std::fill(s.index, s.index + kScanRows, 0);
+        reset(states[p]);
       }
       for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
         const int64_t g1 = std::min(groups, g0 + chunk);
@@ -431,8 +449,8 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
       for (int64_t p = 0; p < np; ++p) {
         const ScanState& s = states[p];
         for (int64_t t = 0; t < kScanRows; ++t) {
-          const int64_t i = (p0 + p) * kScanRows + t;
-          if (i >= N) break;
+          if ((p0 + p) * kScanRows + t >= N) break;
+          const int64_t i = row_of((p0 + p) * kScanRows + t);
           const double bound = settler.bound(zc_norm2[p * kScanRows + t]);
           if (!settler.scores_usable(bound) ||
               !(static_cast<double>(s.second[t]) > settler.threshold(s.best[t], bound))) {
@@ -463,26 +481,28 @@ std::vector<int64_t> settle_rows_fused(RowSettler<scalar_t>& settler, int64_t N)
 // The AMX path (large D): like settle_rows_fused, with scores from bf16 tile products of split
 // operands (scan.h). Their error per score is at most
 //   3.1 * 2^-16 * 2 ||zc|| M                     the dropped parts of the split (xl.yl and the remainders)
-// + 1.05 (3 Dp + 8) u (M2 + 2 ||zc|| M)         float accumulation of the exact bf16 products, norm, centring
-// + (6 Dp + 8) 2^-126 (1 + ||zc|| + 2M)         denormal inputs and results flushed to zero by the tiles
-// (Dp: D rounded up to 32); two codes and a factor 2 of safety give the tolerance below. A row
+// + 1.05 (L + 8) u (M2 + 2 ||zc|| M)           float accumulation of the exact bf16 products, norm, centring
+// + (2 L + 8) 2^-126 (1 + ||zc|| + 2M)          denormal inputs and results flushed to zero by the tiles
+// (L = amx_row_length(D) >= 3D, the products summed); two codes and a factor 2 of safety give the tolerance below. A row
 // whose second-best is beyond it has one candidate, re-scored exactly; the others go to the GEMM path.
 template <typename scalar_t>
 std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N) {
   const PreparedCodebook& cb = settler.cb;
   const int64_t K = cb.K, D = cb.D;
-  const int64_t groups = ceil_div(K, kAmxCodes), length = amx_row_length(D), dp = length / 3;
+  const int64_t groups = ceil_div(K, kAmxCodes), length = amx_row_length(D);
   const int64_t group_elems = length * kAmxCodes;
-  std::vector<uint16_t> codes(groups * group_elems);
+  // Tile rows are 64 bytes: buffers on 64-byte boundaries keep every tile row in one cache line.
+  const Tensor codes_buffer = at::empty({groups * group_elems}, at::TensorOptions().dtype(at::kBFloat16));
+  uint16_t* codes = reinterpret_cast<uint16_t*>(codes_buffer.data_ptr());
   std::vector<float> norms(groups * kAmxCodes, std::numeric_limits<float>::infinity());
   const float* ecp = cb.ec_m2.const_data_ptr<float>();
   at::parallel_for(0, groups, std::max<int64_t>(1, 256 / std::max<int64_t>(1, D)), [&](int64_t g0, int64_t g1) {
-    amx_pack_codes(ecp, K, D, g0, g1, codes.data());
+    amx_pack_codes(ecp, K, D, g0, g1, codes);
   });
   std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
   const double u = std::ldexp(1.0, -24);
-  const double rel_tol = 4.0 * (3.1 * std::ldexp(1.0, -16) + 1.05 * static_cast<double>(3 * dp + 8) * u);
-  const double abs_scale = 4.0 * static_cast<double>(6 * dp + 8) * std::ldexp(1.0, -126);
+  const double rel_tol = 4.0 * (3.1 * std::ldexp(1.0, -16) + 1.05 * static_cast<double>(length + 8) * u);
+  const double abs_scale = 4.0 * static_cast<double>(2 * length + 8) * std::ldexp(1.0, -126);
 
   // Blocks of panels (~512 KiB of packed rows) stay in L2 while chunks of ~256 KiB of codes stream past.
   const int64_t panels = ceil_div(N, kAmxRows);
@@ -495,10 +515,10 @@ std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N) {
   std::mutex unsettled_mutex;
   at::parallel_for(0, ceil_div(panels, block), 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> centred(kAmxRows * D);
-    std::vector<uint16_t> a(block * panel_elems);
+    const Tensor a_buffer = at::empty({block * panel_elems}, at::TensorOptions().dtype(at::kBFloat16));
+    uint16_t* a = reinterpret_cast<uint16_t*>(a_buffer.data_ptr());
     std::vector<float> zc_norm2(block * kAmxRows);
-    std::vector<AmxState> states(block);
-    ScanState result;
+    std::vector<ScanState> states(block);
     std::vector<int64_t> mine;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t p0 = b * block, np = std::min(block, panels - p0);
@@ -506,16 +526,16 @@ std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N) {
         const int64_t first = (p0 + p) * kAmxRows, rows = std::min(kAmxRows, N - first);
         centre_panel_rows(settler.row_ptr(first), settler.z_type, settler.z_ld, rows, cb.centre.data(), D,
                           centred.data(), zc_norm2.data() + p * kAmxRows);
-        amx_pack_panel(centred.data(), D, a.data() + p * panel_elems);
-        amx_reset(states[p]);
+        amx_pack_panel(centred.data(), D, a + p * panel_elems);
+        reset(states[p]);
       }
       for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
         const int64_t g1 = std::min(groups, g0 + chunk);
         for (int64_t p = 0; p < np; ++p)
-          amx_scan_panel(a.data() + p * panel_elems, codes.data(), norms.data(), D, g0, g1, states[p]);
+          amx_scan_panel(a + p * panel_elems, codes, norms.data(), D, g0, g1, states[p]);
       }
       for (int64_t p = 0; p < np; ++p) {
-        amx_finish(states[p], result);
+        const ScanState& result = states[p];
         for (int64_t t = 0; t < kAmxRows; ++t) {
           const int64_t i = (p0 + p) * kAmxRows + t;
           if (i >= N) break;
@@ -561,7 +581,14 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
                                                                 : Elem::kHalf;
     }
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      rows = use_amx_scan(cb.D) ? settle_rows_amx(settler, N) : settle_rows_fused(settler, N);
+      if (use_amx_scan(cb.D)) {
+        // The AMX scan's looser bound hands back more rows (a few percent): the float scan
+        // settles most of them before the GEMM path sees the rest.
+        const std::vector<int64_t> near_ties = settle_rows_amx(settler, N);
+        if (!near_ties.empty()) rows = settle_rows_fused(settler, static_cast<int64_t>(near_ties.size()), &near_ties);
+      } else {
+        rows = settle_rows_fused(settler, N);
+      }
     } else {
       rows = settle_rows_fused(settler, N);
     }

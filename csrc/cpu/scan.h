@@ -53,36 +53,29 @@ void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const fl
 // and sums of the widened values up to double rounding, in a fixed order.
 double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D);
 
-// The AMX variant for large D (bf16 tiles). Scores come from split operands: the centred row x and
-// code y (float) are each split into bf16 parts, x = xh + xl + rx with |rx| <= 2^-16 |x|, and
-// xh.yh + xh.yl + xl.yh is one bf16 tile product over rows [xh, xh, xl] and codes [yh, yl, yh],
-// accumulated in float: within ~3 * 2^-16 |x||y| of x.y plus float rounding (nearest_code.cpp
-// holds the bound). Each row keeps 16 lanes of best / second-best / index (code mod 16).
+// The AMX variant (D >= 16 where the CPU has AMX-BF16). Scores come from split operands: the
+// centred row x and code y (float) are each split into bf16 parts, x = xh + xl + rx with |rx| <=
+// 2^-16 |x|, and xh.yh + xh.yl + xl.yh is one bf16 tile product of codes [yh, yl, yh] and rows
+// [xh, xh, xl], accumulated in float: within ~3 * 2^-16 |x||y| of x.y plus float rounding
+// (nearest_code.cpp holds the bound). Codes are the tiles' rows, so each code's scores for the
+// panel's 32 rows are two vectors, folded into ScanState as the AVX-512 scan folds them.
 constexpr int64_t kAmxRows = kScanRows;  // two tiles of 16 rows
 constexpr int64_t kAmxCodes = 32;        // two tiles of 16 codes
 
-struct AmxState {
-  alignas(64) float best[kAmxRows][16];
-  alignas(64) float second[kAmxRows][16];
-  alignas(64) int32_t index[kAmxRows][16];
-};
-
 // True when this CPU has AMX-BF16 and the kernel lets this process use the tiles (asked once).
 bool amx_scan_available();
-// bf16 elements per packed row: [hi, hi, lo] (panel) or [hi, lo, hi] (codes), D padded to 32 each.
+// bf16 elements per packed row: [hi, hi, lo] (panel) or [hi, lo, hi] (codes), 3D padded to 32.
 int64_t amx_row_length(int64_t D);
-// Packs groups [g0, g1) of kAmxCodes codes of ec (K x D floats, the score's factor -2 included;
-// codes past K are zero) as tiles: packed[(g * steps + s) * 2 + half] of 512 bf16, steps =
-// amx_row_length(D) / 32.
+// Packs the codes of groups [g0, g1) of kAmxCodes codes of ec (K x D floats, the score's factor
+// -2 included) as rows of amx_row_length(D); codes past K are zero.
 void amx_pack_codes(const float* ec, int64_t K, int64_t D, int64_t g0, int64_t g1, uint16_t* packed);
-// Packs a panel of centred rows (centre_panel_rows' kAmxRows x D) into rows of amx_row_length(D).
-void amx_pack_panel(const float* rows, int64_t D, uint16_t* a);
-void amx_reset(AmxState& state);
-// Folds code groups [g0, g1) (norms: per code, +inf past K) into the panel's lanes.
-void amx_scan_panel(const uint16_t* a, const uint16_t* codes, const float* norms, int64_t D, int64_t g0,
-                    int64_t g1, AmxState& state);
-// Per row: the smallest score, the second smallest over every other code (== best on a tie
-// between lanes) and the index of the smallest.
-void amx_finish(const AmxState& state, ScanState& out);
+// Packs a panel of centred rows (centre_panel_rows' kAmxRows x D) as tiles: b[(s * 2 + half) *
+// 512 ...] holds step s (32 elements) of rows half * 16 .. half * 16 + 15 in the tiles' pair order.
+void amx_pack_panel(const float* rows, int64_t D, uint16_t* b);
+// Folds code groups [g0, g1) (norms: per code, +inf past K) into `state` (index: the code).
+void amx_scan_panel(const uint16_t* b, const uint16_t* codes, const float* norms, int64_t D, int64_t g0,
+                    int64_t g1, ScanState& state);
+// dst[p * 16 + n] = src[n * stride + p] for a 16 x 16 block of 32-bit words (AVX-512F).
+void transpose_words16(const uint32_t* src, int64_t stride, uint32_t* dst);
 
 }  // namespace vqvae_fast

@@ -2,6 +2,7 @@
 // attributes and called only after scan_available(), so the library still loads everywhere.
 
 #include "scan.h"
+#include "scan_fold.h"
 
 #include <immintrin.h>
 
@@ -16,14 +17,6 @@ bool scan_available() {
 }
 
 namespace {
-
-// Folds 16 scores s into the running best and second-best scores of 16 rows. `second` takes
-// max(best, s) before best moves, so it is the smallest score of every code but the current
-// best; equal scores of two codes leave second == best.
-__attribute__((target("avx512f"), always_inline)) inline void fold(__m512 s, __m512& best, __m512& second) {
-  second = _mm512_min_ps(second, _mm512_max_ps(best, s));
-  best = _mm512_min_ps(best, s);
-}
 
 // kGroupIndex: record the group of the best code (two operations per group instead of two per
 // code; the caller finds the code inside the group), else the code itself.
@@ -73,12 +66,7 @@ __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes
     }
   }
 
-  _mm512_store_ps(state.best, best0);
-  _mm512_store_ps(state.best + 16, best1);
-  _mm512_store_ps(state.second, second0);
-  _mm512_store_ps(state.second + 16, second1);
-  _mm512_store_si512(state.index, index0);
-  _mm512_store_si512(state.index + 16, index1);
+  store_fold({best0, best1, second0, second1, index0, index1}, state);
 }
 
 }  // namespace
@@ -241,6 +229,13 @@ __attribute__((target("avx512f"))) double exact(const void* z, const void* e, in
 }
 
 }  // namespace
+
+__attribute__((target("avx512f"))) void transpose_words16(const uint32_t* src, int64_t stride, uint32_t* dst) {
+  __m512 r[16];
+  for (int n = 0; n < 16; ++n) r[n] = _mm512_castsi512_ps(_mm512_loadu_si512(src + n * stride));
+  transpose16(r);
+  for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * 16, _mm512_castps_si512(r[p]));
+}
 
 void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
                 float* norms) {

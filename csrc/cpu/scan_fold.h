@@ -1,0 +1,49 @@
+// The fold both CPU scans share (AVX-512): a panel's running best / second-best score and index
+// per row, two vectors of 16 rows each, kept in registers while codes stream past.
+#pragma once
+
+#include <immintrin.h>
+
+#include "scan.h"
+
+namespace vqvae_fast {
+
+struct PanelFold {
+  __m512 best0, best1, second0, second1;
+  __m512i index0, index1;
+};
+
+__attribute__((target("avx512f"), always_inline)) inline PanelFold load_fold(const ScanState& state) {
+  return {_mm512_load_ps(state.best),   _mm512_load_ps(state.best + 16),       _mm512_load_ps(state.second),
+          _mm512_load_ps(state.second + 16), _mm512_load_si512(state.index), _mm512_load_si512(state.index + 16)};
+}
+
+__attribute__((target("avx512f"), always_inline)) inline void store_fold(const PanelFold& f, ScanState& state) {
+  _mm512_store_ps(state.best, f.best0);
+  _mm512_store_ps(state.best + 16, f.best1);
+  _mm512_store_ps(state.second, f.second0);
+  _mm512_store_ps(state.second + 16, f.second1);
+  _mm512_store_si512(state.index, f.index0);
+  _mm512_store_si512(state.index + 16, f.index1);
+}
+
+// Folds 16 scores s into the running best and second-best scores of 16 rows. `second` takes
+// max(best, s) before best moves, so it is the smallest score of every code but the current
+// best; equal scores of two codes leave second == best.
+__attribute__((target("avx512f"), always_inline)) inline void fold(__m512 s, __m512& best, __m512& second) {
+  second = _mm512_min_ps(second, _mm512_max_ps(best, s));
+  best = _mm512_min_ps(best, s);
+}
+
+// Folds one code's scores for rows 0-15 (s0) and 16-31 (s1), recording the code where it is
+// strictly better than the best so far (ties keep the lower index).
+__attribute__((target("avx512f"), always_inline)) inline void fold_code(PanelFold& f, __m512 s0, __m512 s1,
+                                                                          int32_t code) {
+  const __m512i k = _mm512_set1_epi32(code);
+  f.index0 = _mm512_mask_mov_epi32(f.index0, _mm512_cmp_ps_mask(s0, f.best0, _CMP_LT_OQ), k);
+  f.index1 = _mm512_mask_mov_epi32(f.index1, _mm512_cmp_ps_mask(s1, f.best1, _CMP_LT_OQ), k);
+  fold(s0, f.best0, f.second0);
+  fold(s1, f.best1, f.second1);
+}
+
+}  // namespace vqvae_fast
