@@ -10,8 +10,11 @@
 //        s_k = ||e_k - mu||^2 - 2 (z_i - mu).(e_k - mu)     (= ||z_i - e_k||^2 - const_i)
 //      Fused path (CPUs with AVX-512F, scan.h): panels of 32 rows against groups of 12 codes
 //      in registers, folded at once into each row's best and second-best score; no score is
-//      stored. GEMM path (other CPUs, and the rows the fused path hands back): one BLAS GEMM
-//      per block of rows into a per-thread buffer that stays in cache. Nothing is N x K.
+//      stored. Its AMX form (D >= 16, CPUs with AMX-BF16) computes the same scores from bf16
+//      tile products of split operands, with a looser bound; the rows it cannot settle are
+//      scanned again in float. GEMM path (other CPUs, and the rows the fused path hands back):
+//      one BLAS GEMM per block of rows into a per-thread buffer that stays in cache. Nothing
+//      is N x K.
 //   3. Re-score exactly, in double from the original values, every code whose float
 //      score is within a rigorous error bound of the row's best float score, and keep
 //      the smallest exact distance (ties -> lowest index). On the fused path a row whose
