@@ -1,6 +1,7 @@
-// AMX body of the CPU scan for large D (see scan.h): bf16 tile products of split operands,
-// folded per lane into each row's best / second-best score. Compiled through function
-// attributes and called only after amx_scan_available(), so the library loads everywhere.
+// AMX body of the CPU scan (see scan.h): bf16 tile products of split operands, each code's
+// scores for a panel folded into the rows' best / second-best score as the AVX-512 scan folds
+// them. Compiled through function attributes and called only after amx_scan_available(), so
+// the library loads everywhere.
 
 #include "scan.h"
 #include "scan_fold.h"
@@ -49,8 +50,8 @@ inline void split(float x, uint16_t& hi, uint16_t& lo) {
   lo = to_bf16(x - from_bf16(hi));
 }
 
-// Tiles: 0-3 the 2 x 2 score tiles (16 rows x 16 codes, fp32), 4-5 two row tiles of the panel,
-// 6-7 two code tiles; every tile is 16 rows of 64 bytes.
+// Tiles: 0-3 the 2 x 2 score tiles (16 codes x 16 rows, fp32), 4-5 two code tiles (16 codes x
+// 32 bf16), 6-7 two panel tiles (16 element pairs x 16 rows); every tile is 16 rows of 64 bytes.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
