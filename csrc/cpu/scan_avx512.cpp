@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace vqvae_fast {
 
@@ -237,31 +238,33 @@ __attribute__((target("avx512f"))) void transpose_words16(const uint32_t* src, i
   for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * 16, _mm512_castps_si512(r[p]));
 }
 
+namespace {
+
+// f(std::integral_constant<Elem, T>{}) for the element type named at run time.
+template <typename F>
+auto with_elem(Elem type, F&& f) {
+  switch (type) {
+    case Elem::kBFloat16: return f(std::integral_constant<Elem, Elem::kBFloat16>{});
+    case Elem::kHalf: return f(std::integral_constant<Elem, Elem::kHalf>{});
+    case Elem::kFloat: break;
+  }
+  return f(std::integral_constant<Elem, Elem::kFloat>{});
+}
+
+}  // namespace
+
 void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
                 float* norms) {
-  switch (type) {
-    case Elem::kFloat: return pack<Elem::kFloat>(z, ld, n, centre, D, zt, norms);
-    case Elem::kBFloat16: return pack<Elem::kBFloat16>(z, ld, n, centre, D, zt, norms);
-    case Elem::kHalf: return pack<Elem::kHalf>(z, ld, n, centre, D, zt, norms);
-  }
+  with_elem(type, [&](auto t) { pack<decltype(t)::value>(z, ld, n, centre, D, zt, norms); });
 }
 
 void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* out,
                        float* norms) {
-  switch (type) {
-    case Elem::kFloat: return centre_rows<Elem::kFloat>(z, ld, n, centre, D, out, norms);
-    case Elem::kBFloat16: return centre_rows<Elem::kBFloat16>(z, ld, n, centre, D, out, norms);
-    case Elem::kHalf: return centre_rows<Elem::kHalf>(z, ld, n, centre, D, out, norms);
-  }
+  with_elem(type, [&](auto t) { centre_rows<decltype(t)::value>(z, ld, n, centre, D, out, norms); });
 }
 
 double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D) {
-  switch (type) {
-    case Elem::kFloat: return exact<Elem::kFloat>(z, e, D);
-    case Elem::kBFloat16: return exact<Elem::kBFloat16>(z, e, D);
-    case Elem::kHalf: return exact<Elem::kHalf>(z, e, D);
-  }
-  return 0.0;
+  return with_elem(type, [&](auto t) { return exact<decltype(t)::value>(z, e, D); });
 }
 
 }  // namespace vqvae_fast
