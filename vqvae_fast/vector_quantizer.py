@@ -55,6 +55,18 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
 
 LAPLACE_EPS = 1e-5  # pseudo-count of the EMA counts' Laplace smoothing
 
+DISTANCES = ("euclidean", "cosine")
+NORMALIZE_EPS = 1e-12  # floor of the norm in l2_normalize: a zero vector stays zero
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows of x scaled to unit l2 norm (a zero row stays zero); differentiable.
+
+    The one place where `distance="cosine"` normalises vectors (encoder outputs, codes, k-means
+    centroids, EMA codebooks, restart candidates), so that it can later move into the kernels.
+    """
+    return torch.nn.functional.normalize(x, dim=-1, eps=NORMALIZE_EPS)
+
 
 def process_group_size() -> int:
     """Processes in the default torch.distributed group (1 without one)."""
@@ -76,12 +88,17 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kmeans(x: torch.Tensor, k: int, iters: int = 10, backend: str = "auto") -> torch.Tensor:
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, backend: str = "auto", *,
+           spherical: bool = False) -> torch.Tensor:
     """(k, D) centroids of x (N, D) by Lloyd's algorithm, seeded with k random rows of x.
 
     Uses the global torch RNG of x's device (deterministic given the seed). A cluster that
-    empties keeps its previous centroid.
+    empties keeps its previous centroid. `spherical`: spherical k-means, on the l2-normalised
+    rows of x with the centroids re-normalised every iteration (unit-norm centroids; the
+    Euclidean nearest centroid of unit vectors is the one of highest cosine similarity).
     """
+    if spherical:
+        x = l2_normalize(x)
     n = x.shape[0]
     seeds = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(n, (k,), device=x.device)
     centroids = x[seeds].clone()
@@ -90,6 +107,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, backend: str = "auto") -> t
         counts = code_counts(assign, k)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+        if spherical:
+            centroids = l2_normalize(centroids)
     return centroids
 
 
@@ -113,6 +132,15 @@ class VectorQuantizer(nn.Module):
         that uniform use is 1; it is tracked in training mode whatever the options.
     State changes happen only in training mode (or with `update=True` in forward).
     gradient: "ste" (straight through) or "rotation" (the rotation trick); see `quantize`.
+    distance: "euclidean", or "cosine" (as in LlamaGen's VQ-16 and DAC): the input vectors and the
+        codes are l2-normalised, the nearest code is found between the normalised vectors (the
+        fused `quantize`: nearest in Euclidean distance is highest cosine similarity for unit
+        vectors), `quantized` is the normalised code and the loss compares normalised vectors.
+        Gradients reach the input, and a learned codebook, through the normalisation. The codebook
+        is kept unit-norm: unit-norm random init, spherical k-means, the EMA codebook is the
+        normalised running mean of the normalised vectors, restarts use normalised vectors. A
+        codebook learned by gradient may drift off unit norm; only its direction is used
+        (`code_vectors()` returns the codes as quantized).
 
     Under torch.distributed (DDP or any loop of your own; `sync=None` detects a process group),
     the codebook state stays identical on every rank: k-means runs on rank 0 over the vectors
@@ -128,9 +156,11 @@ class VectorQuantizer(nn.Module):
                  channels_last: bool | None = None, ema_decay: float | None = None,
                  kmeans_init: bool = False, kmeans_iters: int = 10, restart_dead: bool = False,
                  dead_threshold: float = 0.1, usage_decay: float = 0.9, gradient: str = "ste",
-                 sync: bool | None = None):
+                 sync: bool | None = None, distance: str = "euclidean"):
         super().__init__()
         check_options(beta, gradient)
+        if distance not in DISTANCES:
+            raise InputError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
         if num_codes < 1 or dim < 1:
             raise ValueError(f"num_codes and dim must be >= 1, got {num_codes} and {dim}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
@@ -141,9 +171,12 @@ class VectorQuantizer(nn.Module):
         self.ema_decay, self.kmeans_iters = ema_decay, kmeans_iters
         self.kmeans_init, self.restart_dead = kmeans_init, restart_dead
         self.dead_threshold, self.usage_decay = dead_threshold, usage_decay
-        # The classic VQ-VAE init: uniform in +-1/K.
-        self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes),
-                                     requires_grad=ema_decay is None)
+        self.distance = distance
+        if distance == "cosine":  # unit-norm random directions
+            init = l2_normalize(torch.randn(num_codes, dim))
+        else:  # the classic VQ-VAE init: uniform in +-1/K
+            init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
+        self.codebook = nn.Parameter(init, requires_grad=ema_decay is None)
         self.register_buffer("usage", torch.ones(num_codes))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self._needs_init = kmeans_init  # host copy of `initialized`: no sync per step
@@ -156,6 +189,7 @@ class VectorQuantizer(nn.Module):
         extras = "".join(f", {name}={getattr(self, name)}" for name in ("ema_decay", "kmeans_init", "restart_dead")
                          if getattr(self, name))
         extras += f", gradient={self.gradient!r}" if self.gradient != "ste" else ""
+        extras += f", distance={self.distance!r}" if self.distance != "euclidean" else ""
         return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, backend={self.backend!r}{extras}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -170,6 +204,14 @@ class VectorQuantizer(nn.Module):
             raise InputError(f"expected input of layout {layout} with dim={self.dim}, got shape {tuple(x.shape)}")
         return channel_dim
 
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) in the space codes are compared in: l2-normalised for cosine, else x itself."""
+        return l2_normalize(x) if self.distance == "cosine" else x
+
+    def code_vectors(self) -> torch.Tensor:
+        """(num_codes, dim) the codes as `quantized` returns them (normalised for cosine); differentiable."""
+        return self._project(self.codebook)
+
     def dead_mask(self) -> torch.Tensor:
         """(num_codes,) bool: codes whose running usage is below `dead_threshold`."""
         return self.usage < self.dead_threshold
@@ -181,13 +223,16 @@ class VectorQuantizer(nn.Module):
         moved = x.movedim(channel_dim, -1)
         # Quantize in the codebook's precision (fp32 under bf16 autocast): argmin and the
         # codebook gradient stay accurate; the result goes back to the input's dtype.
-        flat = moved.reshape(-1, self.dim).to(self.codebook.dtype)
+        # Cosine: normalised here (gradient through the normalisation), and the normalised vectors
+        # are what init, restarts and the EMA see.
+        flat = self._project(moved.reshape(-1, self.dim).to(self.codebook.dtype))
         synced = update and self._synced()
         if update and (synced or flat.shape[0] > 0):  # synced: every rank joins the collectives
             self._before_step(flat.detach(), synced)
         codebook = self.codebook
         if self.ema_decay is not None:
             codebook = codebook.detach().clone()  # the EMA step below rewrites the codebook in place
+        codebook = self._project(codebook)
         quantized, indices, loss = quantize(flat, codebook, beta=self.beta, backend=self.backend,
                                             gradient=self.gradient)
         counts = code_counts(indices, self.num_codes)
@@ -204,16 +249,18 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def init_codebook(self, vectors: torch.Tensor, synced: bool = False) -> None:
         """Set the codebook to k-means centroids of `vectors` (N, dim) and mark it initialised;
-        `synced`: of the vectors of all ranks, computed on rank 0 and broadcast."""
+        `synced`: of the vectors of all ranks, computed on rank 0 and broadcast. Cosine: spherical
+        k-means (unit-norm centroids of the normalised vectors)."""
         vectors = vectors.to(self.codebook.dtype)
+        spherical = self.distance == "cosine"
         if synced:
             vectors = gather_rows(vectors)
             centroids = torch.empty_like(self.codebook)
             if dist.get_rank() == 0:
-                centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend)
+                centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend, spherical=spherical)
             dist.broadcast(centroids, src=0)
         else:
-            centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend)
+            centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend, spherical=spherical)
         self.codebook.copy_(centroids)
         if self.ema_decay is not None:
             self.ema_count.fill_(1.0)
@@ -227,7 +274,7 @@ class VectorQuantizer(nn.Module):
         """(num_codes, dim) random recent encoder outputs; synced: code k takes rank k % world's
         draw, so every rank gets the same candidates (a rank without vectors offers the codebook)."""
         if flat.shape[0] > 0:
-            candidates = flat[torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)]
+            candidates = self._project(flat[torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)])
         else:
             candidates = self.codebook.detach().clone()
         if not synced:
@@ -256,7 +303,8 @@ class VectorQuantizer(nn.Module):
     def _after_step(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
                     synced: bool = False) -> torch.Tensor:
         """Update usage and the EMA codebook from this step's assignments; returns the counts
-        used (summed over ranks when synced)."""
+        used (summed over ranks when synced). Cosine: flat holds the normalised vectors, and the
+        codebook is the normalised smoothed mean."""
         rows = float(flat.shape[0])  # a host number: no copy to the device unless synced
         sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat) if self.ema_decay is not None else None
         if synced:  # one packed all-reduce: counts, rows and the EMA sums of every rank
@@ -276,5 +324,5 @@ class VectorQuantizer(nn.Module):
             # Laplace smoothing of the counts: a code unused for long keeps a finite, sensible value.
             total = self.ema_count.sum()
             smoothed = (self.ema_count + LAPLACE_EPS) / (total + self.num_codes * LAPLACE_EPS) * total
-            self.codebook.copy_(self.ema_sum / smoothed[:, None])
+            self.codebook.copy_(self._project(self.ema_sum / smoothed[:, None]))
         return counts
