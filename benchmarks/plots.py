@@ -33,7 +33,6 @@ STYLE = {  # ours stands out; the baselines are thinner
     "faiss": dict(color="tab:brown", marker="P"),
     "vqvae_fast[cpu]": dict(color="tab:blue", marker="D", linewidth=2.5),
     "vqvae_fast[triton]": dict(color="tab:blue", marker="D", linewidth=2.5),
-    "vqvae_fast[cuda]": dict(color="tab:green", marker="v", linewidth=2.5),
 }
 
 

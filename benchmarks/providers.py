@@ -186,7 +186,7 @@ def _nk_matrices(count_forward: float, count_backward: float):
 
 def ours_backends(device: str) -> list[str]:
     """The compiled/GPU backends that run for tensors on `device` on this machine."""
-    candidates = ("cpu",) if device == "cpu" else ("triton", "cuda")  # never the Triton interpreter
+    candidates = ("cpu",) if device == "cpu" else ("triton",)  # never the Triton interpreter
     found = []
     for backend in candidates:
         try:
@@ -221,7 +221,7 @@ def providers(device: str) -> list[Provider]:
 def all_provider_names() -> list[str]:
     """Names of every provider on any machine (for test ids that do not depend on the machine)."""
     return ([CDIST, ADDMM, COMPILED, FLASH_KMEANS, FAISS, GEMM, GEMM_TF32]
-            + [f"vqvae_fast[{b}]" for b in ("cpu", "triton", "cuda")])
+            + [f"vqvae_fast[{b}]" for b in ("cpu", "triton")])
 
 
 def indices_of(task: str, result) -> torch.Tensor | None:

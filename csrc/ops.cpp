@@ -1,9 +1,8 @@
 // Op schemas of the `vqvae_fast` library, and the Python module `vqvae_fast._C`.
 //
-// The schemas are declared here, once. Each backend adds its kernels in its own
-// file with TORCH_LIBRARY_IMPL(vqvae_fast, <DispatchKey>, m):
-//   csrc/cpu/nearest_code.cpp   CPU
-//   csrc/cuda/nearest_code.cu   CUDA (built only when a CUDA toolkit is found)
+// The schemas are declared here, once. The kernels are added in their own file with
+// TORCH_LIBRARY_IMPL(vqvae_fast, <DispatchKey>, m):
+//   csrc/cpu/nearest_code.cpp   CPU (the GPU kernels are Triton: vqvae_fast/ops/)
 // csrc/cpu/nearest_code.cpp also defines cpu_forward_path() -> str (no tensors, so no dispatch).
 // Fake (meta) implementations and the autograd formula are registered from Python
 // (vqvae_fast/ops/registration.py).

@@ -1,10 +1,10 @@
 """Static GPU checks of every shipped kernel, on any machine: no GPU needed.
 
 Compiles each Triton kernel of `vqvae_fast.ops.triton_nearest_code`, with every autotune
-config its pruning keeps, for a named GPU architecture (Triton's own compiler and ptxas), and
-reads the CUDA extension's kernels from the built library (cuobjdump). Per kernel and config
-it reports the matrix instructions used, registers, spill bytes, shared memory and, for the
-search kernel, how many loads of z sit inside the codebook loop (from the TTGIR).
+config its pruning keeps, for a named GPU architecture (Triton's own compiler and ptxas;
+cuobjdump reads each cubin's resource usage). Per kernel and config it reports the matrix
+instructions used, registers, spill bytes, shared memory and, for the search kernel, how many
+loads of z sit inside the codebook loop (from the TTGIR).
 
     python scripts/inspect_kernels.py --arch sm_90 --json FILE
     python scripts/inspect_kernels.py --arch sm_80 --json FILE
@@ -13,7 +13,7 @@ Exit status 0 only when every check holds:
 - every kernel and config compiles;
 - no spills (local memory per thread is 0);
 - shared memory within the architecture's per-block budget (227 KB sm_90, 163 KB sm_80);
-- the 16-bit searches use tensor-core MMA (wgmma or mma.sync; HMMA in the CUDA SASS);
+- the 16-bit searches use tensor-core MMA (wgmma or mma.sync);
 - the resident-z search (D <= 512) loads no z inside its codebook loop (split-D: null).
 """
 from __future__ import annotations
@@ -25,10 +25,8 @@ if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse
-import glob
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -211,17 +209,14 @@ def resource_usage(cubin: bytes) -> dict:
         return _parse_resource_usage(_run(str(TOOLS / "cuobjdump"), "--dump-resource-usage", f.name))
 
 
-def _parse_resource_usage(text: str, arch: str | None = None) -> dict:
-    usage, current_arch, name = {}, None, None
+def _parse_resource_usage(text: str) -> dict:
+    usage, name = {}, None
     for line in text.splitlines():
-        if m := re.match(r"\s*arch = (sm_\d+)", line):
-            current_arch = m.group(1)
-        elif m := re.match(r"\s*Function (\S+):", line):
+        if m := re.match(r"\s*Function (\S+):", line):
             name = m.group(1)
         elif (m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)) and name:
-            if arch is None or current_arch == arch:
-                usage[name] = dict(registers=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)),
-                                   local=int(m.group(4)))
+            usage[name] = dict(registers=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)),
+                               local=int(m.group(4)))
             name = None
     return usage
 
@@ -322,62 +317,6 @@ def compile_case(case: Case, arch: str, machine) -> Record:
     return record
 
 
-# --------------------------------------------------------------------------- the CUDA extension
-
-def cuda_library() -> Path | None:
-    import vqvae_fast
-
-    found = sorted(glob.glob(str(Path(vqvae_fast.__file__).parent / "_C*.so")))
-    return Path(found[0]) if found else None
-
-
-def _demangle(names: list[str]) -> dict:
-    if not shutil.which("c++filt") or not names:
-        return {n: n for n in names}
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
-
-
-def _short_kernel_name(demangled: str) -> tuple[str, str]:
-    """('search_wmma_kernel<__nv_bfloat16, true>', 'bf16') from a demangled signature."""
-    head = demangled.replace("(anonymous namespace)::", "").replace("vqvae_fast::", "")
-    head = re.sub(r"^void ", "", head.split("(")[0])
-    dtype = next((short for key, short in (("BFloat16", "bf16"), ("bfloat16", "bf16"), ("Half", "fp16"),
-                                           ("__half", "fp16"), ("double", "fp64"), ("float", "fp32"))
-                  if key in head), "-")
-    return head, dtype
-
-
-def cuda_records(library: Path, arch: str, budget: int) -> list[Record]:
-    usage = _parse_resource_usage(_run(str(TOOLS / "cuobjdump"), "--dump-resource-usage", str(library)), arch)
-    if not usage:
-        return [Record("cuda extension", "-", "-", arch,
-                       problems=[f"{library.name} holds no {arch} code (built without CUDA, or for other GPUs)"])]
-    sass = _run(str(TOOLS / "cuobjdump"), "-sass", "-arch", arch, str(library))
-    hmma = set()
-    current = None
-    for line in sass.splitlines():
-        if m := re.match(r"\s*Function : (\S+)", line):
-            current = m.group(1)
-        elif current and re.search(r"\bHMMA\b|\bHGMMA\b", line):
-            hmma.add(current)
-    names = _demangle(list(usage))
-    records = []
-    for mangled, use in sorted(usage.items(), key=lambda item: names[item[0]]):
-        name, dtype = _short_kernel_name(names[mangled])
-        record = Record(f"cuda:{name}", "-", dtype, arch, mma="hmma" if mangled in hmma else "fma",
-                        registers=use["registers"], spill_bytes=use["local"] + use["stack"],
-                        shared_bytes=use["shared"])
-        if record.spill_bytes:
-            record.problems.append(f"spills {record.spill_bytes} bytes per thread")
-        if record.shared_bytes > budget:
-            record.problems.append(f"needs {record.shared_bytes} B of shared memory, {budget} B allowed")
-        if "wmma" in name and record.mma != "hmma":
-            record.problems.append("16-bit search without HMMA")
-        records.append(record)
-    return records
-
-
 # --------------------------------------------------------------------------- main
 
 def format_table(records: list[Record]) -> str:
@@ -423,8 +362,6 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", choices=sorted(MACHINES), default="sm_90")
     parser.add_argument("--json", help="write the records here (a list of objects)")
     parser.add_argument("--markdown", help="write a summary table (grouped by kernel, dtype and tiling) here")
-    parser.add_argument("--cuda-lib", help="the compiled library to read (default: the installed vqvae_fast._C)")
-    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA extension")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     parser.add_argument("--budget-kb", type=int, help="check against this shared-memory budget per block instead")
     args = parser.parse_args(argv)
@@ -436,12 +373,6 @@ def main(argv=None) -> int:
     cases = [case for dtype in DTYPES for case in search_cases(machine, dtype) + support_cases(machine, dtype)]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # ptxas and cuobjdump run as subprocesses
         records = list(pool.map(lambda case: compile_case(case, args.arch, machine), cases))
-    if not args.no_cuda:
-        library = Path(args.cuda_lib) if args.cuda_lib else cuda_library()
-        if library is None:
-            records.append(Record("cuda extension", "-", "-", args.arch, problems=["vqvae_fast._C not found"]))
-        else:
-            records += cuda_records(library, args.arch, machine.shared_bytes)
 
     print(f"{args.arch}: {len(records)} kernels/configs, triton {triton.__version__}, "
           f"budget {machine.shared_bytes // 1024} KB shared memory, {time.time() - start:.0f} s")

@@ -36,8 +36,14 @@ def test_device_mismatch():
 
 
 def test_backend_for_the_wrong_device():
-    with pytest.raises(InputError, match="CUDA tensors"):
-        nearest_code(torch.randn(4, 3), torch.randn(5, 3), backend="cuda")
+    with pytest.raises(InputError, match="CPU tensors"):
+        nearest_code(torch.randn(4, 3, device="meta"), torch.randn(5, 3, device="meta"), backend="cpu")
+
+
+@pytest.mark.parametrize("fn", (nearest_code, quantize))
+def test_the_retired_cuda_backend_says_what_to_use(fn):
+    with pytest.raises(ValueError, match="removed.*'triton'"):
+        fn(torch.randn(4, 3), torch.randn(5, 3), backend="cuda")
 
 
 def test_unknown_backend():

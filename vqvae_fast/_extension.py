@@ -1,4 +1,4 @@
-"""Loads the compiled library `vqvae_fast._C` (C++ CPU kernels, CUDA kernels if built).
+"""Loads the compiled library `vqvae_fast._C` (the C++ CPU kernels; the GPU kernels are Triton).
 
 Importing `_C` registers the ops `vqvae_fast::nearest_code`, `quantize_fwd` and `quantize_bwd`. If it
 cannot load, the package still works through the Triton and reference backends and says
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-import torch
+import torch  # noqa: F401  (libtorch must be loaded before _C)
 
 try:
     from . import _C  # noqa: F401  (registers the ops)
@@ -17,8 +17,8 @@ try:
 except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR = str(error)
     warnings.warn(
-        f"vqvae_fast: the compiled extension could not be loaded ({error}); the 'cpu' and 'cuda' "
-        "backends are unavailable and backend='auto' falls back to 'triton'/'reference'. "
+        f"vqvae_fast: the compiled extension could not be loaded ({error}); the 'cpu' backend "
+        "is unavailable and backend='auto' falls back to 'triton'/'reference'. "
         "Rebuild with `pip install -e . --no-build-isolation`.",
         RuntimeWarning,
         stacklevel=2,
@@ -28,15 +28,6 @@ except ImportError as error:  # not built, or built against another torch
 def has_compiled() -> bool:
     """True when the C++ library loaded (the 'cpu' backend is available)."""
     return LOAD_ERROR is None
-
-
-# Read once, at import: torch.compile cannot trace the dispatcher query (a graph break in torch 2.11).
-_CUDA_KERNELS = has_compiled() and torch._C._dispatch_has_kernel_for_dispatch_key("vqvae_fast::quantize_fwd", "CUDA")
-
-
-def has_cuda_kernels() -> bool:
-    """True when the compiled library carries the CUDA kernels (the 'cuda' backend)."""
-    return _CUDA_KERNELS
 
 
 if has_compiled():

@@ -10,7 +10,7 @@ import torch
 from . import _extension, reference
 from .ops import triton_available, triton_interpreting
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 class InputError(ValueError, TypeError, RuntimeError):
@@ -51,11 +51,14 @@ def check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend that runs for tensors on `device`, or a clear error."""
+    if backend == "cuda":
+        raise ValueError("backend='cuda' was removed: the CUDA C++ backend was retired (the Triton backend is "
+                         "faster); use backend='triton' (or 'auto'), which runs on CUDA tensors")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         if device.type == "cuda":
-            backend = "triton" if triton_available() else "cuda" if _extension.has_cuda_kernels() else "reference"
+            backend = "triton" if triton_available() else "reference"
         elif device.type == "cpu":
             backend = "cpu" if _extension.has_compiled() else "reference"
         else:
@@ -66,12 +69,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
             raise InputError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
                              f"got tensors on {device}")
-    elif backend == "cuda":
-        if device.type != "cuda":
-            raise InputError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        if not _extension.has_cuda_kernels():
-            raise RuntimeError("backend='cuda' is unavailable: vqvae_fast._C was built without CUDA kernels "
-                               f"({_extension.LOAD_ERROR or 'no nvcc at build time'})")
     elif backend == "cpu":
         if device.type != "cpu":
             raise InputError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
@@ -86,7 +83,7 @@ def _op_prefix(backend: str):
         from .ops import triton_ops  # noqa: F401  (imported lazily: registers the ops)
 
         return "triton_"
-    return ""  # 'cpu' and 'cuda': one set of ops, dispatched by device
+    return ""  # 'cpu': the ops of the compiled library
 
 
 def _op(backend: str, name: str):
@@ -110,7 +107,7 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, bac
         z: (N, D) float32/float64/bfloat16/float16 encoder outputs.
         codebook: (K, D), same dtype and device as z.
         beta: weight of the commitment loss.
-        backend: "auto", "triton", "cuda", "cpu" or "reference".
+        backend: "auto", "triton", "cpu" or "reference".
         gradient: how `quantized` passes its gradient to z: "ste" (straight through,
             unchanged) or "rotation" (the rotation trick, Fifty et al. 2024: rotated from the
             code's direction to z's and rescaled by ||e|| / ||z||; see reference.rotation_gradient).
@@ -134,7 +131,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, backend: str = "aut
 
     Args:
         z: (N, D) float tensor; codebook: (K, D), same dtype and device.
-        backend: "auto", "triton", "cuda", "cpu" or "reference".
+        backend: "auto", "triton", "cpu" or "reference".
 
     Returns:
         (N,) int64; exact ties go to the lowest index.

@@ -11,7 +11,7 @@
 `rotation` picks the rotation trick's gradient to z (reference.rotation_gradient) instead of
 the straight-through one; the forward ignores it and only hands it to the backward.
 
-The C++ library (`vqvae_fast._C`, CPU and CUDA kernels) defines the un-prefixed ops;
+The C++ library (`vqvae_fast._C`, the CPU kernels) defines the un-prefixed ops;
 `triton_ops.py` defines the `triton_` ones. The fakes let torch.compile trace through them;
 the autograd formula makes `quantized` straight-through and differentiates the loss, and
 asks the backward only for the gradients autograd needs (none for an EMA codebook).
