@@ -13,7 +13,7 @@ Exit status 0 only when every check holds:
 - every kernel and config compiles;
 - no spills (local memory per thread is 0);
 - shared memory within the architecture's per-block budget (227 KB sm_90, 163 KB sm_80);
-- the 16-bit searches use tensor-core MMA (wgmma or mma.sync);
+- the searches with 16-bit operands (16-bit inputs, fp32 as bf16x3) use tensor-core MMA (wgmma or mma.sync);
 - the resident-z search (D <= 512) loads no z inside its codebook loop (split-D: null).
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vqvae_fast.ops import triton_nearest_code as kernels
+from vqvae_fast.ops import triton_quantize_bwd as backward
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 MACHINES = {"sm_90": kernels.SM90, "sm_80": kernels.SM80}
@@ -105,22 +106,38 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
                 mode = plan.mode
                 meta = kernels.search_meta(plan, mode, want_quantized=task == "quantize", only_flagged=rescoring)
                 acc = mode.acc
+                split = plan.splits > 1
                 values = dict(
                     z_ptr=dtype, codebook_ptr=dtype, z_op_ptr=mode.code, z_tail_ptr=mode.code, z_tail2_ptr=mode.code,
                     codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=acc,
-                    part_score_ptr=acc if plan.splits > 1 else None,
-                    part_idx_ptr=torch.int32 if plan.splits > 1 else None,
-                    inexact_ptr=torch.int8 if main.mode.flag_inexact else None, indices_ptr=torch.int64,
-                    quantized_ptr=dtype if task == "quantize" else None, row_err_ptr=acc if task == "quantize" else None,
+                    part_score_ptr=acc if split else None, part_second_ptr=acc if split and mode.settle else None,
+                    part_idx_ptr=torch.int32 if split else None,
+                    inexact_ptr=torch.int8 if main.mode.flag_inexact else None, row_norm_ptr=torch.float32,
+                    scratch_ptr=torch.int64, flag_rows_ptr=torch.int32 if mode.settle else None,
+                    flag_threshold_ptr=acc if mode.settle else None, indices_ptr=torch.int64,
+                    quantized_ptr=dtype if task == "quantize" else None,
+                    row_err_ptr=torch.float64 if task == "quantize" else None,
                     N=n, D=d, K_PAD=plan.k_pad, codes_per_split=plan.codes_per_split, n_bucket=n.bit_length(),
+                    bound_rel=1e-3, bound_norm=6e-8, bound_abs=1e-26,
                     stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta)
                 for config in configs:
                     resident = plan.block_d == plan.d_pad
                     tiling = f"D={d} ({'resident' if resident else f'split-D {plan.block_d}'}), {plan.splits} split(s)"
                     cases.append(Case(f"search[{label}]", kernels._search_kernel, {**values, **config.kwargs},
                                       config.num_warps, config.num_stages, dtype,
-                                      f"{_config_text(config)}; {tiling}", needs_mma=dtype.itemsize == 2,
+                                      f"{_config_text(config)}; {tiling}", needs_mma=mode.code.itemsize == 2,
                                       resident=resident))
+            if main.mode.settle:
+                meta = kernels.rescore_meta(main, want_quantized=task == "quantize")
+                cases.append(Case(f"rescore[{task}]", kernels._rescore_kernel, dict(
+                    z_ptr=dtype, codebook_ptr=dtype, z_op_ptr=mode.code, z_tail_ptr=mode.code,
+                    codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=mode.acc, scratch_ptr=torch.int64,
+                    flag_rows_ptr=torch.int32, flag_threshold_ptr=mode.acc, indices_ptr=torch.int64,
+                    quantized_ptr=dtype if task == "quantize" else None,
+                    row_err_ptr=torch.float64 if task == "quantize" else None, K=k, D=d, K_PAD=main.k_pad,
+                    stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta), kernels.RESCORE_WARPS, 1, dtype,
+                    "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D} EXACT_D={EXACT_D}; D={d}".format(d=d, **meta),
+                    needs_mma=mode.code.itemsize == 2))
     return cases
 
 
@@ -132,40 +149,47 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
     cases = []
     for d in (64, 1024):
         plan = kernels.plan_search(*LARGE, d, dtype, machine)
-        launch = kernels.prepare_launch(plan)
-        cases.append(Case("codebook_stats", kernels._codebook_stats_kernel, dict(
-            codebook_ptr=dtype, stats_ptr=acc, K=LARGE[1], D=d, rows_per_program=512, stride_ck=d, stride_cd=1,
-            BLOCK_R=launch.stats_rows, BLOCK_D=launch.stats_block_d, D_PAD=launch.arange_d, ACC_DTYPE=tl_acc),
-            4, 1, dtype, f"D={d}"))
+        launch = kernels.prepare_launch(plan, *reversed(LARGE))
+        cases.append(Case("stats", kernels._stats_kernel, dict(
+            codebook_ptr=dtype, z_ptr=dtype, code_stats_ptr=torch.float64, z_max_ptr=torch.float64,
+            scratch_ptr=torch.int64, K=LARGE[1], N=LARGE[0], D=d, code_programs=launch.code_stat_programs,
+            codes_per_program=512, rows_per_program=4096, stride_ck=d, stride_cd=1, stride_zn=d, stride_zd=1,
+            BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d), launch.stats_warps, 1, dtype,
+            f"D={d} BLOCK_R={launch.stats_rows} warps={launch.stats_warps}"))
         cases.append(Case("prepare", kernels._prepare_kernel, dict(
-            codebook_ptr=dtype, z_ptr=dtype, stats_ptr=acc, centre_ptr=acc, codes_ptr=mode.code,
-            codes_tail_ptr=mode.code, half_norm_ptr=acc, z_op_ptr=mode.code, z_tail_ptr=mode.code,
-            z_tail2_ptr=mode.code, inexact_ptr=torch.int8 if mode.flag_inexact else None,
-            K=LARGE[1], N=LARGE[0], D=d, K_PAD=plan.k_pad, N_PAD=plan.n_pad, WIDTH=plan.d_pad, stat_programs=32,
-            code_programs=512, stride_ck=d, stride_cd=1, stride_zn=d, stride_zd=1, **launch.prepare_meta),
-            4, 1, dtype, f"D={d} BLOCK_R={launch.prepare_meta['BLOCK_R']}"))
-    merge = kernels.merge_meta(kernels.plan_search(*SMALL, 64, dtype, machine), want_quantized=True)
+            codebook_ptr=dtype, z_ptr=dtype, code_stats_ptr=torch.float64, z_max_ptr=torch.float64,
+            centre_ptr=torch.float64, codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=acc,
+            z_op_ptr=mode.code, z_tail_ptr=mode.code, z_tail2_ptr=mode.code, row_norm_ptr=torch.float32,
+            inexact_ptr=torch.int8 if mode.flag_inexact else None, scratch_ptr=torch.int64,
+            K=LARGE[1], N=LARGE[0], D=d, K_PAD=plan.k_pad, N_PAD=plan.n_pad, WIDTH=plan.d_pad,
+            code_stat_programs=32, z_stat_programs=64, code_programs=512, stride_ck=d, stride_cd=1, stride_zn=d,
+            stride_zd=1, **launch.prepare_meta), 4, 1, dtype, f"D={d} BLOCK_R={launch.prepare_meta['BLOCK_R']}"))
+    small_plan = kernels.plan_search(*SMALL, 64, dtype, machine)
+    merge = kernels.merge_meta(small_plan, want_quantized=True)
     cases.append(Case("merge", kernels._merge_kernel, dict(
-        part_score_ptr=acc, part_idx_ptr=torch.int32, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64,
-        quantized_ptr=dtype, row_err_ptr=acc, N=SMALL[0], D=64, splits=8, stride_zn=64, stride_zd=1,
-        stride_ck=64, stride_cd=1, **merge), 4, 1, dtype, f"BLOCK_N={merge['BLOCK_N']}"))
-    if dtype in (torch.float32, torch.float64):  # the loss kernel reads fp32 or fp64 row errors
+        part_score_ptr=acc, part_second_ptr=acc if mode.settle else None, part_idx_ptr=torch.int32,
+        row_norm_ptr=torch.float32, scratch_ptr=torch.int64, flag_rows_ptr=torch.int32 if mode.settle else None,
+        flag_threshold_ptr=acc if mode.settle else None, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64,
+        quantized_ptr=dtype, row_err_ptr=torch.float64, N=SMALL[0], D=64, splits=8, bound_rel=1e-3,
+        bound_norm=6e-8, bound_abs=1e-26, stride_zn=64, stride_zd=1, stride_ck=64, stride_cd=1, **merge),
+        4, 1, dtype, f"BLOCK_N={merge['BLOCK_N']}"))
+    if dtype in (torch.float32, torch.float64):  # the loss is stored as fp32 (16-bit too) or fp64
         cases.append(Case("loss", kernels._loss_kernel, dict(
-            row_err_ptr=acc, loss_ptr=acc, N=LARGE[0], scale_head=1e-6, scale_tail=1e-14,
-            BLOCK=kernels.LOSS_BLOCK, ACC_DTYPE=tl_acc), 4, 1, dtype, f"BLOCK={kernels.LOSS_BLOCK}"))
-    bwd = kernels.backward_meta(64, acc)
+            row_err_ptr=torch.float64, loss_ptr=acc, N=LARGE[0], scale_head=1e-6, scale_tail=1e-14,
+            BLOCK=kernels.LOSS_BLOCK), 4, 1, dtype, f"BLOCK={kernels.LOSS_BLOCK}"))
+    bwd = backward.backward_meta(64, acc)
     strides = dict(stride_zn=64, stride_zd=1, stride_cn=64, stride_cd=1)
     for rotation in (False, True):
-        meta = kernels.grad_z_meta(64, acc, rotation)
-        cases.append(Case("grad_z[rotation]" if rotation else "grad_z", kernels._grad_z_kernel, dict(
+        meta = backward.grad_z_meta(64, acc, rotation)
+        cases.append(Case("grad_z[rotation]" if rotation else "grad_z", backward._grad_z_kernel, dict(
             grad_q_ptr=dtype, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, grad_loss_ptr=dtype,
             grad_z_ptr=dtype, N=LARGE[0], D=64, scale_head=1e-6, scale_tail=1e-14, stride_gn=64, stride_gd=1,
             **strides, **meta), 4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**meta)))
-    cases.append(Case("codebook_diff_atomic", kernels._codebook_diff_atomic_kernel, dict(
+    cases.append(Case("codebook_diff_atomic", backward._codebook_diff_atomic_kernel, dict(
         z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, out_ptr=acc, N=LARGE[0], D=64, **strides, **bwd),
         4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
-    segment = dict(BLOCK_R=kernels.SEGMENT_ROWS, BLOCK_D=bwd["BLOCK_D"], ACC_DTYPE=tl_acc)
-    cases.append(Case("codebook_diff_segment", kernels._codebook_diff_segment_kernel, dict(
+    segment = dict(BLOCK_R=backward.SEGMENT_ROWS, BLOCK_D=bwd["BLOCK_D"], ACC_DTYPE=tl_acc)
+    cases.append(Case("codebook_diff_segment", backward._codebook_diff_segment_kernel, dict(
         z_ptr=dtype, codebook_ptr=dtype, order_ptr=torch.int64, starts_ptr=torch.int64, out_ptr=acc, D=64,
         **strides, **segment), 4, 1, dtype, "BLOCK_R={BLOCK_R} BLOCK_D={BLOCK_D}".format(**segment)))
     return cases

@@ -107,8 +107,11 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25, gradie
     """
     indices = nearest_code(z, codebook)
     chosen = codebook[indices]
-    codebook_loss = torch.mean((chosen - z.detach()) ** 2)
-    commitment_loss = torch.mean((z - chosen.detach()) ** 2)
-    loss = codebook_loss + beta * commitment_loss
+    # Both terms in float64, rounded once: squares of fp32 values beyond ~1e19 or below ~1e-19
+    # (and of 16-bit values) would overflow or underflow in their own dtype.
+    z64, chosen64 = z.double(), chosen.double()
+    codebook_loss = torch.mean((chosen64 - z64.detach()) ** 2)
+    commitment_loss = torch.mean((z64 - chosen64.detach()) ** 2)
+    loss = (codebook_loss + beta * commitment_loss).to(z.dtype)
     quantized = (_Rotation if gradient == "rotation" else _StraightThrough).apply(z, chosen)
     return quantized, indices, loss

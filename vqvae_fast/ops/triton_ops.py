@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from . import triton_nearest_code as kernels
+from . import triton_quantize_bwd as backward
 from .registration import register_ops
 
 
@@ -23,8 +24,8 @@ def triton_quantize_fwd(z: Tensor, codebook: Tensor, beta: float,
 def triton_quantize_bwd(grad_quantized: Tensor, grad_loss: Tensor, z: Tensor, codebook: Tensor, indices: Tensor,
                         beta: float, need_grad_z: bool, need_grad_codebook: bool,
                         rotation: bool = False) -> tuple[Tensor, Tensor]:
-    return kernels.quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z,
-                                need_grad_codebook, rotation)
+    return backward.quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z,
+                                 need_grad_codebook, rotation)
 
 
 register_ops("triton_")
