@@ -41,6 +41,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vqvae_fast.ops import triton_nearest_code as kernels
+from vqvae_fast.ops import triton_codebook_update as update
 from vqvae_fast.ops import triton_quantize_bwd as backward
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -102,9 +103,12 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
             if main.mode.flag_inexact and task == "quantize":
                 rescoring, config = kernels.rescoring_plan(main)
                 variants.append((rescoring, [config], "quantize re-score", True))
+            # quantize: as a VectorQuantizer step calls it, with the per-code counts and sums (fp32/fp64)
+            stats = 2 if task == "quantize" and not main.mode.flag_inexact else 0
             for plan, configs, label, rescoring in variants:
                 mode = plan.mode
-                meta = kernels.search_meta(plan, mode, want_quantized=task == "quantize", only_flagged=rescoring)
+                meta = kernels.search_meta(plan, mode, want_quantized=task == "quantize", only_flagged=rescoring,
+                                           want_stats=0 if rescoring else stats)
                 acc = mode.acc
                 split = plan.splits > 1
                 values = dict(
@@ -117,6 +121,7 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
                     flag_threshold_ptr=acc if mode.settle else None, indices_ptr=torch.int64,
                     quantized_ptr=dtype if task == "quantize" else None,
                     row_err_ptr=torch.float64 if task == "quantize" else None,
+                    counts_ptr=torch.float32 if stats else None, sums_ptr=acc if stats else None,
                     N=n, D=d, K_PAD=plan.k_pad, codes_per_split=plan.codes_per_split, n_bucket=n.bit_length(),
                     bound_rel=1e-3, bound_norm=6e-8, bound_abs=1e-26,
                     stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta)
@@ -128,13 +133,15 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
                                       f"{_config_text(config)}; {tiling}", needs_mma=mode.code.itemsize == 2,
                                       resident=resident))
             if main.mode.settle:
-                meta = kernels.rescore_meta(main, want_quantized=task == "quantize")
+                meta = kernels.rescore_meta(main, want_quantized=task == "quantize", want_stats=stats)
                 cases.append(Case(f"rescore[{task}]", kernels._rescore_kernel, dict(
                     z_ptr=dtype, codebook_ptr=dtype, z_op_ptr=mode.code, z_tail_ptr=mode.code,
                     codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=mode.acc, scratch_ptr=torch.int64,
                     flag_rows_ptr=torch.int32, flag_threshold_ptr=mode.acc, indices_ptr=torch.int64,
                     quantized_ptr=dtype if task == "quantize" else None,
-                    row_err_ptr=torch.float64 if task == "quantize" else None, K=k, D=d, K_PAD=main.k_pad,
+                    row_err_ptr=torch.float64 if task == "quantize" else None,
+                    counts_ptr=torch.float32 if stats else None, sums_ptr=mode.acc if stats else None,
+                    K=k, D=d, K_PAD=main.k_pad,
                     stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta), kernels.RESCORE_WARPS, 1, dtype,
                     "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D} EXACT_D={EXACT_D}; D={d}".format(d=d, **meta),
                     needs_mma=mode.code.itemsize == 2))
@@ -152,9 +159,9 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
         launch = kernels.prepare_launch(plan, *reversed(LARGE))
         cases.append(Case("stats", kernels._stats_kernel, dict(
             codebook_ptr=dtype, z_ptr=dtype, code_stats_ptr=torch.float64, z_max_ptr=torch.float64,
-            scratch_ptr=torch.int64, K=LARGE[1], N=LARGE[0], D=d, code_programs=launch.code_stat_programs,
-            codes_per_program=512, rows_per_program=4096, stride_ck=d, stride_cd=1, stride_zn=d, stride_zd=1,
-            BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d), launch.stats_warps, 1, dtype,
+            scratch_ptr=torch.int64, counts_ptr=torch.float32, sums_ptr=acc, K=LARGE[1], N=LARGE[0], D=d,
+            code_programs=launch.code_stat_programs, codes_per_program=512, rows_per_program=4096, stride_ck=d,
+            stride_cd=1, stride_zn=d, stride_zd=1, BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d, WANT_STATS=2), launch.stats_warps, 1, dtype,
             f"D={d} BLOCK_R={launch.stats_rows} warps={launch.stats_warps}"))
         cases.append(Case("prepare", kernels._prepare_kernel, dict(
             codebook_ptr=dtype, z_ptr=dtype, code_stats_ptr=torch.float64, z_max_ptr=torch.float64,
@@ -165,12 +172,14 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
             code_stat_programs=32, z_stat_programs=64, code_programs=512, stride_ck=d, stride_cd=1, stride_zn=d,
             stride_zd=1, **launch.prepare_meta), 4, 1, dtype, f"D={d} BLOCK_R={launch.prepare_meta['BLOCK_R']}"))
     small_plan = kernels.plan_search(*SMALL, 64, dtype, machine)
-    merge = kernels.merge_meta(small_plan, want_quantized=True)
+    stats = 0 if mode.flag_inexact else 2
+    merge = kernels.merge_meta(small_plan, want_quantized=True, want_stats=stats)
     cases.append(Case("merge", kernels._merge_kernel, dict(
         part_score_ptr=acc, part_second_ptr=acc if mode.settle else None, part_idx_ptr=torch.int32,
         row_norm_ptr=torch.float32, scratch_ptr=torch.int64, flag_rows_ptr=torch.int32 if mode.settle else None,
         flag_threshold_ptr=acc if mode.settle else None, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64,
-        quantized_ptr=dtype, row_err_ptr=torch.float64, N=SMALL[0], D=64, splits=8, bound_rel=1e-3,
+        quantized_ptr=dtype, row_err_ptr=torch.float64, counts_ptr=torch.float32 if stats else None,
+        sums_ptr=acc if stats else None, N=SMALL[0], D=64, splits=8, bound_rel=1e-3,
         bound_norm=6e-8, bound_abs=1e-26, stride_zn=64, stride_zd=1, stride_ck=64, stride_cd=1, **merge),
         4, 1, dtype, f"BLOCK_N={merge['BLOCK_N']}"))
     if dtype in (torch.float32, torch.float64):  # the loss is stored as fp32 (16-bit too) or fp64
@@ -188,10 +197,27 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
     cases.append(Case("codebook_diff_atomic", backward._codebook_diff_atomic_kernel, dict(
         z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, out_ptr=acc, N=LARGE[0], D=64, **strides, **bwd),
         4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
-    segment = dict(BLOCK_R=backward.SEGMENT_ROWS, BLOCK_D=bwd["BLOCK_D"], ACC_DTYPE=tl_acc)
+    segment = dict(BLOCK_R=backward.SEGMENT_ROWS, BLOCK_D=bwd["BLOCK_D"], ACC_DTYPE=tl_acc, DIFF=True)
     cases.append(Case("codebook_diff_segment", backward._codebook_diff_segment_kernel, dict(
         z_ptr=dtype, codebook_ptr=dtype, order_ptr=torch.int64, starts_ptr=torch.int64, out_ptr=acc, D=64,
         **strides, **segment), 4, 1, dtype, "BLOCK_R={BLOCK_R} BLOCK_D={BLOCK_D}".format(**segment)))
+    cases.append(Case("code_stats", backward._code_stats_kernel, dict(
+        z_ptr=dtype, indices_ptr=torch.int64, counts_ptr=torch.float32, sums_ptr=torch.float32, N=LARGE[0], D=64,
+        stride_zn=64, stride_zd=1, BLOCK_N=bwd["BLOCK_N"], BLOCK_D=bwd["BLOCK_D"], WANT_SUMS=True), 4, 1, dtype,
+        "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
+    if dtype in (torch.float32, torch.float64):  # the codebook update, in the codebook's dtype
+        cases.append(Case("code_state", update._code_state_kernel, dict(
+            counts_ptr=torch.float32, usage_ptr=torch.float32, ema_count_ptr=torch.float32, dead_ptr=torch.int8,
+            inv_count_ptr=torch.float32, perplexity_ptr=torch.float32, tallies_ptr=torch.int64, K=16384,
+            usage_decay=0.9, ema_decay=0.99, dead_threshold=0.1, laplace_eps=1e-5, BLOCK=update.STATE_BLOCK,
+            EMA=True, RESTART=True), 4, 1, dtype, f"BLOCK={update.STATE_BLOCK}"))
+        for normalize in (False, True):
+            cases.append(Case("code_vectors[cosine]" if normalize else "code_vectors", update._code_vectors_kernel,
+                              dict(ema_sum_ptr=dtype, codebook_ptr=dtype, sums_ptr=acc, dead_ptr=torch.int8,
+                                   inv_count_ptr=torch.float32, cand_ptr=dtype, cand_rows_ptr=torch.int64, K=16384,
+                                   D=256, ema_decay=0.99, stride_cn=256, stride_cd=1, **update.VECTOR_BLOCKS,
+                                   EMA=True, RESTART=True, GATHER=True, NORMALIZE=normalize), 4, 1, dtype,
+                              "BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D}".format(**update.VECTOR_BLOCKS)))
     return cases
 
 

@@ -58,8 +58,8 @@ def _quantizer_worker(rank: int, port: int, out: str) -> None:
     # a forced restart of five codes: refilled from the vectors of both ranks
     torch.manual_seed(7)
     restart = VectorQuantizer(16, 4, restart_dead=True, backend="cpu")
-    restart.usage[:5] = 0.0
-    restart._before_step(_rank_batches(rank)[1], synced=True)
+    restart.usage[:5] = -10.0  # dead after the step whatever it uses: restarted at its end
+    restart(_rank_batches(rank)[1])
     # a training run: k-means init, EMA, restarts (some forced), an empty batch on one rank
     torch.manual_seed(rank)  # different RNG states: the synced draws must not depend on them
     vq = VectorQuantizer(16, 4, kmeans_init=True, restart_dead=True, ema_decay=0.8, backend="cpu")

@@ -27,6 +27,14 @@ class QuantizeOutput(NamedTuple):
     loss: torch.Tensor  # () codebook loss + beta * commitment loss
 
 
+class QuantizeStats(NamedTuple):
+    quantized: torch.Tensor  # as QuantizeOutput
+    indices: torch.Tensor
+    loss: torch.Tensor
+    counts: torch.Tensor  # (K,) float32: rows of z per code
+    sums: torch.Tensor  # (K, D) sum of each code's rows of z (float32; float64 for float64 z), or (0,)
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -141,3 +149,37 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, backend: str = "aut
     if backend == "reference":
         return reference.nearest_code(z, codebook)
     return _op(backend, "nearest_code")(z, codebook)
+
+
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """(num_codes,) float32 number of times each code occurs in `indices`, without host syncs."""
+    counts = torch.zeros(num_codes, device=indices.device, dtype=torch.float32)
+    flat = indices.reshape(-1)
+    return counts.index_put_((flat,), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
+
+
+def quantize_with_code_stats(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto",
+                             gradient: str = "ste", with_sums: bool = False) -> QuantizeStats:
+    """`quantize`, and the per-code statistics of the batch that codebook updates need.
+
+    Returns QuantizeStats(quantized, indices, loss, counts, sums): the first three as
+    `quantize`'s; counts (K,) float32, how many rows of z chose each code; sums (K, D), the sum
+    of each code's rows of z (float32, float64 for float64 z; shape (0,) unless `with_sums`).
+    On the triton backend they come out of the search's epilogue (no second pass over z, no
+    extra launch; fixed-order sums under torch.use_deterministic_algorithms), elsewhere they
+    are summed after it.
+    """
+    check_inputs(z, codebook)
+    check_options(beta, gradient)
+    backend = resolve_backend(backend, z.device)
+    if backend == "triton":
+        return QuantizeStats(*_op(backend, "quantize_stats_fwd")(z, codebook, float(beta), gradient == "rotation",
+                                                                 bool(with_sums)))
+    quantized, indices, loss = quantize(z, codebook, beta=beta, backend=backend, gradient=gradient)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    counts = code_counts(indices, codebook.shape[0])
+    if with_sums:
+        sums = torch.zeros(codebook.shape, dtype=acc, device=z.device).index_add_(0, indices, z.detach().to(acc))
+    else:
+        sums = torch.zeros(0, dtype=acc, device=z.device)
+    return QuantizeStats(quantized, indices, loss, counts, sums)

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .functional import InputError, check_options, nearest_code, quantize
+from .functional import (InputError, check_options, code_counts, nearest_code, quantize_with_code_stats,
+                         resolve_backend)
 
 
 class VQOutput(tuple):
@@ -34,11 +35,7 @@ class VQOutput(tuple):
     loss = property(lambda self: self[2])
 
 
-def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """(num_codes,) float32 number of times each code occurs in `indices`, without host syncs."""
-    counts = torch.zeros(num_codes, device=indices.device, dtype=torch.float32)
-    flat = indices.reshape(-1)
-    return counts.index_put_((flat,), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
+LAPLACE_EPS = 1e-5  # pseudo-count of the EMA counts' Laplace smoothing
 
 
 def usage_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +50,6 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     return usage_stats(code_counts(indices, num_codes))
 
 
-LAPLACE_EPS = 1e-5  # pseudo-count of the EMA counts' Laplace smoothing
 
 DISTANCES = ("euclidean", "cosine")
 NORMALIZE_EPS = 1e-12  # floor of the norm in l2_normalize: a zero vector stays zero
@@ -66,6 +62,48 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     centroids, EMA codebooks, restart candidates), so that it can later move into the kernels.
     """
     return torch.nn.functional.normalize(x, dim=-1, eps=NORMALIZE_EPS)
+
+
+@torch.no_grad()
+def update_codebook_state(usage, ema_count, ema_sum, codebook, counts, sums, candidates, candidate_rows, *,
+                          usage_decay: float, ema_decay: float | None, dead_threshold: float, restart: bool,
+                          normalize: bool, laplace_eps: float = LAPLACE_EPS):
+    """One step's update of a codebook's state, in place; returns the step's perplexity (0-dim
+    float32) and (codes used, dead codes) (int64 (2,)). The Triton form
+    (ops/triton_codebook_update.py) does the same in two launches.
+
+    counts (K,), sums (K, D): the step's rows per code and their sum (summed over ranks when
+    synced); rows = sum(counts). usage <- usage_decay usage + (1 - usage_decay) K counts / rows.
+    Dead codes: usage below dead_threshold. EMA (ema_decay set): ema_count and ema_sum follow
+    the counts and sums. restart: each dead code moves onto its candidate (rows `candidate_rows`
+    of `candidates`, or row k of `candidates` (K, D) when None), with usage 1 (a grace period)
+    and, EMA, ema_count 1 and ema_sum = the candidate. EMA: codebook = ema_sum / the Laplace-
+    smoothed count (l2-normalised when `normalize`); otherwise only restarted codes change.
+    """
+    K = usage.shape[0]  # codebook: None when neither EMA nor restarts change it
+    rows = counts.sum().clamp_min(1.0)  # every row has one code
+    usage.mul_(usage_decay).add_(counts * (K / rows), alpha=1.0 - usage_decay)
+    dead = usage < dead_threshold
+    probs = counts / rows
+    entropy = (probs * torch.log(torch.where(counts > 0, probs, 1.0))).sum()
+    report = torch.exp(-entropy), torch.stack([(counts > 0).sum(), dead.sum()])
+    if restart:
+        chosen = candidates if candidate_rows is None else candidates[candidate_rows]
+        usage.masked_fill_(dead, 1.0)
+    if ema_decay is not None:
+        ema_count.mul_(ema_decay).add_(counts, alpha=1.0 - ema_decay)
+        ema_sum.mul_(ema_decay).add_(sums.to(ema_sum.dtype), alpha=1.0 - ema_decay)
+        if restart:
+            ema_count.masked_fill_(dead, 1.0)
+            ema_sum.copy_(torch.where(dead[:, None], chosen.to(ema_sum.dtype), ema_sum))
+        # Laplace smoothing of the counts: a code unused for long keeps a finite, sensible value.
+        total = ema_count.sum()
+        smoothed = (ema_count + laplace_eps) / (total + K * laplace_eps) * total
+        vectors = ema_sum / smoothed[:, None]
+        codebook.copy_(l2_normalize(vectors) if normalize else vectors)
+    elif restart:
+        codebook.copy_(torch.where(dead[:, None], chosen.to(codebook.dtype), codebook))
+    return report
 
 
 def process_group_size() -> int:
@@ -126,10 +164,13 @@ class VectorQuantizer(nn.Module):
             (buffers): writing the codebook by hand needs the same write to ema_sum.
         kmeans_init: replace the codebook by k-means centroids (`kmeans_iters` Lloyd steps)
             of the first training batch's vectors.
-        restart_dead: before each training step, codes whose running usage fell below
-            `dead_threshold` are re-placed on random vectors of the current batch.
+        restart_dead: after each training step, codes whose running usage fell below
+            `dead_threshold` are re-placed on random vectors of the step's batch.
         Running usage is an EMA (`usage_decay`) of each code's share of the vectors, scaled so
         that uniform use is 1; it is tracked in training mode whatever the options.
+        The whole update (usage, EMA, restarts, the codebook, the batch statistics) is
+        `update_codebook_state`; on the triton backend two launches do it, and the per-code
+        counts and sums it needs come out of the search itself (`quantize_with_code_stats`).
     State changes happen only in training mode (or with `update=True` in forward).
     gradient: "ste" (straight through) or "rotation" (the rotation trick); see `quantize`.
     distance: "euclidean", or "cosine" (as in LlamaGen's VQ-16 and DAC): the input vectors and the
@@ -217,7 +258,9 @@ class VectorQuantizer(nn.Module):
         return self.usage < self.dead_threshold
 
     def forward(self, x: torch.Tensor, *, update: bool | None = None) -> VQOutput:
-        """Quantize x; `update` (default: self.training) runs init, restarts and the running statistics."""
+        """Quantize x; `update` (default: self.training) runs init, the running statistics, the
+        EMA and restarts. `dead_codes`: codes whose usage fell below the threshold this step
+        (restarted, with restart_dead)."""
         update = self.training if update is None else update
         channel_dim = self._channel_dim(x)
         moved = x.movedim(channel_dim, -1)
@@ -227,21 +270,23 @@ class VectorQuantizer(nn.Module):
         # are what init, restarts and the EMA see.
         flat = self._project(moved.reshape(-1, self.dim).to(self.codebook.dtype))
         synced = update and self._synced()
-        if update and (synced or flat.shape[0] > 0):  # synced: every rank joins the collectives
-            self._before_step(flat.detach(), synced)
+        stepping = update and (synced or flat.shape[0] > 0)  # synced: every rank joins the collectives
+        if stepping and self._needs_init:
+            self.init_codebook(flat.detach(), synced)
         codebook = self.codebook
-        if self.ema_decay is not None:
-            codebook = codebook.detach().clone()  # the EMA step below rewrites the codebook in place
+        if stepping and (self.ema_decay is not None or self.restart_dead):
+            codebook = codebook.clone()  # the update below rewrites the codebook in place
         codebook = self._project(codebook)
-        quantized, indices, loss = quantize(flat, codebook, beta=self.beta, backend=self.backend,
-                                            gradient=self.gradient)
-        counts = code_counts(indices, self.num_codes)
-        if update and (synced or flat.shape[0] > 0):
-            counts = self._after_step(flat.detach(), indices, counts, synced)
-        perplexity, codes_used = usage_stats(counts)
+        quantized, indices, loss, counts, sums = quantize_with_code_stats(
+            flat, codebook, beta=self.beta, backend=self.backend, gradient=self.gradient,
+            with_sums=stepping and self.ema_decay is not None)
+        if stepping:
+            perplexity, codes_used, dead_codes = self._step(flat.detach(), counts, sums, synced)
+        else:
+            perplexity, codes_used = usage_stats(counts)
+            dead_codes = self.dead_mask().sum()
         quantized = quantized.to(x.dtype).reshape(moved.shape).movedim(-1, channel_dim)
-        return VQOutput(quantized, indices.reshape(moved.shape[:-1]), loss, perplexity, codes_used,
-                        self.dead_mask().sum())
+        return VQOutput(quantized, indices.reshape(moved.shape[:-1]), loss, perplexity, codes_used, dead_codes)
 
     def _synced(self) -> bool:
         return process_group_size() > 1 if self.sync is None else self.sync
@@ -270,59 +315,50 @@ class VectorQuantizer(nn.Module):
         self._needs_init = False
 
     @torch.no_grad()
-    def _restart_candidates(self, flat: torch.Tensor, synced: bool) -> torch.Tensor:
-        """(num_codes, dim) random recent encoder outputs; synced: code k takes rank k % world's
-        draw, so every rank gets the same candidates (a rank without vectors offers the codebook)."""
-        if flat.shape[0] > 0:
-            candidates = self._project(flat[torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)])
+    def _step(self, flat: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, synced: bool):
+        """The step's update (update_codebook_state) from its counts and sums; synced: summed over
+        ranks first, in one packed all-reduce. Returns (perplexity, codes used, dead codes)."""
+        if synced:
+            parts = [counts] + ([sums.reshape(-1)] if self.ema_decay is not None else [])
+            dtype = torch.promote_types(sums.dtype, torch.float32)
+            packed = torch.cat([part.to(dtype) for part in parts])
+            dist.all_reduce(packed)
+            counts = packed[:self.num_codes].float()
+            if self.ema_decay is not None:
+                sums = packed[self.num_codes:].view(self.num_codes, self.dim)
+        candidates, candidate_rows = flat, None
+        if self.restart_dead:
+            candidates, candidate_rows = self._restart_candidates(flat, synced)
+        ema = self.ema_decay is not None
+        # The codebook only when it changes (then forward quantized a copy): an op that declares it
+        # mutated bumps its version, which autograd, having saved it, would refuse.
+        state = (self.usage, self.ema_count if ema else None, self.ema_sum if ema else None,
+                 self.codebook if ema or self.restart_dead else None)
+        if resolve_backend(self.backend, flat.device) == "triton":
+            update = torch.ops.vqvae_fast.triton_update_codebook_state  # registered with the triton ops
         else:
-            candidates = self.codebook.detach().clone()
+            update = update_codebook_state
+        perplexity, tallies = update(*state, counts, sums, candidates, candidate_rows, usage_decay=self.usage_decay,
+                                     ema_decay=self.ema_decay, dead_threshold=self.dead_threshold,
+                                     restart=self.restart_dead, normalize=self.distance == "cosine",
+                                     laplace_eps=LAPLACE_EPS)
+        return perplexity, tallies[0], tallies[1]
+
+    @torch.no_grad()
+    def _restart_candidates(self, flat: torch.Tensor, synced: bool):
+        """(candidates, rows): code k restarts on candidates[rows[k]] (rows None: candidates[k]),
+        a random recent encoder output; synced: code k takes rank k % world's draw, so every rank
+        gets the same candidates (a rank without vectors offers the codebook)."""
+        if flat.shape[0] == 0:
+            candidates, rows = self.codebook.detach().clone(), None
+        else:
+            candidates, rows = flat, torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)
         if not synced:
-            return candidates
+            return candidates, rows
+        if rows is not None:
+            candidates = candidates[rows]
         world = dist.get_world_size()
         every = [torch.empty_like(candidates) for _ in range(world)]
         dist.all_gather(every, candidates.contiguous())
         owner = torch.arange(self.num_codes, device=candidates.device) % world
-        return torch.stack(every)[owner, torch.arange(self.num_codes, device=candidates.device)]
-
-    @torch.no_grad()
-    def _before_step(self, flat: torch.Tensor, synced: bool = False) -> None:
-        if self._needs_init:
-            self.init_codebook(flat, synced)
-        if self.restart_dead:
-            # Every dead code moves onto a random vector of this batch: a place the encoder uses now.
-            dead = self.dead_mask()
-            candidates = self._restart_candidates(flat, synced)
-            self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
-            self.usage.copy_(torch.where(dead, torch.ones_like(self.usage), self.usage))  # grace period
-            if self.ema_decay is not None:
-                self.ema_count.copy_(torch.where(dead, torch.ones_like(self.ema_count), self.ema_count))
-                self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
-
-    @torch.no_grad()
-    def _after_step(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
-                    synced: bool = False) -> torch.Tensor:
-        """Update usage and the EMA codebook from this step's assignments; returns the counts
-        used (summed over ranks when synced). Cosine: flat holds the normalised vectors, and the
-        codebook is the normalised smoothed mean."""
-        rows = float(flat.shape[0])  # a host number: no copy to the device unless synced
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat) if self.ema_decay is not None else None
-        if synced:  # one packed all-reduce: counts, rows and the EMA sums of every rank
-            dtype = torch.float32 if sums is None else torch.promote_types(sums.dtype, torch.float32)
-            parts = [counts, counts.new_full((1,), rows)] + ([sums.reshape(-1)] if sums is not None else [])
-            packed = torch.cat([part.to(dtype) for part in parts])
-            dist.all_reduce(packed)
-            counts, rows = packed[:self.num_codes].float(), packed[self.num_codes:self.num_codes + 1].float()
-            if sums is not None:
-                sums = packed[self.num_codes + 1:].view_as(sums).to(sums.dtype)
-        share = counts * (self.num_codes / (rows.clamp_min(1.0) if synced else max(rows, 1.0)))
-        self.usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
-        if self.ema_decay is not None:
-            decay = self.ema_decay
-            self.ema_count.mul_(decay).add_(counts, alpha=1.0 - decay)
-            self.ema_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
-            # Laplace smoothing of the counts: a code unused for long keeps a finite, sensible value.
-            total = self.ema_count.sum()
-            smoothed = (self.ema_count + LAPLACE_EPS) / (total + self.num_codes * LAPLACE_EPS) * total
-            self.codebook.copy_(self._project(self.ema_sum / smoothed[:, None]))
-        return counts
+        return torch.stack(every)[owner, torch.arange(self.num_codes, device=candidates.device)], None

@@ -11,6 +11,12 @@
 `rotation` picks the rotation trick's gradient to z (reference.rotation_gradient) instead of
 the straight-through one; the forward ignores it and only hands it to the backward.
 
+    triton_quantize_stats_fwd(Tensor z, Tensor codebook, float beta, bool rotation, bool with_sums)
+        -> (Tensor quantized, Tensor indices, Tensor loss, Tensor counts, Tensor sums)
+
+quantize_fwd and the per-code counts (K,) and sums of z (K, D) (empty unless with_sums) that a
+VectorQuantizer step needs, from the search's epilogue; its gradient is quantize_fwd's.
+
 The C++ library (`vqvae_fast._C`, the CPU kernels) defines the un-prefixed ops;
 `triton_ops.py` defines the `triton_` ones. The fakes let torch.compile trace through them;
 the autograd formula makes `quantized` straight-through and differentiates the loss, and
@@ -38,20 +44,29 @@ def _fake_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z
             codebook.new_empty(codebook.shape if need_grad_codebook else (0,)))
 
 
+def _fake_stats_fwd(z, codebook, beta, rotation, with_sums):
+    k, d = codebook.shape
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return (*_fake_fwd(z, codebook, beta), z.new_empty(k, dtype=torch.float32),
+            z.new_empty((k, d) if with_sums else (0,), dtype=acc))
+
+
 def _setup_context(ctx, inputs, output):
     z, codebook, beta, *rest = inputs
-    _, indices, _ = output
+    _, indices, _, *stats = output  # quantize_stats_fwd: and the per-code counts and sums
     ctx.save_for_backward(z, codebook, indices)
     ctx.beta = beta
     ctx.rotation = bool(rest[0]) if rest else False
-    ctx.mark_non_differentiable(indices)
+    ctx.mark_non_differentiable(indices, *stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the indices and statistics
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, grad_quantized, grad_indices, grad_loss):
+    def backward(ctx, grad_quantized, grad_indices, grad_loss, *grad_stats):
         need_grad_z, need_grad_codebook = ctx.needs_input_grad[:2]
+        rest = (None,) * (len(ctx.needs_input_grad) - 2)  # beta, rotation (, with_sums): no gradient
         if not (need_grad_z or need_grad_codebook):
-            return None, None, None, None
+            return None, None, *rest
         z, codebook, indices = ctx.saved_tensors
         if grad_quantized is None:
             grad_quantized = torch.zeros_like(z)
@@ -59,16 +74,21 @@ def _make_backward(bwd_op):
             grad_loss = z.new_zeros(())
         grad_z, grad_codebook = bwd_op(grad_quantized, grad_loss, z, codebook, indices, ctx.beta,
                                        need_grad_z, need_grad_codebook, ctx.rotation)
-        return (grad_z if need_grad_z else None), (grad_codebook if need_grad_codebook else None), None, None
+        return (grad_z if need_grad_z else None), (grad_codebook if need_grad_codebook else None), *rest
 
     return backward
 
 
-def register_ops(prefix: str = "") -> None:
-    """Attach fakes and the autograd formula to vqvae_fast::<prefix>{nearest_code, quantize_fwd, quantize_bwd}."""
+def register_ops(prefix: str = "", with_stats: bool = False) -> None:
+    """Attach fakes and the autograd formula to vqvae_fast::<prefix>{nearest_code, quantize_fwd, quantize_bwd}
+    (with_stats: and <prefix>quantize_stats_fwd, which has quantize_fwd's gradient)."""
     name = f"vqvae_fast::{prefix}"
     torch.library.register_fake(f"{name}nearest_code")(_fake_nearest)
     torch.library.register_fake(f"{name}quantize_fwd")(_fake_fwd)
     torch.library.register_fake(f"{name}quantize_bwd")(_fake_bwd)
     bwd_op = getattr(torch.ops.vqvae_fast, f"{prefix}quantize_bwd")
     torch.library.register_autograd(f"{name}quantize_fwd", _make_backward(bwd_op), setup_context=_setup_context)
+    if with_stats:
+        torch.library.register_fake(f"{name}quantize_stats_fwd")(_fake_stats_fwd)
+        torch.library.register_autograd(f"{name}quantize_stats_fwd", _make_backward(bwd_op),
+                                        setup_context=_setup_context)

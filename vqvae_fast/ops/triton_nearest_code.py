@@ -78,17 +78,19 @@ from . import triton_interpreting as interpreting
 
 @triton.jit
 def _stats_kernel(
-    # pointers; code_stats: (code_programs, 4, D_PAD) fp64; z_max: (z_programs,) fp64; scratch: (2,) int64
-    codebook_ptr, z_ptr, code_stats_ptr, z_max_ptr, scratch_ptr,
+    # pointers; code_stats: (code_programs, 4, D_PAD) fp64; z_max: (z_programs,) fp64; scratch: (2,) int64;
+    # counts (K,), sums (K, D): the per-code statistics the search accumulates (WANT_STATS)
+    codebook_ptr, z_ptr, code_stats_ptr, z_max_ptr, scratch_ptr, counts_ptr, sums_ptr,
     # sizes
     K, N, D, code_programs, codes_per_program, rows_per_program,
     # strides
     stride_ck, stride_cd, stride_zn, stride_zd,
     # meta-parameters
-    BLOCK_R: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, D_PAD: tl.constexpr, WANT_STATS: tl.constexpr,
 ):
-    """Programs below code_programs: (sum, count, min, max) per column over their finite codes.
-    The others: the largest |entry| over their finite rows of z."""
+    """Programs below code_programs: (sum, count, min, max) per column over their finite codes,
+    and zeroes their codes' counts (WANT_STATS >= 1) and sums (2). The others: the largest
+    |entry| over their finite rows of z."""
     pid = tl.program_id(0)
     d = tl.arange(0, D_PAD)
     d_mask = d < D
@@ -107,6 +109,11 @@ def _stats_kernel(
             x = tl.load(codebook_ptr + r.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
                         mask=mask, other=0.0).to(tl.float64)
             ok = mask & _finite_rows(x, mask)[:, None]
+            if WANT_STATS >= 1:
+                tl.store(counts_ptr + r, tl.zeros((BLOCK_R,), tl.float32), mask=r < end)
+            if WANT_STATS == 2:
+                tl.store(sums_ptr + r.to(tl.int64)[:, None] * D + d[None, :],
+                         tl.zeros((BLOCK_R, D_PAD), sums_ptr.dtype.element_ty), mask=mask)
             total += tl.sum(tl.where(ok, x, 0.0), axis=0)
             count += tl.sum(ok.to(tl.float64), axis=0)
             low = tl.minimum(low, tl.min(tl.where(ok, x, float("inf")), axis=0))
@@ -349,12 +356,23 @@ def _tile_scores(z0, z1, z2, z_op_ptr, z_tail_ptr, z_tail2_ptr, codes_ptr, codes
 
 
 @triton.jit
-def _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr,
+def _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr,
                 rows64, store_mask, idx, D, stride_zn, stride_zd, stride_ck, stride_cd,
-                BLOCK_D: tl.constexpr, WANT_QUANTIZED: tl.constexpr):
+                BLOCK_D: tl.constexpr, WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr):
     """indices[rows] = idx; with WANT_QUANTIZED also quantized[rows] = codebook[idx] and the
-    rows' squared error sum((z - e)^2), in float64 (it neither overflows nor underflows)."""
+    rows' squared error sum((z - e)^2), in float64 (it neither overflows nor underflows).
+    WANT_STATS: counts[idx] += 1 (1), and sums[idx] += z (2), with atomics (each row is
+    written once, by the search, the merge or the re-scoring)."""
     tl.store(indices_ptr + rows64, idx.to(tl.int64), mask=store_mask)
+    if WANT_STATS >= 1:
+        tl.atomic_add(counts_ptr + idx, tl.full(idx.shape, 1.0, tl.float32), mask=store_mask)
+    if WANT_STATS == 2:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask = store_mask[:, None] & (d < D)[None, :]
+            z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0)
+            tl.atomic_add(sums_ptr + idx.to(tl.int64)[:, None] * D + d[None, :], z.to(sums_ptr.dtype.element_ty),
+                          mask=mask)
     if WANT_QUANTIZED:
         idx64 = idx.to(tl.int64)
         sq_err = tl.zeros(idx.shape, tl.float64)
@@ -399,7 +417,7 @@ def _search_kernel(
     # pointers: raw inputs, prepared operands, per-split results, per-row data, outputs
     z_ptr, codebook_ptr, z_op_ptr, z_tail_ptr, z_tail2_ptr, codes_ptr, codes_tail_ptr, half_norm_ptr,
     part_score_ptr, part_second_ptr, part_idx_ptr, inexact_ptr, row_norm_ptr, scratch_ptr, flag_rows_ptr,
-    flag_threshold_ptr, indices_ptr, quantized_ptr, row_err_ptr,
+    flag_threshold_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr,
     # sizes and the error bound's coefficients (settle_bound); n_bucket only keys the autotuning
     N, D, K_PAD, codes_per_split, n_bucket, bound_rel, bound_norm, bound_abs,
     # strides of the raw inputs (for the gather)
@@ -408,7 +426,7 @@ def _search_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     Z_TERMS: tl.constexpr, SPLIT: tl.constexpr, SETTLE: tl.constexpr, ONLY_FLAGGED: tl.constexpr,
-    SPLIT_K: tl.constexpr, WANT_QUANTIZED: tl.constexpr, GATHER_D: tl.constexpr,
+    SPLIT_K: tl.constexpr, WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr, GATHER_D: tl.constexpr,
 ):
     """Nearest code of BLOCK_N rows of z among codes [pid_s * codes_per_split, ...).
 
@@ -473,22 +491,23 @@ def _search_kernel(
     else:
         row_idx, write = _settle_rows(rows64, store_mask, row_best, row_second, row_idx, row_norm_ptr, scratch_ptr,
                                       flag_rows_ptr, flag_threshold_ptr, bound_rel, bound_norm, bound_abs, SETTLE)
-        _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, rows64, write, row_idx,
-                    D, stride_zn, stride_zd, stride_ck, stride_cd, GATHER_D, WANT_QUANTIZED)
+        _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, rows64,
+                    write, row_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, GATHER_D, WANT_QUANTIZED,
+                    WANT_STATS)
 
 
 @triton.jit
 def _merge_kernel(
     # pointers
     part_score_ptr, part_second_ptr, part_idx_ptr, row_norm_ptr, scratch_ptr, flag_rows_ptr, flag_threshold_ptr,
-    z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr,
+    z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr,
     # sizes and the error bound's coefficients
     N, D, splits, bound_rel, bound_norm, bound_abs,
     # strides
     stride_zn, stride_zd, stride_ck, stride_cd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, SETTLE: tl.constexpr,
-    WANT_QUANTIZED: tl.constexpr,
+    WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr,
 ):
     """The lexicographic (score, index) minimum over the splits (SETTLE: and the second-best
     score: the winner's second or another split's best), then the rows' outputs."""
@@ -509,15 +528,15 @@ def _merge_kernel(
         best_idx = tl.where(better, idx, best_idx)
     best_idx, write = _settle_rows(rows64, row_mask, best, second, best_idx, row_norm_ptr, scratch_ptr, flag_rows_ptr,
                                    flag_threshold_ptr, bound_rel, bound_norm, bound_abs, SETTLE)
-    _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, rows64, write, best_idx,
-                D, stride_zn, stride_zd, stride_ck, stride_cd, BLOCK_D, WANT_QUANTIZED)
+    _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, rows64, write,
+                best_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, BLOCK_D, WANT_QUANTIZED, WANT_STATS)
 
 
 @triton.jit
 def _rescore_kernel(
     # pointers: raw inputs, prepared operands, the rows to settle, outputs
     z_ptr, codebook_ptr, z_op_ptr, z_tail_ptr, codes_ptr, codes_tail_ptr, half_norm_ptr,
-    scratch_ptr, flag_rows_ptr, flag_threshold_ptr, indices_ptr, quantized_ptr, row_err_ptr,
+    scratch_ptr, flag_rows_ptr, flag_threshold_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr,
     # sizes
     K, D, K_PAD,
     # strides of the raw inputs
@@ -525,7 +544,8 @@ def _rescore_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     EXACT_D: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    Z_TERMS: tl.constexpr, SPLIT: tl.constexpr, WANT_QUANTIZED: tl.constexpr, GATHER_D: tl.constexpr,
+    Z_TERMS: tl.constexpr, SPLIT: tl.constexpr, WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr,
+    GATHER_D: tl.constexpr,
 ):
     """Settles the rows the search flagged (their number is read here, on the device): scores
     every code again, and computes the float64 distance sum((z - e)^2) from the original
@@ -565,8 +585,9 @@ def _rescore_kernel(
                 better = tile_best < best  # strict: an earlier tile keeps its (lower) index on ties
                 best_idx = tl.where(better, tile_idx, best_idx)
                 best = tl.where(better, tile_best, best)
-        _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, rows64, valid, best_idx,
-                    D, stride_zn, stride_zd, stride_ck, stride_cd, GATHER_D, WANT_QUANTIZED)
+        _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, rows64,
+                    valid, best_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, GATHER_D, WANT_QUANTIZED,
+                    WANT_STATS)
 
 
 @triton.jit
@@ -789,7 +810,7 @@ def split_plan(n: int, k_pad: int, machine: Machine) -> tuple[int, int]:
 _search_tuned = triton.autotune(
     configs=search_configs(SM90),
     key=["n_bucket", "K_PAD", "D_PAD", "BLOCK_D", "codes_per_split", "Z_TERMS", "SPLIT", "PRECISION",
-         "WANT_QUANTIZED"],
+         "WANT_QUANTIZED", "WANT_STATS"],
     prune_configs_by={"early_config_prune": _prune},
 )(_search_kernel)
 
@@ -862,8 +883,10 @@ def prepare_launch(plan: SearchPlan, k: int = 1, n: int = 1) -> PrepareLaunch:
                          triton.cdiv(plan.k_pad, block_r), meta)
 
 
-def prepare_operands(z: torch.Tensor, codebook: torch.Tensor, plan: SearchPlan) -> Operands:
-    """Centre, scale, pad and convert both operands once per call: two launches, O((N + K) D)."""
+def prepare_operands(z: torch.Tensor, codebook: torch.Tensor, plan: SearchPlan, stats: CodeStats | None = None
+                     ) -> Operands:
+    """Centre, scale, pad and convert both operands once per call: two launches, O((N + K) D).
+    `stats`: per-code buffers for the search to accumulate into, zeroed here."""
     N, D = z.shape
     K = codebook.shape[0]
     mode = plan.mode
@@ -876,10 +899,12 @@ def prepare_operands(z: torch.Tensor, codebook: torch.Tensor, plan: SearchPlan) 
     z_max = empty(launch.z_stat_programs, dtype=torch.float64)
     scratch = empty(2, dtype=torch.int64)
     _stats_kernel[(launch.code_stat_programs + launch.z_stat_programs,)](
-        codebook, z, code_stats, z_max, scratch, K, N, D, launch.code_stat_programs,
+        codebook, z, code_stats, z_max, scratch, *(stats[:2] if stats else (None, None)), K, N, D,
+        launch.code_stat_programs,
         triton.cdiv(K, launch.code_stat_programs), triton.cdiv(N, launch.z_stat_programs),
         codebook.stride(0), codebook.stride(1), z.stride(0), z.stride(1),
-        BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d, num_warps=launch.stats_warps)
+        BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d, WANT_STATS=stats.level if stats else 0,
+        num_warps=launch.stats_warps)
 
     two_terms = mode.z_terms > 1 or mode.flag_inexact
     z_op = empty(plan.n_pad, plan.d_pad)
@@ -901,12 +926,13 @@ def prepare_operands(z: torch.Tensor, codebook: torch.Tensor, plan: SearchPlan) 
                     centre_and_scale[:launch.arange_d], centre_and_scale[launch.arange_d])
 
 
-def search_meta(plan: SearchPlan, mode: Mode, *, want_quantized: bool, only_flagged: bool = False) -> dict:
+def search_meta(plan: SearchPlan, mode: Mode, *, want_quantized: bool, want_stats: int = 0,
+                only_flagged: bool = False) -> dict:
     """The constexpr arguments of `_search_kernel` for a plan (tile sizes excepted)."""
     return dict(
         D_PAD=plan.d_pad, BLOCK_D=plan.block_d, ACC_DTYPE=_TL_DTYPE[mode.acc], DOT_DTYPE=_dot_dtype(mode, plan.machine),
         PRECISION=mode.precision, Z_TERMS=mode.z_terms, SPLIT=mode.split, SETTLE=mode.settle,
-        ONLY_FLAGGED=only_flagged, SPLIT_K=plan.splits > 1, WANT_QUANTIZED=want_quantized,
+        ONLY_FLAGGED=only_flagged, SPLIT_K=plan.splits > 1, WANT_QUANTIZED=want_quantized, WANT_STATS=want_stats,
         GATHER_D=min(plan.block_d, 64))
 
 
@@ -921,7 +947,7 @@ def rescoring_plan(plan: SearchPlan) -> tuple[SearchPlan, triton.Config]:
     return rescoring, (fitting or configs[-1:])[0]
 
 
-def rescore_meta(plan: SearchPlan, want_quantized: bool) -> dict:
+def rescore_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0) -> dict:
     """`_rescore_kernel`'s tile: 16 flagged rows (tl.dot's least), 32 codes, chunks of D as the
     split-D search takes them, and (16, 32, 4) float64 differences for the exact distances
     (8 spill 16 bytes on sm_90 at D = 256)."""
@@ -929,7 +955,7 @@ def rescore_meta(plan: SearchPlan, want_quantized: bool) -> dict:
     block_d = min(plan.d_pad, 64 if mode.code.itemsize == 2 else 32)
     return dict(BLOCK_N=16, BLOCK_K=32, D_PAD=plan.d_pad, BLOCK_D=block_d, EXACT_D=4, ACC_DTYPE=_TL_DTYPE[mode.acc],
                 DOT_DTYPE=_dot_dtype(mode, plan.machine), PRECISION=mode.precision, Z_TERMS=mode.z_terms,
-                SPLIT=mode.split, WANT_QUANTIZED=want_quantized, GATHER_D=min(block_d, 64))
+                SPLIT=mode.split, WANT_QUANTIZED=want_quantized, WANT_STATS=want_stats, GATHER_D=min(block_d, 64))
 
 
 RESCORE_WARPS = 8  # with 4, its (16, 32) tiles and float64 differences spilled 8-16 bytes
@@ -940,13 +966,20 @@ def rescore_programs(n: int, machine: Machine) -> int:
     return max(1, min(triton.cdiv(n, 16), 4 * machine.num_sms))
 
 
-def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool):
-    """(indices, quantized or None, per-row float64 squared error or None)."""
+class CodeStats(NamedTuple):
+    """Per-code statistics of one search, accumulated by the rows' writers (atomics)."""
+    counts: torch.Tensor  # (K,) fp32: rows per code (exact integers below 2^24)
+    sums: torch.Tensor | None  # (K, D) fp32 (fp64 for fp64 z): the sum of each code's rows of z
+    level: int  # 1: counts, 2: counts and sums
+
+
+def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool, stats: CodeStats | None = None):
+    """(indices, quantized or None, per-row float64 squared error or None); `stats` filled in."""
     N, D = z.shape
     K = codebook.shape[0]
     plan = plan_search(N, K, D, z.dtype, machine_for(z.device))
     mode = plan.mode
-    ops = prepare_operands(z, codebook, plan)
+    ops = prepare_operands(z, codebook, plan, stats)
 
     def empty(*shape, dtype):
         return torch.empty(shape, dtype=dtype, device=z.device)
@@ -962,11 +995,13 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool):
     flag_threshold = empty(N, dtype=mode.acc) if mode.settle else None
     bound = settle_bound(mode, plan.d_pad) if mode.settle else (0.0, 0.0, 0.0)
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
+    outputs = (indices, quantized, row_err, *(stats[:2] if stats else (None, None)))
+    level = stats.level if stats else 0
     args = (z, codebook, *ops[:6], part_score, part_second, part_idx, ops.inexact, ops.row_norm, ops.scratch,
-            flag_rows, flag_threshold, indices, quantized, row_err,
+            flag_rows, flag_threshold, *outputs,
             N, D, plan.k_pad, plan.codes_per_split, min(N.bit_length(), 20), *bound, *strides)
 
-    meta = search_meta(plan, mode, want_quantized=want_quantized)
+    meta = search_meta(plan, mode, want_quantized=want_quantized, want_stats=level)
     if plan.machine.interpreted:
         config = search_configs(plan.machine)[0]
         _search_kernel[(triton.cdiv(N, config.kwargs["BLOCK_N"]), plan.splits)](
@@ -979,21 +1014,24 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool):
             *args, **config.all_kwargs(),
             **search_meta(rescoring, rescoring.mode, want_quantized=want_quantized, only_flagged=True))
     if split:
-        meta = merge_meta(plan, want_quantized)
+        meta = merge_meta(plan, want_quantized, level)
         _merge_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
             part_score, part_second, part_idx, ops.row_norm, ops.scratch, flag_rows, flag_threshold,
-            z, codebook, indices, quantized, row_err, N, D, plan.splits, *bound, *strides, **meta)
+            z, codebook, *outputs, N, D, plan.splits, *bound, *strides, **meta)
     if mode.settle:
         _rescore_kernel[(rescore_programs(N, plan.machine),)](
             z, codebook, ops.z_op, ops.z_tail, ops.codes, ops.codes_tail, ops.half_norm, ops.scratch, flag_rows,
-            flag_threshold, indices, quantized, row_err, K, D, plan.k_pad, *strides,
-            **rescore_meta(plan, want_quantized), num_warps=RESCORE_WARPS)
+            flag_threshold, *outputs, K, D, plan.k_pad, *strides,
+            **rescore_meta(plan, want_quantized, level), num_warps=RESCORE_WARPS)
     return indices, quantized, row_err
 
 
-def merge_meta(plan: SearchPlan, want_quantized: bool) -> dict:
-    return dict(BLOCK_N=16 if plan.machine.interpreted else 64, BLOCK_D=min(plan.block_d, 64),
-                ACC_DTYPE=_TL_DTYPE[plan.mode.acc], SETTLE=plan.mode.settle, WANT_QUANTIZED=want_quantized)
+def merge_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0) -> dict:
+    """64 rows at a time; fp64 in chunks of 32 values of D (64 spilled 48 bytes with the sums, sm_90)."""
+    return dict(BLOCK_N=16 if plan.machine.interpreted else 64,
+                BLOCK_D=min(plan.block_d, 32 if plan.mode.acc == torch.float64 else 64),
+                ACC_DTYPE=_TL_DTYPE[plan.mode.acc], SETTLE=plan.mode.settle, WANT_QUANTIZED=want_quantized,
+                WANT_STATS=want_stats)
 
 
 LOSS_BLOCK = 1024  # row errors summed per step of the loss kernel
@@ -1008,16 +1046,44 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return _search(z, codebook, want_quantized=False)[0]
 
 
-def quantize_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float):
-    """quantized (N, D) = codebook[indices], indices (N,) int64, loss () in z.dtype."""
+def quantize_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float, stats: CodeStats | None = None):
+    """quantized (N, D) = codebook[indices], indices (N,) int64, loss () in z.dtype; `stats`
+    (zeroed and) filled in by the search."""
     N, D = z.shape
     if N == 0 or D == 0:
         indices = torch.zeros(N, dtype=torch.long, device=z.device)
         quantized = torch.empty((N, D), dtype=codebook.dtype, device=z.device)
+        if stats is not None:
+            stats.counts.zero_()
+            if stats.sums is not None:
+                stats.sums.zero_()
         return quantized, indices, torch.full((), float("nan"), dtype=z.dtype, device=z.device)
-    indices, quantized, row_err = _search(z, codebook, want_quantized=True)
+    indices, quantized, row_err = _search(z, codebook, want_quantized=True, stats=stats)
     # 16-bit: stored as fp32 and converted by torch (the interpreter's conversion of values
     # below the 16-bit range is wrong: 7e-45 became 5.9e-39)
     loss = torch.empty((), dtype=z.dtype if z.dtype.itemsize >= 4 else torch.float32, device=z.device)
     _loss_kernel[(1,)](row_err, loss, N, *fp32_pair((1.0 + beta) / (N * D)), BLOCK=LOSS_BLOCK)
     return quantized, indices, loss.to(z.dtype)
+
+
+def quantize_stats_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float, with_sums: bool):
+    """quantize_fwd and the per-code statistics a VectorQuantizer step needs: counts (K,) fp32
+    and, with_sums, the sums of each code's rows of z (K, D) (fp32; fp64 for fp64 z), from the
+    search's epilogue. Under torch.use_deterministic_algorithms the sums are fixed-order
+    segment sums (triton_quantize_bwd.code_sums) instead of atomics; counts are exact either way.
+    16-bit inputs (whose rows may be written twice) count after the search."""
+    K, D = codebook.shape
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    counts = torch.empty(K, dtype=torch.float32, device=z.device)
+    sums = torch.empty((K, D) if with_sums else (0,), dtype=acc, device=z.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fused = not mode_for(z.dtype).flag_inexact
+    level = 2 if with_sums and not deterministic else 1
+    quantized, indices, loss = quantize_fwd(z, codebook, beta, CodeStats(counts, sums, level) if fused else None)
+    from .triton_quantize_bwd import code_counts_and_sums, code_sums  # a cycle at import time otherwise
+
+    if not fused:
+        code_counts_and_sums(z, indices, counts, sums if level == 2 else None)
+    if with_sums and level == 1:
+        code_sums(z, indices, sums)
+    return quantized, indices, loss, counts, sums

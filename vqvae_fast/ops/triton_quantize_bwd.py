@@ -127,9 +127,10 @@ def _codebook_diff_segment_kernel(
     # strides
     stride_zn, stride_zd, stride_cn, stride_cd,
     # meta-parameters
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, DIFF: tl.constexpr,
 ):
-    """out[k] = count_k * e_k - sum of the z rows assigned to k, summed in a fixed order."""
+    """out[k] = count_k * e_k - sum of the z rows assigned to k (DIFF), or that sum alone,
+    summed in a fixed order."""
     code = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
@@ -143,9 +144,36 @@ def _codebook_diff_segment_kernel(
         z = tl.load(z_ptr + rows[:, None] * stride_zn + d[None, :] * stride_zd,
                     mask=r_mask[:, None] & d_mask[None, :], other=0.0)
         total += tl.sum(z.to(ACC_DTYPE), axis=0)
-    e = tl.load(codebook_ptr + code * stride_cn + d * stride_cd, mask=d_mask, other=0.0)
-    count = (end - start).to(ACC_DTYPE)
-    tl.store(out_ptr + code * D + d, count * e.to(ACC_DTYPE) - total, mask=d_mask)
+    if DIFF:
+        e = tl.load(codebook_ptr + code * stride_cn + d * stride_cd, mask=d_mask, other=0.0)
+        count = (end - start).to(ACC_DTYPE)
+        total = count * e.to(ACC_DTYPE) - total
+    tl.store(out_ptr + code * D + d, total, mask=d_mask)
+
+
+@triton.jit
+def _code_stats_kernel(
+    # pointers; counts (K,) fp32 and sums (K, D), zero-filled
+    z_ptr, indices_ptr, counts_ptr, sums_ptr,
+    # sizes
+    N, D,
+    # strides
+    stride_zn, stride_zd,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WANT_SUMS: tl.constexpr,
+):
+    """counts[idx_i] += 1 and (WANT_SUMS) sums[idx_i] += z_i, with atomics."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    idx = tl.load(indices_ptr + rows64, mask=row_mask, other=0)
+    tl.atomic_add(counts_ptr + idx, tl.full((BLOCK_N,), 1.0, tl.float32), mask=row_mask)
+    if WANT_SUMS:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (d < D)[None, :]
+            z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0)
+            tl.atomic_add(sums_ptr + idx[:, None] * D + d[None, :], z.to(sums_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -191,13 +219,43 @@ def quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta: float, n
         return grad_z, torch.empty(0, dtype=codebook.dtype, device=z.device)
     diff = torch.zeros((K, D), dtype=acc, device=z.device)
     if N and D and torch.are_deterministic_algorithms_enabled():
-        order = torch.sort(indices, stable=True).indices
-        starts = torch.zeros(K + 1, dtype=torch.long, device=z.device)
-        torch.cumsum(torch.bincount(indices, minlength=K), 0, out=starts[1:])
-        _codebook_diff_segment_kernel[(K, triton.cdiv(D, meta["BLOCK_D"]))](
-            z, codebook, order, starts, diff, D, *strides, BLOCK_R=SEGMENT_ROWS, BLOCK_D=meta["BLOCK_D"],
-            ACC_DTYPE=meta["ACC_DTYPE"])
+        _segment_sums(z, codebook, indices, diff, meta, diff=True)
     elif N and D:
         _codebook_diff_atomic_kernel[grid](z, codebook, indices, diff, N, D, *strides, **meta)
     scale = 2.0 / (N * D) if N * D else 0.0
     return grad_z, (diff * (grad_loss.to(acc) * scale)).to(codebook.dtype)
+
+
+def _segment_sums(z, codebook, indices, out, meta, diff: bool):
+    """out[k] = (count_k e_k -) the sum of the rows of z assigned to code k, in a fixed order:
+    the rows sorted by code once (stable), then one program per code and chunk of D."""
+    K, D = out.shape
+    order = torch.sort(indices, stable=True).indices
+    starts = torch.zeros(K + 1, dtype=torch.long, device=z.device)
+    torch.cumsum(torch.bincount(indices, minlength=K), 0, out=starts[1:])
+    _codebook_diff_segment_kernel[(K, triton.cdiv(D, meta["BLOCK_D"]))](
+        z, codebook, order, starts, out, D, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+        BLOCK_R=SEGMENT_ROWS, BLOCK_D=meta["BLOCK_D"], ACC_DTYPE=meta["ACC_DTYPE"], DIFF=diff)
+
+
+def code_sums(z: torch.Tensor, indices: torch.Tensor, sums: torch.Tensor) -> None:
+    """sums (K, D) = the sum of each code's rows of z, deterministic (fixed order)."""
+    if z.shape[0] == 0 or z.shape[1] == 0:
+        sums.zero_()
+        return
+    _segment_sums(z, z, indices, sums, backward_meta(z.shape[1], sums.dtype), diff=False)
+
+
+def code_counts_and_sums(z: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+                         sums: torch.Tensor | None) -> None:
+    """counts (K,) and sums (K, D) (None: counts only) of the rows of z per code, with atomics."""
+    counts.zero_()
+    if sums is not None:
+        sums.zero_()
+    N, D = z.shape
+    if N == 0:
+        return
+    meta = backward_meta(D, torch.float32)
+    _code_stats_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
+        z, indices, counts, sums, N, D, z.stride(0), z.stride(1), BLOCK_N=meta["BLOCK_N"],
+        BLOCK_D=meta["BLOCK_D"], WANT_SUMS=sums is not None)
