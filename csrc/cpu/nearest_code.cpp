@@ -82,8 +82,9 @@ inline T from_double(double v) {
 template <typename T>
 struct View2D {
   const T* data;
-  int64_t s0, s1;
-  explicit View2D(const Tensor& t) : data(t.const_data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)) {}
+  int64_t s0, s1, cols;
+  explicit View2D(const Tensor& t)
+      : data(t.const_data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), cols(t.size(1)) {}
   T operator()(int64_t i, int64_t j) const { return data[i * s0 + j * s1]; }
 };
 
@@ -146,12 +147,54 @@ bool use_amx_scan(int64_t D) {
   return choice == "amx" || D >= kAmxMinD;
 }
 
+template <typename T>
+inline uint64_t element_bits(T v) {
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  return bits;
+}
+
+inline uint64_t mix_hash(uint64_t h, uint64_t bits) {  // splitmix64's finaliser over h ^ bits
+  h ^= bits + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+  h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ull;
+  h = (h ^ (h >> 27)) * 0x94D049BB133111EBull;
+  return h ^ (h >> 31);
+}
+
+// A code whose bits equal those of an earlier code can never be chosen (exact ties go to the
+// lowest index): it is left out like a non-finite code, so that the rows near it are not
+// near-ties sent to the GEMM path (restarts from a batch with repeats make many such codes).
+template <typename scalar_t>
+void exclude_duplicates(const View2D<scalar_t>& E, const std::vector<uint64_t>& row_hash,
+                        std::vector<char>& usable) {
+  const int64_t K = static_cast<int64_t>(row_hash.size());
+  std::vector<int64_t> order(K);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return row_hash[a] != row_hash[b] ? row_hash[a] < row_hash[b] : a < b;
+  });
+  for (int64_t i = 1; i < K; ++i) {
+    const int64_t k = order[i];
+    if (!usable[k]) continue;
+    for (int64_t j = i - 1; j >= 0 && row_hash[order[j]] == row_hash[k]; --j) {
+      const int64_t first = order[j];  // lower index, same hash
+      if (!usable[first]) continue;
+      bool same = true;
+      for (int64_t d = 0; same && d < E.cols; ++d) same = element_bits(E(first, d)) == element_bits(E(k, d));
+      if (same) {
+        usable[k] = 0;
+        break;
+      }
+    }
+  }
+}
+
 // The codebook as both forward paths read it, centred on the per-column mean mu of its finite
 // entries (a shared offset would otherwise be lost to cancellation in the float scores).
 struct PreparedCodebook {
   int64_t K, D;
   std::vector<float> centre;   // D, the mean of the finite entries per column, rounded to float
-  std::vector<float> e_norm;   // K, ||e_k - mu||^2 in float; +inf for a code with a NaN/Inf entry
+  std::vector<float> e_norm;   // K, ||e_k - mu||^2 in float; +inf for a code with a NaN/Inf entry or a duplicate
   Tensor ec_m2;                // K x D float, -2 (e_k - mu) (0 for a non-finite code)
   double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
 
@@ -160,14 +203,20 @@ struct PreparedCodebook {
   template <typename scalar_t>
   PreparedCodebook(const Tensor& codebook, const View2D<scalar_t>& E) : K(codebook.size(0)), D(codebook.size(1)) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
-    std::vector<char> code_finite(K, 1);
+    std::vector<char> usable(K, 1);
+    std::vector<uint64_t> row_hash(K, 0);
     at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
+        uint64_t h = 0x9E3779B97F4A7C15ull;
         for (int64_t d = 0; d < D; ++d) {
-          if (!std::isfinite(to_double(E(k, d)))) code_finite[k] = 0;
+          const scalar_t v = E(k, d);
+          if (!std::isfinite(to_double(v))) usable[k] = 0;
+          h = mix_hash(h, element_bits(v));
         }
+        row_hash[k] = h;
       }
     });
+    exclude_duplicates(E, row_hash, usable);
     // Column sums over the finite entries, each column summed in code order by one thread.
     std::vector<double> mu(D, 0.0), count(D, 0.0);
     at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
@@ -192,18 +241,18 @@ struct PreparedCodebook {
       for (int64_t k = k0; k < k1; ++k) {
         double n2 = 0.0;
         for (int64_t d = 0; d < D; ++d) {
-          const float c = code_finite[k] ? static_cast<float>(to_double(E(k, d)) - centre[d]) : 0.0f;
+          const float c = usable[k] ? static_cast<float>(to_double(E(k, d)) - centre[d]) : 0.0f;
           ecp[k * D + d] = -2.0f * c;  // exact
           n2 += static_cast<double>(c) * c;
         }
         norm2[k] = n2;
-        e_norm[k] = code_finite[k] ? static_cast<float>(n2) : std::numeric_limits<float>::infinity();
+        e_norm[k] = usable[k] ? static_cast<float>(n2) : std::numeric_limits<float>::infinity();
       }
     });
     double max_norm2 = 0.0;
     bool norms_finite = true;
     for (int64_t k = 0; k < K; ++k) {
-      if (!code_finite[k]) continue;
+      if (!usable[k]) continue;
       norms_finite = norms_finite && std::isfinite(norm2[k]) && std::isfinite(e_norm[k]);
       max_norm2 = std::max(max_norm2, norm2[k]);
     }
