@@ -2,10 +2,18 @@
 
     python benchmarks/bench_training.py                        # CPU, batch 128 of 32x32 images
     python benchmarks/bench_training.py --device cuda --amp    # GPU, encoder/decoder under bf16 autocast
+    python benchmarks/bench_training.py --device cuda --amp --preset tokenizer
 
-Models, all `vqvae_fast.VQVAE` with its default architecture (K=512 codes of D=64 on an 8x8 grid
-per 32x32 image, so N = 64 * batch vectors per step), the same initial weights, trained with
-Adam on the same random batches:
+Presets (--batch-size and --image-size override theirs):
+
+    cifar      the default: batch 128 of 32x32 images, K=512 codes of D=64 on an 8x8 grid per
+               image, so N = 64 * 128 = 8192 vectors per step
+    tokenizer  an image tokenizer's size: batch 64 of 64x64 images, K=16384 codes of D=64 (the
+               default code size) on a 16x16 grid per image, so N = 256 * 64 = 16384 vectors per step
+
+Models, all `vqvae_fast.VQVAE` with its default architecture (two stride-2 levels: 4x
+downsampling; the preset sets K), the same initial weights, trained with Adam on the same
+random batches:
 
     default recipe, vqvae_fast[B]   VQVAE(backend=B): k-means init, dead-code restarts, fused op
     plain recipe, vqvae_fast[B]     VQVAE.plain(backend=B): classic recipe, fused op
@@ -34,6 +42,11 @@ from providers import cdist_indices, lookup_forward, ours_backends
 from vqvae_fast.vector_quantizer import VQOutput, code_counts, usage_stats
 
 BASELINE = "plain recipe, cdist quantizer"
+# name: (batch size, image size, VQVAE arguments); every other VQVAE argument is its default.
+PRESETS = {
+    "cifar": (128, 32, {}),
+    "tokenizer": (64, 64, {"num_codes": 16384}),
+}
 
 
 class CdistQuantizer(nn.Module):
@@ -57,11 +70,11 @@ class CdistQuantizer(nn.Module):
                         loss, perplexity, codes_used, torch.zeros((), dtype=torch.long, device=x.device))
 
 
-def build_models(device: str) -> dict[str, nn.Module]:
-    """Every model to compare, all starting from the same weights."""
+def build_models(device: str, **model_kwargs) -> dict[str, nn.Module]:
+    """Every model to compare, all starting from the same weights; model_kwargs go to VQVAE."""
     def fresh(factory, **kwargs):
         torch.manual_seed(0)  # same initial weights (and codebook) for every model
-        return factory(**kwargs).to(device)
+        return factory(**model_kwargs, **kwargs).to(device)
 
     models = {}
     for backend in ours_backends(device):
@@ -77,8 +90,10 @@ def build_models(device: str) -> dict[str, nn.Module]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cifar",
+                        help="batch, image size and codebook: cifar (default) or tokenizer (see above)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's (128 or 64)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the preset's (32 or 64)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 CPU, 10 GPU)")
     parser.add_argument("--steps", type=int, default=None, help="steps per model per round (default 2 CPU, 20 GPU)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast, as train_cifar10.py --amp")
@@ -93,8 +108,11 @@ def main(argv=None) -> int:
     device = args.device
     rounds = args.rounds or (10 if device == "cuda" else 5)
     steps = args.steps or (20 if device == "cuda" else 2)
+    preset_batch, preset_size, model_kwargs = PRESETS[args.preset]
+    args.batch_size = args.batch_size or preset_batch
+    args.image_size = args.image_size or preset_size
 
-    models = build_models(device)
+    models = build_models(device, **model_kwargs)
     optimizers = {name: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=args.lr)
                   for name, m in models.items()}
     g = torch.Generator(device=device).manual_seed(0)
@@ -134,7 +152,7 @@ def main(argv=None) -> int:
     info = machine_info(device)
     config = models[BASELINE].config
     n_vectors = args.batch_size * (args.image_size // 2 ** config["levels"]) ** 2
-    print(f"training step, batch {args.batch_size} of {args.image_size}x{args.image_size} images "
+    print(f"training step ({args.preset} preset), batch {args.batch_size} of {args.image_size}x{args.image_size} images "
           f"(N={n_vectors} vectors, K={config['num_codes']}, D={config['code_dim']})"
           f"{' bf16 autocast' if args.amp else ''} on {device} "
           f"({info.get('gpu') or info['cpu']}, {info['torch_threads']} threads); median of {rounds} rounds "
@@ -153,8 +171,9 @@ def main(argv=None) -> int:
               f"{row['ms_per_step']:>9.1f}{row['speedup_vs_cdist']:>9.2f}x")
     print(f"other processes used {other_share:.0%} of the machine's CPU time while timing")
     if args.json:
-        write_json(args.json, dict(machine=info, batch_size=args.batch_size, image_size=args.image_size,
-                                   amp=args.amp, rounds=rounds, steps_per_round=steps, n_vectors=n_vectors,
+        write_json(args.json, dict(machine=info, preset=args.preset, batch_size=args.batch_size,
+                                   image_size=args.image_size, num_codes=config["num_codes"],
+                                   code_dim=config["code_dim"], amp=args.amp, rounds=rounds, steps_per_round=steps, n_vectors=n_vectors,
                                    other_processes_cpu_share=other_share, results=rows))
     return 0
 
