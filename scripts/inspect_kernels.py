@@ -41,11 +41,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vqvae_fast.ops import triton_nearest_code as kernels
+from vqvae_fast.ops import triton_plan as plans
+from vqvae_fast.ops import triton_prepare as prepare
 from vqvae_fast.ops import triton_codebook_update as update
 from vqvae_fast.ops import triton_quantize_bwd as backward
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-MACHINES = {"sm_90": kernels.SM90, "sm_80": kernels.SM80}
+MACHINES = {"sm_90": plans.SM90, "sm_80": plans.SM80}
 PTR_TYPE = {torch.float64: "*fp64", torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
             torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8"}
 SHORT = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -96,18 +98,18 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
     cases = []
     for d in DIMS:
         for (n, k), task in ((LARGE, "quantize"), (SMALL, "nearest")):
-            main = kernels.plan_search(n, k, d, dtype, machine)
-            configs = [c for c in kernels.search_configs(machine)
-                       if kernels.keep_config(c, machine, n, main.d_pad, main.block_d, main.mode)]
+            main = plans.plan_search(n, k, d, dtype, machine)
+            configs = [c for c in plans.search_configs(machine)
+                       if plans.keep_config(c, machine, n, main.d_pad, main.block_d, main.mode)]
             variants = [(main, configs, task, False)]
             if main.mode.flag_inexact and task == "quantize":
-                rescoring, config = kernels.rescoring_plan(main)
+                rescoring, config = plans.rescoring_plan(main)
                 variants.append((rescoring, [config], "quantize re-score", True))
             # quantize: as a VectorQuantizer step calls it, with the per-code counts and sums (fp32/fp64)
             stats = 2 if task == "quantize" and not main.mode.flag_inexact else 0
             for plan, configs, label, rescoring in variants:
                 mode = plan.mode
-                meta = kernels.search_meta(plan, mode, want_quantized=task == "quantize", only_flagged=rescoring,
+                meta = plans.search_meta(plan, mode, want_quantized=task == "quantize", only_flagged=rescoring,
                                            want_stats=0 if rescoring else stats)
                 acc = mode.acc
                 split = plan.splits > 1
@@ -133,7 +135,7 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
                                       f"{_config_text(config)}; {tiling}", needs_mma=mode.code.itemsize == 2,
                                       resident=resident))
             if main.mode.settle:
-                meta = kernels.rescore_meta(main, want_quantized=task == "quantize", want_stats=stats)
+                meta = plans.rescore_meta(main, want_quantized=task == "quantize", want_stats=stats)
                 cases.append(Case(f"rescore[{task}]", kernels._rescore_kernel, dict(
                     z_ptr=dtype, codebook_ptr=dtype, z_op_ptr=mode.code, z_tail_ptr=mode.code,
                     codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=mode.acc, scratch_ptr=torch.int64,
@@ -142,7 +144,7 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
                     row_err_ptr=torch.float64 if task == "quantize" else None,
                     counts_ptr=torch.float32 if stats else None, sums_ptr=mode.acc if stats else None,
                     K=k, D=d, K_PAD=main.k_pad,
-                    stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta), kernels.RESCORE_WARPS, 1, dtype,
+                    stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta), plans.RESCORE_WARPS, 1, dtype,
                     "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D} EXACT_D={EXACT_D}; D={d}".format(d=d, **meta),
                     needs_mma=mode.code.itemsize == 2))
     return cases
@@ -150,20 +152,20 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
 
 def support_cases(machine, dtype: torch.dtype) -> list[Case]:
     """The other kernels, with the launch parameters their launchers use."""
-    mode = kernels.mode_for(dtype)
+    mode = plans.mode_for(dtype)
     acc = mode.acc
-    tl_acc = kernels._TL_DTYPE[acc]
+    tl_acc = plans._TL_DTYPE[acc]
     cases = []
     for d in (64, 1024):
-        plan = kernels.plan_search(*LARGE, d, dtype, machine)
-        launch = kernels.prepare_launch(plan, *reversed(LARGE))
-        cases.append(Case("stats", kernels._stats_kernel, dict(
+        plan = plans.plan_search(*LARGE, d, dtype, machine)
+        launch = prepare.prepare_launch(plan, *reversed(LARGE))
+        cases.append(Case("stats", prepare._stats_kernel, dict(
             codebook_ptr=dtype, z_ptr=dtype, code_stats_ptr=torch.float64, z_max_ptr=torch.float64,
             scratch_ptr=torch.int64, counts_ptr=torch.float32, sums_ptr=acc, K=LARGE[1], N=LARGE[0], D=d,
             code_programs=launch.code_stat_programs, codes_per_program=512, rows_per_program=4096, stride_ck=d,
             stride_cd=1, stride_zn=d, stride_zd=1, BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d, WANT_STATS=2), launch.stats_warps, 1, dtype,
             f"D={d} BLOCK_R={launch.stats_rows} warps={launch.stats_warps}"))
-        cases.append(Case("prepare", kernels._prepare_kernel, dict(
+        cases.append(Case("prepare", prepare._prepare_kernel, dict(
             codebook_ptr=dtype, z_ptr=dtype, code_stats_ptr=torch.float64, z_max_ptr=torch.float64,
             centre_ptr=torch.float64, codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=acc,
             z_op_ptr=mode.code, z_tail_ptr=mode.code, z_tail2_ptr=mode.code, row_norm_ptr=torch.float32,
@@ -171,9 +173,9 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
             K=LARGE[1], N=LARGE[0], D=d, K_PAD=plan.k_pad, N_PAD=plan.n_pad, WIDTH=plan.d_pad,
             code_stat_programs=32, z_stat_programs=64, code_programs=512, stride_ck=d, stride_cd=1, stride_zn=d,
             stride_zd=1, **launch.prepare_meta), 4, 1, dtype, f"D={d} BLOCK_R={launch.prepare_meta['BLOCK_R']}"))
-    small_plan = kernels.plan_search(*SMALL, 64, dtype, machine)
+    small_plan = plans.plan_search(*SMALL, 64, dtype, machine)
     stats = 0 if mode.flag_inexact else 2
-    merge = kernels.merge_meta(small_plan, want_quantized=True, want_stats=stats)
+    merge = plans.merge_meta(small_plan, want_quantized=True, want_stats=stats)
     cases.append(Case("merge", kernels._merge_kernel, dict(
         part_score_ptr=acc, part_second_ptr=acc if mode.settle else None, part_idx_ptr=torch.int32,
         row_norm_ptr=torch.float32, scratch_ptr=torch.int64, flag_rows_ptr=torch.int32 if mode.settle else None,
@@ -185,7 +187,7 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
     if dtype in (torch.float32, torch.float64):  # the loss is stored as fp32 (16-bit too) or fp64
         cases.append(Case("loss", kernels._loss_kernel, dict(
             row_err_ptr=torch.float64, loss_ptr=acc, N=LARGE[0], scale_head=1e-6, scale_tail=1e-14,
-            BLOCK=kernels.LOSS_BLOCK), 4, 1, dtype, f"BLOCK={kernels.LOSS_BLOCK}"))
+            BLOCK=plans.LOSS_BLOCK), 4, 1, dtype, f"BLOCK={plans.LOSS_BLOCK}"))
     bwd = backward.backward_meta(64, acc)
     strides = dict(stride_zn=64, stride_zd=1, stride_cn=64, stride_cd=1)
     for rotation in (False, True):

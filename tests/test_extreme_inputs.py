@@ -8,7 +8,7 @@ import torch
 
 from conftest import ALL_BACKENDS, assert_nearest, backend_device, distance_rtol
 from vqvae_fast import nearest_code, quantize
-from vqvae_fast.reference import exact_sq_distances, rotation_gradient
+from vqvae_fast.reference import rotation_gradient
 
 # (dtype, scale): from denormal products to squares beyond the dtype's range.
 SCALES = [(torch.float32, s) for s in (1e-40, 1e-30, 1e-22, 1e-19, 1e15, 1e18, 1e20, 1e30)]
@@ -124,24 +124,24 @@ def test_near_midpoint_rows_are_told_apart_exactly_in_every_fp32_precision(monke
     a shared offset) give the exact nearest code; such rows are within the error bound of a
     tensor-core score, so this runs the re-scoring kernel."""
     kernels = pytest.importorskip("vqvae_fast.ops.triton_nearest_code")
+    plans = pytest.importorskip("vqvae_fast.ops.triton_plan")
     device = backend_device("triton")
     codebook = torch.randn(120, 40, dtype=torch.float64)
     z = _midpoint_rows(codebook, 30)
     z = torch.cat([z, codebook[:10]])  # rows exactly on a code: exact ties with nothing
     codebook = torch.cat([codebook, codebook[5:9]])  # duplicates 115 codes apart: the lower index wins
-    for precision in kernels.FP32_PRECISIONS:
+    for precision in plans.FP32_PRECISIONS:
         monkeypatch.setenv("VQVAE_FAST_TRITON_FP32_PRECISION", precision)
         for offset in (0.0, 1000.0):
             zs, cs = (z + offset).float().to(device), (codebook + offset).float().to(device)
             indices = nearest_code(zs, cs, backend="triton")
             assert_nearest(zs, cs, indices, 1e-12)
             assert not bool(((indices >= 120) & (indices < 124)).any()), precision
-            plan = kernels.plan_search(zs.shape[0], cs.shape[0], 40, torch.float32, kernels.machine_for(zs.device))
-            flagged = _flagged_rows(kernels, zs, cs, plan)
+            flagged = _flagged_rows(kernels, zs, cs)
             assert flagged >= 60, f"{precision}: only {flagged} rows re-scored: the data no longer tests it"
 
 
-def _flagged_rows(kernels, z, codebook, plan) -> int:
+def _flagged_rows(kernels, z, codebook) -> int:
     """How many rows a search of z flags for re-scoring (the count it leaves in its scratch)."""
     seen = {}
     prepare = kernels.prepare_operands

@@ -9,34 +9,36 @@ from conftest import assert_nearest, backend_device, distance_rtol
 from vqvae_fast import nearest_code
 
 kernels = pytest.importorskip("vqvae_fast.ops.triton_nearest_code")
+plans = pytest.importorskip("vqvae_fast.ops.triton_plan")
+prepare = pytest.importorskip("vqvae_fast.ops.triton_prepare")
 backward = pytest.importorskip("vqvae_fast.ops.triton_quantize_bwd")
 
 
 def test_plans_split_the_codebook_only_for_few_rows():
-    for machine, few, many in ((kernels.INTERPRETER, 40, 300), (kernels.SM90, 4096, 262144),
-                               (kernels.SM80, 4096, 262144)):
-        assert kernels.plan_search(few, 16384, 64, torch.bfloat16, machine).splits > 1
-        assert kernels.plan_search(many, 16384, 64, torch.bfloat16, machine).splits == 1
-        plan = kernels.plan_search(few, 16384, 64, torch.bfloat16, machine)
-        assert plan.codes_per_split % kernels.code_align(machine) == 0  # splits start on tile bounds
+    for machine, few, many in ((plans.INTERPRETER, 40, 300), (plans.SM90, 4096, 262144),
+                               (plans.SM80, 4096, 262144)):
+        assert plans.plan_search(few, 16384, 64, torch.bfloat16, machine).splits > 1
+        assert plans.plan_search(many, 16384, 64, torch.bfloat16, machine).splits == 1
+        plan = plans.plan_search(few, 16384, 64, torch.bfloat16, machine)
+        assert plan.codes_per_split % plans.code_align(machine) == 0  # splits start on tile bounds
 
 
 def test_plans_keep_z_resident_up_to_512():
-    for machine in (kernels.INTERPRETER, kernels.SM90, kernels.SM80):
+    for machine in (plans.INTERPRETER, plans.SM90, plans.SM80):
         for d in (5, 64, 200, 512):
-            plan = kernels.plan_search(1 << 18, 16384, d, torch.bfloat16, machine)
+            plan = plans.plan_search(1 << 18, 16384, d, torch.bfloat16, machine)
             assert plan.block_d == plan.d_pad >= d
-        plan = kernels.plan_search(1 << 18, 16384, 520, torch.bfloat16, machine)
+        plan = plans.plan_search(1 << 18, 16384, 520, torch.bfloat16, machine)
         assert plan.block_d < plan.d_pad and plan.d_pad % plan.block_d == 0
 
 
 def test_every_gpu_config_kept_fits_its_shared_memory_budget():
-    for machine in (kernels.SM90, kernels.SM80):
+    for machine in (plans.SM90, plans.SM80):
         for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             for d in (16, 64, 128, 256, 512, 1024):
-                plan = kernels.plan_search(1 << 18, 16384, d, dtype, machine)
-                kept = [c for c in kernels.search_configs(machine)
-                        if kernels.keep_config(c, machine, 1 << 18, plan.d_pad, plan.block_d, plan.mode)]
+                plan = plans.plan_search(1 << 18, 16384, d, dtype, machine)
+                kept = [c for c in plans.search_configs(machine)
+                        if plans.keep_config(c, machine, 1 << 18, plan.d_pad, plan.block_d, plan.mode)]
                 assert kept, (machine.name, dtype, d)
 
 
@@ -55,8 +57,8 @@ def test_narrow_columns_centre_exactly(dtype):
         width = abs(mean) * float(torch.rand(1, generator=g)) * (0.5 if trial % 4 == 0 else 0.125)
         codebook = (mean + width * (2 * torch.rand(64, 6, generator=g) - 1)).to(dtype).to(device)
         z = torch.randn(20, 6, generator=g).to(dtype).to(device)
-        plan = kernels.plan_search(20, 64, 6, dtype, kernels.machine_for(codebook.device))
-        ops = kernels.prepare_operands(z, codebook, plan)
+        plan = plans.plan_search(20, 64, 6, dtype, plans.machine_for(codebook.device))
+        ops = prepare.prepare_operands(z, codebook, plan)
         centre = ops.centre[:6]
         exact = (codebook.double() - centre) * ops.scale  # a power of two: exact
         assert torch.equal(ops.codes[:64, :6].double(), exact), f"trial {trial}: a centred code was rounded"
@@ -80,13 +82,13 @@ def test_rescoring_fixes_rows_not_exact_in_16_bits(dtype, monkeypatch):
                      300 * torch.randn(4000, generator=g)], 1)
     z, codebook = z.to(dtype).to(device), codebook.to(dtype).to(device)
     assert_nearest(z, codebook, nearest_code(z, codebook, backend="triton"), distance_rtol("triton", dtype))
-    plan = kernels.plan_search(4000, 64, 3, dtype, kernels.machine_for(z.device))
-    flagged = int(kernels.prepare_operands(z, codebook, plan).inexact[:4000].sum())
+    plan = plans.plan_search(4000, 64, 3, dtype, plans.machine_for(z.device))
+    flagged = int(prepare.prepare_operands(z, codebook, plan).inexact[:4000].sum())
     assert flagged > 100, f"only {flagged} rows need re-scoring: the data no longer tests it"
     if dtype == torch.float16:
         return
-    mode_for = kernels.mode_for
-    monkeypatch.setattr(kernels, "mode_for", lambda dt, rescoring=False: (
+    mode_for = plans.mode_for
+    monkeypatch.setattr(plans, "mode_for", lambda dt, rescoring=False: (
         mode_for(dt, rescoring=rescoring)._replace(flag_inexact=False) if not rescoring else mode_for(dt, True)))
     with pytest.raises(AssertionError, match="farther than the nearest"):
         assert_nearest(z, codebook, nearest_code(z, codebook, backend="triton"), distance_rtol("triton", dtype))
@@ -106,10 +108,10 @@ class _CountingKernel:
 def _rows(split: bool, device) -> int:
     """A row count that splits the codebook (fewer row blocks than SMs) or does not, on the
     machine at hand (the interpreter's 4 "SMs" or a GPU's 132)."""
-    machine = kernels.machine_for(device)
+    machine = plans.machine_for(device)
     if split:
         return 40
-    return 2 * min(c.kwargs["BLOCK_N"] for c in kernels.search_configs(machine)) * machine.num_sms
+    return 2 * min(c.kwargs["BLOCK_N"] for c in plans.search_configs(machine)) * machine.num_sms
 
 
 @pytest.mark.parametrize("dtype, split, fn, expected", [
@@ -127,10 +129,11 @@ def test_launches_per_call(dtype, split, fn, expected, monkeypatch):
     runs on the device, and nothing waits for it."""
     device = _device()
     launches = []
-    for attr, name in (("_stats_kernel", "stats"), ("_prepare_kernel", "prepare"),
-                       ("_search_kernel", "search"), ("_search_tuned", "search"), ("_merge_kernel", "merge"),
-                       ("_rescore_kernel", "rescore"), ("_loss_kernel", "loss")):
-        monkeypatch.setattr(kernels, attr, _CountingKernel(getattr(kernels, attr), launches, name))
+    for module, attr, name in ((prepare, "_stats_kernel", "stats"), (prepare, "_prepare_kernel", "prepare"),
+                               (kernels, "_search_kernel", "search"), (kernels, "_search_tuned", "search"),
+                               (kernels, "_merge_kernel", "merge"), (kernels, "_rescore_kernel", "rescore"),
+                               (kernels, "_loss_kernel", "loss")):
+        monkeypatch.setattr(module, attr, _CountingKernel(getattr(module, attr), launches, name))
     n = _rows(split, device)
     z, codebook = torch.randn(n, 8, device=device).to(dtype), torch.randn(400, 8, device=device).to(dtype)
     getattr(kernels, fn)(*((z, codebook, 0.25) if fn == "quantize_fwd" else (z, codebook)))
@@ -150,15 +153,15 @@ class _Fp32Scalars:
                                               **kwargs)
 
 
-KERNELS = ("_stats_kernel", "_prepare_kernel", "_search_kernel", "_search_tuned", "_merge_kernel", "_rescore_kernel",
-           "_loss_kernel")
+KERNELS = ("_search_kernel", "_search_tuned", "_merge_kernel", "_rescore_kernel", "_loss_kernel")
+PREPARE_KERNELS = ("_stats_kernel", "_prepare_kernel")
 BACKWARD_KERNELS = ("_grad_z_kernel", "_codebook_diff_atomic_kernel", "_codebook_diff_segment_kernel")
 
 
 def test_fp64_loss_and_gradient_survive_fp32_scalar_arguments(monkeypatch):
     """A float64 loss and grad_z keep float64 accuracy although launches pass floats as fp32
     (on a GPU they did not: 2e-8 relative error, found on an H200)."""
-    for module, names in ((kernels, KERNELS), (backward, BACKWARD_KERNELS)):
+    for module, names in ((kernels, KERNELS), (prepare, PREPARE_KERNELS), (backward, BACKWARD_KERNELS)):
         for name in names:
             monkeypatch.setattr(module, name, _Fp32Scalars(getattr(module, name)))
     device, beta = _device(), 0.3

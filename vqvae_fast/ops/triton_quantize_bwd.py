@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_nearest_code import _TL_DTYPE, fp32_pair
+from .triton_plan import _TL_DTYPE, fp32_pair
 
 # ----------------------------------------------------------------------------- kernels
 
