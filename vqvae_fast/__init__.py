@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from . import _extension
-from .functional import BACKENDS, InputError, QuantizeOutput, nearest_code, quantize
+from .functional import (BACKENDS, InputError, QuantizeOutput, QuantizeStats, nearest_code, quantize,
+                         quantize_with_code_stats)
 from .model import VQVAE, VQVAE2, load_checkpoint
 from .training import CheckpointError
 from .vector_quantizer import VectorQuantizer, VQOutput
@@ -12,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "InputError",
     "QuantizeOutput",
+    "QuantizeStats",
     "VQVAE",
     "VQVAE2",
     "VQOutput",
@@ -19,5 +21,6 @@ __all__ = [
     "load_checkpoint",
     "nearest_code",
     "quantize",
+    "quantize_with_code_stats",
 ]
 __version__ = "0.1.0"
