@@ -175,3 +175,26 @@ def test_fp64_loss_and_gradient_survive_fp32_scalar_arguments(monkeypatch):
     grad_loss = torch.tensor(0.7, dtype=torch.float64, device=device)
     grad_z, _ = backward.quantize_bwd(grad_q, grad_loss, z, codebook, indices, beta, True, False)
     torch.testing.assert_close(grad_z, grad_q + grad_loss * (2 * beta / z.numel()) * error, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("precision", ("bf16x3", "tf32"))
+def test_the_settle_rate_benchmark_counts_the_rows_the_kernel_flags(precision, monkeypatch):
+    """benchmarks/settle_rate.py (the share of rows re-scored, in RESULTS.md) emulates the fp32
+    search's rounding and bound on the CPU: the kernel flags the same number of rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import settle_rate
+
+    device = _device()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(256, 40, generator=g)
+    codebook = z[torch.randint(256, (96,), generator=g)] + 0.3 * torch.randn(96, 40, generator=g)
+    expected = round(settle_rate.share_flagged(z, codebook, precision) * 256)
+    monkeypatch.setenv("VQVAE_FAST_TRITON_FP32_PRECISION", precision)
+    seen = {}
+    original = kernels.prepare_operands
+    monkeypatch.setattr(kernels, "prepare_operands", lambda *args: seen.setdefault("ops", original(*args)))
+    kernels.nearest_code(z.to(device), codebook.to(device))
+    assert expected > 0 and int(seen["ops"].scratch[0]) == expected
