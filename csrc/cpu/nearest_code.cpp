@@ -2,10 +2,11 @@
 // (schemas in csrc/ops.cpp).
 //
 // Forward, for z (N, D) and codebook (K, D):
-//   1. Centre everything on the codebook mean mu (per column over its finite
-//      entries, rounded to float): a shared offset (say all vectors near +1000) would otherwise be lost to
+//   1. Centre everything on the codebook mean mu (per column over the codes without a NaN/Inf
+//      entry, rounded to float): a shared offset (say all vectors near +1000) would otherwise be lost to
 //      cancellation in ||z||^2 - 2 z.e + ||e||^2. Codes with a NaN/Inf entry are never chosen
-//      (unless every code has one) and do not change the centre.
+//      (unless every code has one) and do not change the centre; nor do exact repeats of an
+//      earlier code, which can never win a tie.
 //   2. Score every code in float32, whatever the input dtype:
 //        s_k = ||e_k - mu||^2 - 2 (z_i - mu).(e_k - mu)     (= ||z_i - e_k||^2 - const_i)
 //      Fused path (CPUs with AVX-512F, scan.h): panels of 32 rows against groups of 12 codes
@@ -189,11 +190,11 @@ void exclude_duplicates(const View2D<scalar_t>& E, const std::vector<uint64_t>& 
   }
 }
 
-// The codebook as both forward paths read it, centred on the per-column mean mu of its finite
-// entries (a shared offset would otherwise be lost to cancellation in the float scores).
+// The codebook as both forward paths read it, centred on the per-column mean mu of its usable
+// codes (a shared offset would otherwise be lost to cancellation in the float scores).
 struct PreparedCodebook {
   int64_t K, D;
-  std::vector<float> centre;   // D, the mean of the finite entries per column, rounded to float
+  std::vector<float> centre;   // D, the per-column mean of the usable codes, rounded to float
   std::vector<float> e_norm;   // K, ||e_k - mu||^2 in float; +inf for a code with a NaN/Inf entry or a duplicate
   Tensor ec_m2;                // K x D float, -2 (e_k - mu) (0 for a non-finite code)
   double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
@@ -217,16 +218,16 @@ struct PreparedCodebook {
       }
     });
     exclude_duplicates(E, row_hash, usable);
-    // Column sums over the finite entries, each column summed in code order by one thread.
+    // Column sums over the usable codes, each column summed in code order by one thread: a code
+    // with a NaN/Inf entry takes no part, not even through its finite entries (a [1e30, NaN]
+    // code would move the centre by 5e29 and leave every float score to the fallbacks).
     std::vector<double> mu(D, 0.0), count(D, 0.0);
     at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
       for (int64_t k = 0; k < K; ++k) {
+        if (!usable[k]) continue;
         for (int64_t d = d0; d < d1; ++d) {
-          const double v = to_double(E(k, d));
-          if (std::isfinite(v)) {
-            mu[d] += v;
-            count[d] += 1.0;
-          }
+          mu[d] += to_double(E(k, d));
+          count[d] += 1.0;
         }
       }
     });
