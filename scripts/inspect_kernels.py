@@ -94,6 +94,14 @@ def _config_text(config: triton.Config) -> str:
     return f"{kw} warps={config.num_warps} stages={config.num_stages}"
 
 
+COSINE_DIMS = (16, 256)  # the cosine search's epilogue: LlamaGen's D = 8 (padded to 16) and VQGAN's 256
+
+
+def _inverse_norm_ptrs(normalize: bool, z="z_inv_ptr", codes="code_inv_ptr") -> dict:
+    """The cosine kernels' (N,) and (K,) fp64 reciprocal norms (None when off)."""
+    return {z: torch.float64 if normalize else None, codes: torch.float64 if normalize else None}
+
+
 def search_cases(machine, dtype: torch.dtype) -> list[Case]:
     cases = []
     for d in DIMS:
@@ -105,12 +113,16 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
             if main.mode.flag_inexact and task == "quantize":
                 rescoring, config = plans.rescoring_plan(main)
                 variants.append((rescoring, [config], "quantize re-score", True))
+            if task == "quantize" and d in COSINE_DIMS:  # the cosine layer's step: normalised in the epilogue
+                variants += [(plan, configs, f"{label} cosine", rescoring, True)
+                             for plan, configs, label, rescoring in variants]
             # quantize: as a VectorQuantizer step calls it, with the per-code counts and sums (fp32/fp64)
             stats = 2 if task == "quantize" and not main.mode.flag_inexact else 0
-            for plan, configs, label, rescoring in variants:
+            for plan, configs, label, rescoring, *cosine in variants:
                 mode = plan.mode
+                normalize = bool(cosine)
                 meta = plans.search_meta(plan, mode, want_quantized=task == "quantize", only_flagged=rescoring,
-                                           want_stats=0 if rescoring else stats)
+                                         want_stats=0 if rescoring else stats, normalize=normalize)
                 acc = mode.acc
                 split = plan.splits > 1
                 values = dict(
@@ -124,7 +136,7 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
                     quantized_ptr=dtype if task == "quantize" else None,
                     row_err_ptr=torch.float64 if task == "quantize" else None,
                     counts_ptr=torch.float32 if stats else None, sums_ptr=acc if stats else None,
-                    N=n, D=d, K_PAD=plan.k_pad, codes_per_split=plan.codes_per_split, n_bucket=n.bit_length(),
+                    **_inverse_norm_ptrs(normalize), N=n, D=d, K_PAD=plan.k_pad, codes_per_split=plan.codes_per_split, n_bucket=n.bit_length(),
                     bound_rel=1e-3, bound_norm=6e-8, bound_abs=1e-26,
                     stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta)
                 for config in configs:
@@ -134,20 +146,35 @@ def search_cases(machine, dtype: torch.dtype) -> list[Case]:
                                       config.num_warps, config.num_stages, dtype,
                                       f"{_config_text(config)}; {tiling}", needs_mma=mode.code.itemsize == 2,
                                       resident=resident))
-            if main.mode.settle:
-                meta = plans.rescore_meta(main, want_quantized=task == "quantize", want_stats=stats)
-                cases.append(Case(f"rescore[{task}]", kernels._rescore_kernel, dict(
+            settle_variants = (False, True) if task == "quantize" and d in COSINE_DIMS else (False,)
+            for normalize in settle_variants if main.mode.settle else ():
+                meta = plans.rescore_meta(main, want_quantized=task == "quantize", want_stats=stats,
+                                          normalize=normalize)
+                cases.append(Case(f"rescore[{task}{' cosine' if normalize else ''}]", kernels._rescore_kernel, dict(
                     z_ptr=dtype, codebook_ptr=dtype, z_op_ptr=mode.code, z_tail_ptr=mode.code,
                     codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=mode.acc, scratch_ptr=torch.int64,
                     flag_rows_ptr=torch.int32, flag_threshold_ptr=mode.acc, indices_ptr=torch.int64,
                     quantized_ptr=dtype if task == "quantize" else None,
                     row_err_ptr=torch.float64 if task == "quantize" else None,
                     counts_ptr=torch.float32 if stats else None, sums_ptr=mode.acc if stats else None,
-                    K=k, D=d, K_PAD=main.k_pad,
+                    **_inverse_norm_ptrs(normalize), K=k, D=d, K_PAD=main.k_pad,
                     stride_zn=d, stride_zd=1, stride_ck=d, stride_cd=1, **meta), plans.RESCORE_WARPS, 1, dtype,
                     "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D} EXACT_D={EXACT_D}; D={d}".format(d=d, **meta),
                     needs_mma=mode.code.itemsize == 2))
     return cases
+
+
+def _merge_case(plan, dtype: torch.dtype, stats: int, normalize: bool) -> Case:
+    mode, acc = plan.mode, plan.mode.acc
+    merge = plans.merge_meta(plan, want_quantized=True, want_stats=stats, normalize=normalize)
+    return Case("merge cosine" if normalize else "merge", kernels._merge_kernel, dict(
+        part_score_ptr=acc, part_second_ptr=acc if mode.settle else None, part_idx_ptr=torch.int32,
+        row_norm_ptr=torch.float32, scratch_ptr=torch.int64, flag_rows_ptr=torch.int32 if mode.settle else None,
+        flag_threshold_ptr=acc if mode.settle else None, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64,
+        quantized_ptr=dtype, row_err_ptr=torch.float64, counts_ptr=torch.float32 if stats else None,
+        sums_ptr=acc if stats else None, **_inverse_norm_ptrs(normalize), N=SMALL[0], D=64, splits=8,
+        bound_rel=1e-3, bound_norm=6e-8, bound_abs=1e-26, stride_zn=64, stride_zd=1, stride_ck=64, stride_cd=1,
+        **merge), 4, 1, dtype, f"BLOCK_N={merge['BLOCK_N']}")
 
 
 def support_cases(machine, dtype: torch.dtype) -> list[Case]:
@@ -156,57 +183,69 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
     acc = mode.acc
     tl_acc = plans._TL_DTYPE[acc]
     cases = []
-    for d in (64, 1024):
+    for d, normalize in ((64, False), (1024, False), (64, True), (1024, True)):
         plan = plans.plan_search(*LARGE, d, dtype, machine)
-        launch = prepare.prepare_launch(plan, *reversed(LARGE))
-        cases.append(Case("stats", prepare._stats_kernel, dict(
+        launch = prepare.prepare_launch(plan, *reversed(LARGE), normalize=normalize)
+        cosine = " cosine" if normalize else ""
+        cases.append(Case(f"stats{cosine}", prepare._stats_kernel, dict(
             codebook_ptr=dtype, z_ptr=dtype, code_stats_ptr=torch.float64, z_max_ptr=torch.float64,
-            scratch_ptr=torch.int64, counts_ptr=torch.float32, sums_ptr=acc, K=LARGE[1], N=LARGE[0], D=d,
+            scratch_ptr=torch.int64, counts_ptr=torch.float32, sums_ptr=acc, **_inverse_norm_ptrs(normalize, "code_inv_ptr", "z_inv_ptr"),
+            K=LARGE[1], N=LARGE[0], D=d,
             code_programs=launch.code_stat_programs, codes_per_program=512, rows_per_program=4096, stride_ck=d,
-            stride_cd=1, stride_zn=d, stride_zd=1, BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d, WANT_STATS=2), launch.stats_warps, 1, dtype,
+            stride_cd=1, stride_zn=d, stride_zd=1, BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d, WANT_STATS=2,
+            NORMALIZE=normalize), launch.stats_warps, 1, dtype,
             f"D={d} BLOCK_R={launch.stats_rows} warps={launch.stats_warps}"))
-        cases.append(Case("prepare", prepare._prepare_kernel, dict(
+        cases.append(Case(f"prepare{cosine}", prepare._prepare_kernel, dict(
             codebook_ptr=dtype, z_ptr=dtype, code_stats_ptr=torch.float64, z_max_ptr=torch.float64,
             centre_ptr=torch.float64, codes_ptr=mode.code, codes_tail_ptr=mode.code, half_norm_ptr=acc,
             z_op_ptr=mode.code, z_tail_ptr=mode.code, z_tail2_ptr=mode.code, row_norm_ptr=torch.float32,
             inexact_ptr=torch.int8 if mode.flag_inexact else None, scratch_ptr=torch.int64,
-            K=LARGE[1], N=LARGE[0], D=d, K_PAD=plan.k_pad, N_PAD=plan.n_pad, WIDTH=plan.d_pad,
+            **_inverse_norm_ptrs(normalize), K=LARGE[1], N=LARGE[0], D=d, K_PAD=plan.k_pad, N_PAD=plan.n_pad, WIDTH=plan.d_pad,
             code_stat_programs=32, z_stat_programs=64, code_programs=512, stride_ck=d, stride_cd=1, stride_zn=d,
             stride_zd=1, **launch.prepare_meta), 4, 1, dtype, f"D={d} BLOCK_R={launch.prepare_meta['BLOCK_R']}"))
     small_plan = plans.plan_search(*SMALL, 64, dtype, machine)
     stats = 0 if mode.flag_inexact else 2
-    merge = plans.merge_meta(small_plan, want_quantized=True, want_stats=stats)
-    cases.append(Case("merge", kernels._merge_kernel, dict(
-        part_score_ptr=acc, part_second_ptr=acc if mode.settle else None, part_idx_ptr=torch.int32,
-        row_norm_ptr=torch.float32, scratch_ptr=torch.int64, flag_rows_ptr=torch.int32 if mode.settle else None,
-        flag_threshold_ptr=acc if mode.settle else None, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64,
-        quantized_ptr=dtype, row_err_ptr=torch.float64, counts_ptr=torch.float32 if stats else None,
-        sums_ptr=acc if stats else None, N=SMALL[0], D=64, splits=8, bound_rel=1e-3,
-        bound_norm=6e-8, bound_abs=1e-26, stride_zn=64, stride_zd=1, stride_ck=64, stride_cd=1, **merge),
-        4, 1, dtype, f"BLOCK_N={merge['BLOCK_N']}"))
+    for normalize in (False, True):
+        cases.append(_merge_case(small_plan, dtype, stats, normalize))
     if dtype in (torch.float32, torch.float64):  # the loss is stored as fp32 (16-bit too) or fp64
         cases.append(Case("loss", kernels._loss_kernel, dict(
             row_err_ptr=torch.float64, loss_ptr=acc, N=LARGE[0], scale_head=1e-6, scale_tail=1e-14,
             BLOCK=plans.LOSS_BLOCK), 4, 1, dtype, f"BLOCK={plans.LOSS_BLOCK}"))
     bwd = backward.backward_meta(64, acc)
     strides = dict(stride_zn=64, stride_zd=1, stride_cn=64, stride_cd=1)
-    for rotation in (False, True):
-        meta = backward.grad_z_meta(64, acc, rotation)
-        cases.append(Case("grad_z[rotation]" if rotation else "grad_z", backward._grad_z_kernel, dict(
-            grad_q_ptr=dtype, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, grad_loss_ptr=dtype,
-            grad_z_ptr=dtype, N=LARGE[0], D=64, scale_head=1e-6, scale_tail=1e-14, stride_gn=64, stride_gd=1,
-            **strides, **meta), 4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**meta)))
-    cases.append(Case("codebook_diff_atomic", backward._codebook_diff_atomic_kernel, dict(
-        z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, out_ptr=acc, N=LARGE[0], D=64, **strides, **bwd),
-        4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
-    segment = dict(BLOCK_R=backward.SEGMENT_ROWS, BLOCK_D=bwd["BLOCK_D"], ACC_DTYPE=tl_acc, DIFF=True)
-    cases.append(Case("codebook_diff_segment", backward._codebook_diff_segment_kernel, dict(
-        z_ptr=dtype, codebook_ptr=dtype, order_ptr=torch.int64, starts_ptr=torch.int64, out_ptr=acc, D=64,
-        **strides, **segment), 4, 1, dtype, "BLOCK_R={BLOCK_R} BLOCK_D={BLOCK_D}".format(**segment)))
-    cases.append(Case("code_stats", backward._code_stats_kernel, dict(
-        z_ptr=dtype, indices_ptr=torch.int64, counts_ptr=torch.float32, sums_ptr=torch.float32, N=LARGE[0], D=64,
-        stride_zn=64, stride_zd=1, BLOCK_N=bwd["BLOCK_N"], BLOCK_D=bwd["BLOCK_D"], WANT_SUMS=True), 4, 1, dtype,
-        "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
+    for normalize in (False, True):
+        cosine = " cosine" if normalize else ""
+        inverse_norms = _inverse_norm_ptrs(normalize)
+        for rotation in (False, True):
+            meta = dict(backward.grad_z_meta(64, acc, rotation), NORMALIZE=normalize)
+            cases.append(Case(f"grad_z[{'rotation' if rotation else 'ste'}{cosine}]", backward._grad_z_kernel, dict(
+                grad_q_ptr=dtype, z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, grad_loss_ptr=dtype,
+                grad_z_ptr=dtype, **inverse_norms, N=LARGE[0], D=64, scale_head=1e-6, scale_tail=1e-14,
+                stride_gn=64, stride_gd=1, **strides, **meta), 4, 1, dtype,
+                "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**meta)))
+        cases.append(Case(f"codebook_diff_atomic{cosine}", backward._codebook_diff_atomic_kernel, dict(
+            z_ptr=dtype, codebook_ptr=dtype, indices_ptr=torch.int64, out_ptr=acc, **inverse_norms, N=LARGE[0],
+            D=64, **strides, **bwd, NORMALIZE=normalize), 4, 1, dtype, "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
+        segment = dict(BLOCK_R=backward.SEGMENT_ROWS, BLOCK_D=bwd["BLOCK_D"], ACC_DTYPE=tl_acc, DIFF=True,
+                       NORMALIZE=normalize)
+        cases.append(Case(f"codebook_diff_segment{cosine}", backward._codebook_diff_segment_kernel, dict(
+            z_ptr=dtype, codebook_ptr=dtype, order_ptr=torch.int64, starts_ptr=torch.int64, out_ptr=acc,
+            **inverse_norms, D=64, **strides, **segment), 4, 1, dtype,
+            "BLOCK_R={BLOCK_R} BLOCK_D={BLOCK_D}".format(**segment)))
+        cases.append(Case(f"code_stats{cosine}", backward._code_stats_kernel, dict(
+            z_ptr=dtype, indices_ptr=torch.int64, counts_ptr=torch.float32, sums_ptr=torch.float32,
+            z_inv_ptr=torch.float64 if normalize else None, N=LARGE[0], D=64, stride_zn=64, stride_zd=1,
+            BLOCK_N=bwd["BLOCK_N"], BLOCK_D=bwd["BLOCK_D"], WANT_SUMS=True, NORMALIZE=normalize), 4, 1, dtype,
+            "BLOCK_N={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
+    cases.append(Case("inverse_norms", backward._inverse_norms_kernel, dict(
+        z_ptr=dtype, codebook_ptr=dtype, z_inv_ptr=torch.float64, code_inv_ptr=torch.float64, N=LARGE[0],
+        K=LARGE[1], D=64, z_programs=LARGE[0] // bwd["BLOCK_N"], stride_zn=64, stride_zd=1, stride_cn=64, stride_cd=1,
+        BLOCK_R=bwd["BLOCK_N"], BLOCK_D=bwd["BLOCK_D"]), 4, 1, dtype, "BLOCK_R={BLOCK_N} BLOCK_D={BLOCK_D}".format(**bwd)))
+    cases.append(Case("codebook_normalization_grad", backward._codebook_normalization_grad_kernel, dict(
+        diff_ptr=acc, codebook_ptr=dtype, code_inv_ptr=torch.float64, grad_loss_ptr=dtype, out_ptr=dtype,
+        K=LARGE[1], D=64, scale_head=1e-6, scale_tail=1e-14, stride_cn=64, stride_cd=1,
+        BLOCK_K=backward.CODE_BLOCK, BLOCK_D=bwd["BLOCK_D"], ACC_DTYPE=tl_acc), 4, 1, dtype,
+        f"BLOCK_K={backward.CODE_BLOCK} BLOCK_D={bwd['BLOCK_D']}"))
     if dtype in (torch.float32, torch.float64):  # the codebook update, in the codebook's dtype
         cases.append(Case("code_state", update._code_state_kernel, dict(
             counts_ptr=torch.float32, usage_ptr=torch.float32, ema_count_ptr=torch.float32, dead_ptr=torch.int8,

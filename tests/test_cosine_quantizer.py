@@ -71,7 +71,10 @@ def test_nearest_code_loss_and_output(backend):
     assert_nearest(unit(z), codes, indices.reshape(-1), distance_rtol(backend, torch.float32))
     assert_best_cosine(z, vq.codebook, indices, 1e-5 if backend != "triton" else 1e-3)
     flat_q = quantized.permute(0, 2, 3, 1).reshape(-1, 8)
-    assert torch.equal(flat_q, codes[indices.reshape(-1)])
+    if backend == "triton":  # normalised inside the kernels (a float64 norm): to fp32 rounding of torch's
+        torch.testing.assert_close(flat_q, codes[indices.reshape(-1)], rtol=3e-7, atol=1e-12)
+    else:
+        assert torch.equal(flat_q, codes[indices.reshape(-1)])
     expected = (1 + 0.3) * (unit(z).double() - codes[indices.reshape(-1)].double()).square().mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
     assert bool(torch.isfinite(quantized).all()) and bool(torch.isfinite(loss))

@@ -56,7 +56,7 @@ def test_autograd_asks_only_for_needed_gradients():
     for needs, rotation in (((True, False, False, False), False), ((False, True, False, False), True),
                             ((True, True, False, False), True), ((False, False, False, False), False)):
         ctx = SimpleNamespace(needs_input_grad=needs, saved_tensors=(z, codebook, indices), beta=0.25,
-                              rotation=rotation)
+                              rotation=rotation, normalize=())  # () : an op without `normalize`
         grad_z, grad_codebook, grad_beta, grad_rotation = backward(ctx, torch.ones(4, 3), None, torch.tensor(1.0))
         assert (grad_z is not None) == needs[0] and (grad_codebook is not None) == needs[1]
         assert grad_beta is None and grad_rotation is None

@@ -132,19 +132,24 @@ def triton_launches(monkeypatch):
     return launched
 
 
+@pytest.mark.parametrize("ema", (0.99, None), ids=("ema", "learned"))
+@pytest.mark.parametrize("distance", ("euclidean", "cosine"))
 @pytest.mark.parametrize("rows", (256, 40), ids=("one-split", "split-codebook"))
-def test_kernel_launches_per_training_step(rows, triton_launches):
+def test_kernel_launches_per_training_step(rows, distance, ema, triton_launches):
     """Forward and backward of the layer with EMA and dead-code restarts (after its k-means
     init): a copy of the codebook (the update rewrites it), the search with its statistics
     (5 launches, +1 merge when the codebook is split), one draw of restart candidates, the
-    update (2), and grad_z. Nothing else launches, and nothing waits for the GPU."""
+    update (2), and grad_z. Nothing else launches, and nothing waits for the GPU. Cosine: the
+    same, normalised inside the kernels, and one launch for the norms of the backward. A learned
+    codebook (no EMA): + the codebook gradient (+ its normalisation's, cosine) in the backward.
+    (aten ops inside our own ops, such as the zero fill of a codebook gradient, are not counted.)"""
     device = backend_device("triton")
     if device == "cuda" and rows == 40:
         rows = 4  # fewer row blocks than SMs: the split plan on a GPU too
     if device == "cuda" and rows == 256:
         rows = 65536  # enough row blocks for every SM: one split
-    vq = VectorQuantizer(256, 16, ema_decay=0.99, kmeans_init=True, kmeans_iters=2, restart_dead=True,
-                         backend="triton").to(device)
+    vq = VectorQuantizer(256, 16, ema_decay=ema, kmeans_init=True, kmeans_iters=2, restart_dead=True,
+                         backend="triton", distance=distance).to(device)
     x = torch.randn(rows, 16, device=device, requires_grad=True)
     vq(x)  # k-means init and (on a GPU) autotuning
     g = torch.randn(rows, 16, device=device)
@@ -160,7 +165,10 @@ def test_kernel_launches_per_training_step(rows, triton_launches):
     assert forward_launches == search + ["_rescore_kernel", "_loss_kernel", "_code_state_kernel",
                                          "_code_vectors_kernel"]
     assert forward.ops == {"clone": 1, "randint": 1}
-    assert triton_launches == ["_grad_z_kernel"]
+    cosine = distance == "cosine"
+    codebook_grad = [] if ema else ["_codebook_diff_atomic_kernel"] + (["_codebook_normalization_grad_kernel"] if cosine
+                                                                       else [])
+    assert triton_launches == (["_inverse_norms_kernel"] if cosine else []) + ["_grad_z_kernel"] + codebook_grad
     assert backward.ops == {"ones_like": 1, "mul": 1}  # the seed of backward() and d(quantized * g), not ours
 
 

@@ -98,6 +98,21 @@ def _op(backend: str, name: str):
     return getattr(torch.ops.vqvae_fast, _op_prefix(backend) + name)
 
 
+DISTANCES = ("euclidean", "cosine")
+NORMALIZE_EPS = 1e-12  # floor of the norm in l2_normalize: a zero vector stays zero
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / max(|x|, 1e-12) along the last dim (torch.nn.functional.normalize): what
+    `distance="cosine"` compares, done in torch wherever a kernel does not do it itself."""
+    return torch.nn.functional.normalize(x, dim=-1, eps=NORMALIZE_EPS)
+
+
+def check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise InputError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
+
+
 def check_options(beta: float, gradient: str) -> None:
     """Raise ValueError unless beta is a finite number >= 0 and gradient is a known estimator."""
     # Comparisons, not math.isfinite: torch.compile traces them (NaN fails both).
@@ -108,7 +123,7 @@ def check_options(beta: float, gradient: str) -> None:
 
 
 def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto",
-             gradient: str = "ste") -> QuantizeOutput:
+             gradient: str = "ste", distance: str = "euclidean") -> QuantizeOutput:
     """Nearest-code quantization with a straight-through gradient and the VQ-VAE losses.
 
     Args:
@@ -119,6 +134,13 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, bac
         gradient: how `quantized` passes its gradient to z: "ste" (straight through,
             unchanged) or "rotation" (the rotation trick, Fifty et al. 2024: rotated from the
             code's direction to z's and rescaled by ||e|| / ||z||; see reference.rotation_gradient).
+        distance: "euclidean", or "cosine": everything below is computed between the
+            l2-normalised rows of z and of the codebook (x / max(|x|, 1e-12), as
+            torch.nn.functional.normalize in their dtype): the nearest normalised code, which is
+            the code of highest cosine similarity; quantized is that normalised code; the loss
+            compares normalised vectors; gradients reach z and the codebook through the
+            normalisation. On the triton backend the normalisation happens inside the kernels
+            (no normalised copy of z is written); elsewhere it is done in torch first.
 
     Returns:
         QuantizeOutput(quantized, indices, loss): quantized (N, D) is bitwise codebook[indices]
@@ -128,7 +150,13 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, bac
     """
     check_inputs(z, codebook)
     check_options(beta, gradient)
+    check_distance(distance)
     backend = resolve_backend(backend, z.device)
+    if backend == "triton":
+        return QuantizeOutput(*_op(backend, "quantize_fwd")(z, codebook, float(beta), gradient == "rotation",
+                                                            distance == "cosine"))
+    if distance == "cosine":
+        z, codebook = l2_normalize(z), l2_normalize(codebook)
     if backend == "reference":
         return QuantizeOutput(*reference.quantize(z, codebook, beta, gradient))
     return QuantizeOutput(*_op(backend, "quantize_fwd")(z, codebook, float(beta), gradient == "rotation"))
@@ -159,22 +187,27 @@ def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
 
 
 def quantize_with_code_stats(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto",
-                             gradient: str = "ste", with_sums: bool = False) -> QuantizeStats:
+                             gradient: str = "ste", with_sums: bool = False,
+                             distance: str = "euclidean") -> QuantizeStats:
     """`quantize`, and the per-code statistics of the batch that codebook updates need.
 
     Returns QuantizeStats(quantized, indices, loss, counts, sums): the first three as
     `quantize`'s; counts (K,) float32, how many rows of z chose each code; sums (K, D), the sum
-    of each code's rows of z (float32, float64 for float64 z; shape (0,) unless `with_sums`).
+    of each code's rows of z (float32, float64 for float64 z; shape (0,) unless `with_sums`;
+    distance="cosine": of the normalised rows).
     On the triton backend they come out of the search's epilogue (no second pass over z, no
     extra launch; fixed-order sums under torch.use_deterministic_algorithms), elsewhere they
     are summed after it.
     """
     check_inputs(z, codebook)
     check_options(beta, gradient)
+    check_distance(distance)
     backend = resolve_backend(backend, z.device)
     if backend == "triton":
         return QuantizeStats(*_op(backend, "quantize_stats_fwd")(z, codebook, float(beta), gradient == "rotation",
-                                                                 bool(with_sums)))
+                                                                 bool(with_sums), distance == "cosine"))
+    if distance == "cosine":
+        z, codebook = l2_normalize(z), l2_normalize(codebook)
     quantized, indices, loss = quantize(z, codebook, beta=beta, backend=backend, gradient=gradient)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     counts = code_counts(indices, codebook.shape[0])

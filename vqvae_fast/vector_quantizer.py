@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .functional import (InputError, check_options, code_counts, nearest_code, quantize_with_code_stats,
-                         resolve_backend)
+from .functional import (InputError, check_distance, check_options, code_counts, l2_normalize, nearest_code,
+                         quantize_with_code_stats, resolve_backend)
 
 
 class VQOutput(tuple):
@@ -50,20 +50,6 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     return usage_stats(code_counts(indices, num_codes))
 
 
-
-DISTANCES = ("euclidean", "cosine")
-NORMALIZE_EPS = 1e-12  # floor of the norm in l2_normalize: a zero vector stays zero
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Rows of x scaled to unit l2 norm (a zero row stays zero); differentiable.
-
-    The one place where `distance="cosine"` normalises vectors (encoder outputs, codes, k-means
-    centroids, EMA codebooks, restart candidates), so that it can later move into the kernels.
-    """
-    return torch.nn.functional.normalize(x, dim=-1, eps=NORMALIZE_EPS)
-
-
 @torch.no_grad()
 def update_codebook_state(usage, ema_count, ema_sum, codebook, counts, sums, candidates, candidate_rows, *,
                           usage_decay: float, ema_decay: float | None, dead_threshold: float, restart: bool,
@@ -78,7 +64,8 @@ def update_codebook_state(usage, ema_count, ema_sum, codebook, counts, sums, can
     the counts and sums. restart: each dead code moves onto its candidate (rows `candidate_rows`
     of `candidates`, or row k of `candidates` (K, D) when None), with usage 1 (a grace period)
     and, EMA, ema_count 1 and ema_sum = the candidate. EMA: codebook = ema_sum / the Laplace-
-    smoothed count (l2-normalised when `normalize`); otherwise only restarted codes change.
+    smoothed count; otherwise only restarted codes change. `normalize` (cosine): candidates and
+    the EMA codebook are l2-normalised.
     """
     K = usage.shape[0]  # codebook: None when neither EMA nor restarts change it
     rows = counts.sum().clamp_min(1.0)  # every row has one code
@@ -89,6 +76,8 @@ def update_codebook_state(usage, ema_count, ema_sum, codebook, counts, sums, can
     report = torch.exp(-entropy), torch.stack([(counts > 0).sum(), dead.sum()])
     if restart:
         chosen = candidates if candidate_rows is None else candidates[candidate_rows]
+        if normalize:
+            chosen = l2_normalize(chosen)
         usage.masked_fill_(dead, 1.0)
     if ema_decay is not None:
         ema_count.mul_(ema_decay).add_(counts, alpha=1.0 - ema_decay)
@@ -174,9 +163,10 @@ class VectorQuantizer(nn.Module):
     State changes happen only in training mode (or with `update=True` in forward).
     gradient: "ste" (straight through) or "rotation" (the rotation trick); see `quantize`.
     distance: "euclidean", or "cosine" (as in LlamaGen's VQ-16 and DAC): the input vectors and the
-        codes are l2-normalised, the nearest code is found between the normalised vectors (the
-        fused `quantize`: nearest in Euclidean distance is highest cosine similarity for unit
-        vectors), `quantized` is the normalised code and the loss compares normalised vectors.
+        codes are l2-normalised, the nearest code is found between the normalised vectors
+        (`quantize(..., distance="cosine")`, normalised inside the kernels on triton: nearest in
+        Euclidean distance is highest cosine similarity for unit vectors), `quantized` is the
+        normalised code and the loss compares normalised vectors.
         Gradients reach the input, and a learned codebook, through the normalisation. The codebook
         is kept unit-norm: unit-norm random init, spherical k-means, the EMA codebook is the
         normalised running mean of the normalised vectors, restarts use normalised vectors. A
@@ -200,8 +190,7 @@ class VectorQuantizer(nn.Module):
                  sync: bool | None = None, distance: str = "euclidean"):
         super().__init__()
         check_options(beta, gradient)
-        if distance not in DISTANCES:
-            raise InputError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
+        check_distance(distance)
         if num_codes < 1 or dim < 1:
             raise ValueError(f"num_codes and dim must be >= 1, got {num_codes} and {dim}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
@@ -245,13 +234,10 @@ class VectorQuantizer(nn.Module):
             raise InputError(f"expected input of layout {layout} with dim={self.dim}, got shape {tuple(x.shape)}")
         return channel_dim
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., dim) in the space codes are compared in: l2-normalised for cosine, else x itself."""
-        return l2_normalize(x) if self.distance == "cosine" else x
-
     def code_vectors(self) -> torch.Tensor:
-        """(num_codes, dim) the codes as `quantized` returns them (normalised for cosine); differentiable."""
-        return self._project(self.codebook)
+        """(num_codes, dim) the codes as `quantized` returns them (normalised for cosine; the triton
+        kernels normalise with a float64 norm, so theirs may differ in the last bit); differentiable."""
+        return l2_normalize(self.codebook) if self.distance == "cosine" else self.codebook
 
     def dead_mask(self) -> torch.Tensor:
         """(num_codes,) bool: codes whose running usage is below `dead_threshold`."""
@@ -266,9 +252,9 @@ class VectorQuantizer(nn.Module):
         moved = x.movedim(channel_dim, -1)
         # Quantize in the codebook's precision (fp32 under bf16 autocast): argmin and the
         # codebook gradient stay accurate; the result goes back to the input's dtype.
-        # Cosine: normalised here (gradient through the normalisation), and the normalised vectors
-        # are what init, restarts and the EMA see.
-        flat = self._project(moved.reshape(-1, self.dim).to(self.codebook.dtype))
+        # Cosine: `quantize` normalises (inside the kernels on triton), and so do k-means and
+        # the codebook update: they all see the normalised vectors.
+        flat = moved.reshape(-1, self.dim).to(self.codebook.dtype)
         synced = update and self._synced()
         stepping = update and (synced or flat.shape[0] > 0)  # synced: every rank joins the collectives
         if stepping and self._needs_init:
@@ -276,10 +262,9 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook
         if stepping and (self.ema_decay is not None or self.restart_dead):
             codebook = codebook.clone()  # the update below rewrites the codebook in place
-        codebook = self._project(codebook)
         quantized, indices, loss, counts, sums = quantize_with_code_stats(
             flat, codebook, beta=self.beta, backend=self.backend, gradient=self.gradient,
-            with_sums=stepping and self.ema_decay is not None)
+            with_sums=stepping and self.ema_decay is not None, distance=self.distance)
         if stepping:
             perplexity, codes_used, dead_codes = self._step(flat.detach(), counts, sums, synced)
         else:

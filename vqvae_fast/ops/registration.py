@@ -11,8 +11,13 @@
 `rotation` picks the rotation trick's gradient to z (reference.rotation_gradient) instead of
 the straight-through one; the forward ignores it and only hands it to the backward.
 
-    triton_quantize_stats_fwd(Tensor z, Tensor codebook, float beta, bool rotation, bool with_sums)
+    triton_quantize_stats_fwd(Tensor z, Tensor codebook, float beta, bool rotation, bool with_sums,
+                              bool normalize=False)
         -> (Tensor quantized, Tensor indices, Tensor loss, Tensor counts, Tensor sums)
+
+The Triton ops take one more last argument, `bool normalize=False` (quantize_fwd,
+quantize_stats_fwd and quantize_bwd): the cosine quantizer, everything between the
+l2-normalised rows of z and codes, gradients through the normalisation.
 
 quantize_fwd and the per-code counts (K,) and sums of z (K, D) (empty unless with_sums) that a
 VectorQuantizer step needs, from the search's epilogue; its gradient is quantize_fwd's.
@@ -33,38 +38,42 @@ def _fake_nearest(z, codebook):
     return z.new_empty(z.shape[0], dtype=torch.long)
 
 
-def _fake_fwd(z, codebook, beta, rotation=False):
+def _fake_fwd(z, codebook, beta, rotation=False, normalize=False):
     n, d = z.shape
     return codebook.new_empty(n, d), z.new_empty(n, dtype=torch.long), z.new_empty(())
 
 
 def _fake_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z, need_grad_codebook,
-              rotation=False):
+              rotation=False, normalize=False):
     return (z.new_empty(z.shape if need_grad_z else (0,)),
             codebook.new_empty(codebook.shape if need_grad_codebook else (0,)))
 
 
-def _fake_stats_fwd(z, codebook, beta, rotation, with_sums):
+def _fake_stats_fwd(z, codebook, beta, rotation, with_sums, normalize=False):
     k, d = codebook.shape
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     return (*_fake_fwd(z, codebook, beta), z.new_empty(k, dtype=torch.float32),
             z.new_empty((k, d) if with_sums else (0,), dtype=acc))
 
 
-def _setup_context(ctx, inputs, output):
-    z, codebook, beta, *rest = inputs
-    _, indices, _, *stats = output  # quantize_stats_fwd: and the per-code counts and sums
-    ctx.save_for_backward(z, codebook, indices)
-    ctx.beta = beta
-    ctx.rotation = bool(rest[0]) if rest else False
-    ctx.mark_non_differentiable(indices, *stats)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the indices and statistics
+def _make_setup_context(with_normalize: bool):
+    def setup_context(ctx, inputs, output):
+        z, codebook, beta, *rest = inputs  # rest: rotation (, with_sums) (, normalize: the last)
+        _, indices, _, *stats = output  # quantize_stats_fwd: and the per-code counts and sums
+        ctx.save_for_backward(z, codebook, indices)
+        ctx.beta = beta
+        ctx.rotation = bool(rest[0]) if rest else False
+        ctx.normalize = (bool(rest[-1]),) if with_normalize else ()  # passed on only where the op has it
+        ctx.mark_non_differentiable(indices, *stats)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the indices and statistics
+
+    return setup_context
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_quantized, grad_indices, grad_loss, *grad_stats):
         need_grad_z, need_grad_codebook = ctx.needs_input_grad[:2]
-        rest = (None,) * (len(ctx.needs_input_grad) - 2)  # beta, rotation (, with_sums): no gradient
+        rest = (None,) * (len(ctx.needs_input_grad) - 2)  # beta, rotation, ...: no gradient
         if not (need_grad_z or need_grad_codebook):
             return None, None, *rest
         z, codebook, indices = ctx.saved_tensors
@@ -73,22 +82,24 @@ def _make_backward(bwd_op):
         if grad_loss is None:
             grad_loss = z.new_zeros(())
         grad_z, grad_codebook = bwd_op(grad_quantized, grad_loss, z, codebook, indices, ctx.beta,
-                                       need_grad_z, need_grad_codebook, ctx.rotation)
+                                       need_grad_z, need_grad_codebook, ctx.rotation, *ctx.normalize)
         return (grad_z if need_grad_z else None), (grad_codebook if need_grad_codebook else None), *rest
 
     return backward
 
 
-def register_ops(prefix: str = "", with_stats: bool = False) -> None:
+def register_ops(prefix: str = "", with_stats: bool = False, with_normalize: bool = False) -> None:
     """Attach fakes and the autograd formula to vqvae_fast::<prefix>{nearest_code, quantize_fwd, quantize_bwd}
-    (with_stats: and <prefix>quantize_stats_fwd, which has quantize_fwd's gradient)."""
+    (with_stats: and <prefix>quantize_stats_fwd, which has quantize_fwd's gradient; with_normalize:
+    the ops take `normalize` last)."""
+    setup_context = _make_setup_context(with_normalize)
     name = f"vqvae_fast::{prefix}"
     torch.library.register_fake(f"{name}nearest_code")(_fake_nearest)
     torch.library.register_fake(f"{name}quantize_fwd")(_fake_fwd)
     torch.library.register_fake(f"{name}quantize_bwd")(_fake_bwd)
     bwd_op = getattr(torch.ops.vqvae_fast, f"{prefix}quantize_bwd")
-    torch.library.register_autograd(f"{name}quantize_fwd", _make_backward(bwd_op), setup_context=_setup_context)
+    torch.library.register_autograd(f"{name}quantize_fwd", _make_backward(bwd_op), setup_context=setup_context)
     if with_stats:
         torch.library.register_fake(f"{name}quantize_stats_fwd")(_fake_stats_fwd)
         torch.library.register_autograd(f"{name}quantize_stats_fwd", _make_backward(bwd_op),
-                                        setup_context=_setup_context)
+                                        setup_context=setup_context)

@@ -85,7 +85,8 @@ def _code_vectors_kernel(
 ):
     """EMA: ema_sum = decay ema_sum + (1 - decay) sums (a dead code: its candidate), codebook =
     ema_sum * inv_count (NORMALIZE: l2-normalised, from a second pass over D). Without EMA only
-    the dead codes change: to their candidates."""
+    the dead codes change: to their candidates. NORMALIZE: candidates are l2-normalised (their
+    norms from a first pass over D)."""
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = k < K
     k64 = k.to(tl.int64)
@@ -98,6 +99,15 @@ def _code_vectors_kernel(
     inv = tl.full((BLOCK_K,), 1.0, tl.float32)
     if EMA:
         inv = tl.load(inv_count_ptr + k64, mask=k_mask, other=1.0)
+    cand_scale = tl.full((BLOCK_K,), 1.0, tl.float32)
+    if NORMALIZE and RESTART:
+        cand2 = tl.zeros((BLOCK_K,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            candidate = tl.load(cand_ptr + source[:, None] * stride_cn + d[None, :] * stride_cd,
+                                mask=(k_mask[:, None] & (d < D)[None, :]) & dead[:, None], other=0.0).to(tl.float32)
+            cand2 += tl.sum(candidate * candidate, axis=1)
+        cand_scale = 1.0 / tl.maximum(tl.sqrt(cand2), 1e-12)
     norm2 = tl.zeros((BLOCK_K,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -105,6 +115,8 @@ def _code_vectors_kernel(
         at = k64[:, None] * D + d[None, :]
         candidate = tl.load(cand_ptr + source[:, None] * stride_cn + d[None, :] * stride_cd,
                             mask=mask & dead[:, None], other=0.0)
+        if NORMALIZE:
+            candidate = (candidate * cand_scale[:, None]).to(candidate.dtype)
         if EMA:
             value = tl.load(ema_sum_ptr + at, mask=mask, other=0.0)
             value = value * ema_decay + tl.load(sums_ptr + at, mask=mask, other=0.0).to(value.dtype) * (1.0 - ema_decay)
@@ -116,7 +128,7 @@ def _code_vectors_kernel(
                 tl.store(codebook_ptr + at, value * inv[:, None], mask=mask)
         else:
             tl.store(codebook_ptr + at, candidate, mask=mask & dead[:, None])
-    if EMA and NORMALIZE:
+    if EMA and NORMALIZE:  # the codebook: the normalised EMA mean
         scale = inv / tl.maximum(tl.sqrt(norm2), 1e-12)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
@@ -149,5 +161,5 @@ def update_codebook_state(usage, ema_count, ema_sum, codebook, counts, sums, can
         _code_vectors_kernel[(triton.cdiv(K, blocks["BLOCK_K"]),)](
             ema_sum, codebook, sums, dead, inv_count, candidates, candidate_rows, K, D, ema_decay if ema else 0.0,
             candidates.stride(0), candidates.stride(1), **blocks, EMA=ema, RESTART=restart,
-            GATHER=candidate_rows is not None, NORMALIZE=normalize and ema)
+            GATHER=candidate_rows is not None, NORMALIZE=normalize)
     return perplexity, tallies

@@ -38,6 +38,13 @@ Forward of z (N, D) against a codebook (K, D), in four to six launches, none of 
 
 A row of z with a NaN/Inf entry gets index 0, as every distance from it is NaN or +inf.
 
+Cosine (`normalize=True`): the stats kernel takes each row's and code's norm in float64 and
+keeps 1 / max(|x|, 1e-12) (N + K values); every later read of z or of the codebook, in the
+prepare, search epilogue, merge and re-scoring kernels, goes through `unit_rows`, which
+normalises with it and rounds once to the input's dtype. So all of them see the same unit
+vectors, no normalised copy of z is written, and the exactness rules below hold for those
+vectors. The backward (`triton_quantize_bwd.py`) recomputes the norms in one launch.
+
 Precision. Scores are computed on values centred on the codebook mean, so a large common
 offset cannot cancel.
 - fp32 is exact, as on the cpu backend: one tensor-core pass (`triton_plan.FP32_PRECISIONS`; default
@@ -69,7 +76,7 @@ import triton.language as tl
 from .triton_plan import (LOSS_BLOCK, RESCORE_WARPS, SM90, CodeStats, fp32_pair, keep_config, machine_for, merge_meta,
                           mode_for, plan_search, rescore_meta, rescore_programs, rescoring_plan, search_configs,
                           search_meta, settle_bound)
-from .triton_prepare import prepare_operands
+from .triton_prepare import prepare_operands, unit_rows
 from .triton_quantize_bwd import code_counts_and_sums, code_sums
 
 # ----------------------------------------------------------------------------- kernels
@@ -138,13 +145,17 @@ def _tile_scores(z0, z1, z2, z_op_ptr, z_tail_ptr, z_tail2_ptr, codes_ptr, codes
 
 
 @triton.jit
-def _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr,
-                rows64, store_mask, idx, D, stride_zn, stride_zd, stride_ck, stride_cd,
-                BLOCK_D: tl.constexpr, WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr):
+def _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, z_inv_ptr,
+                code_inv_ptr, rows64, store_mask, idx, D, stride_zn, stride_zd, stride_ck, stride_cd,
+                BLOCK_D: tl.constexpr, WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr,
+                NORMALIZE: tl.constexpr):
     """indices[rows] = idx; with WANT_QUANTIZED also quantized[rows] = codebook[idx] and the
     rows' squared error sum((z - e)^2), in float64 (it neither overflows nor underflows).
     WANT_STATS: counts[idx] += 1 (1), and sums[idx] += z (2), with atomics (each row is
-    written once, by the search, the merge or the re-scoring)."""
+    written once, by the search, the merge or the re-scoring). NORMALIZE: z and the codes
+    are their l2-normalised rows (`unit_rows`)."""
+    z_inv = _inverse_norms(z_inv_ptr, rows64, store_mask, NORMALIZE)
+    code_inv = _inverse_norms(code_inv_ptr, idx, store_mask, NORMALIZE)
     tl.store(indices_ptr + rows64, idx.to(tl.int64), mask=store_mask)
     if WANT_STATS >= 1:
         tl.atomic_add(counts_ptr + idx, tl.full(idx.shape, 1.0, tl.float32), mask=store_mask)
@@ -153,6 +164,7 @@ def _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, co
             d = d0 + tl.arange(0, BLOCK_D)
             mask = store_mask[:, None] & (d < D)[None, :]
             z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0)
+            z = unit_rows(z, z_inv, NORMALIZE)
             tl.atomic_add(sums_ptr + idx.to(tl.int64)[:, None] * D + d[None, :], z.to(sums_ptr.dtype.element_ty),
                           mask=mask)
     if WANT_QUANTIZED:
@@ -161,12 +173,23 @@ def _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, co
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             mask = store_mask[:, None] & (d < D)[None, :]
-            z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0)
-            e = tl.load(codebook_ptr + idx64[:, None] * stride_ck + d[None, :] * stride_cd, mask=mask, other=0.0)
+            z = unit_rows(tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0),
+                          z_inv, NORMALIZE)
+            e = unit_rows(tl.load(codebook_ptr + idx64[:, None] * stride_ck + d[None, :] * stride_cd, mask=mask,
+                                  other=0.0), code_inv, NORMALIZE)
             tl.store(quantized_ptr + rows64[:, None] * D + d[None, :], e, mask=mask)
             diff = z.to(tl.float64) - e.to(tl.float64)
             sq_err += tl.sum(diff * diff, axis=1)
         tl.store(row_err_ptr + rows64, sq_err, mask=store_mask)
+
+
+@triton.jit
+def _inverse_norms(inv_ptr, rows, mask, NORMALIZE: tl.constexpr):
+    """NORMALIZE: the stored 1 / max(|row|, eps) of `rows` (else a placeholder `unit_rows` ignores)."""
+    inv = rows.to(tl.float64)
+    if NORMALIZE:
+        inv = tl.load(inv_ptr + rows, mask=mask, other=1.0)
+    return inv
 
 
 @triton.jit
@@ -199,7 +222,7 @@ def _search_kernel(
     # pointers: raw inputs, prepared operands, per-split results, per-row data, outputs
     z_ptr, codebook_ptr, z_op_ptr, z_tail_ptr, z_tail2_ptr, codes_ptr, codes_tail_ptr, half_norm_ptr,
     part_score_ptr, part_second_ptr, part_idx_ptr, inexact_ptr, row_norm_ptr, scratch_ptr, flag_rows_ptr,
-    flag_threshold_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr,
+    flag_threshold_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, z_inv_ptr, code_inv_ptr,
     # sizes and the error bound's coefficients (settle_bound); n_bucket only keys the autotuning
     N, D, K_PAD, codes_per_split, n_bucket, bound_rel, bound_norm, bound_abs,
     # strides of the raw inputs (for the gather)
@@ -209,6 +232,7 @@ def _search_kernel(
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     Z_TERMS: tl.constexpr, SPLIT: tl.constexpr, SETTLE: tl.constexpr, ONLY_FLAGGED: tl.constexpr,
     SPLIT_K: tl.constexpr, WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr, GATHER_D: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     """Nearest code of BLOCK_N rows of z among codes [pid_s * codes_per_split, ...).
 
@@ -273,23 +297,23 @@ def _search_kernel(
     else:
         row_idx, write = _settle_rows(rows64, store_mask, row_best, row_second, row_idx, row_norm_ptr, scratch_ptr,
                                       flag_rows_ptr, flag_threshold_ptr, bound_rel, bound_norm, bound_abs, SETTLE)
-        _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, rows64,
-                    write, row_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, GATHER_D, WANT_QUANTIZED,
-                    WANT_STATS)
+        _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, z_inv_ptr,
+                    code_inv_ptr, rows64, write, row_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, GATHER_D,
+                    WANT_QUANTIZED, WANT_STATS, NORMALIZE)
 
 
 @triton.jit
 def _merge_kernel(
     # pointers
     part_score_ptr, part_second_ptr, part_idx_ptr, row_norm_ptr, scratch_ptr, flag_rows_ptr, flag_threshold_ptr,
-    z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr,
+    z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, z_inv_ptr, code_inv_ptr,
     # sizes and the error bound's coefficients
     N, D, splits, bound_rel, bound_norm, bound_abs,
     # strides
     stride_zn, stride_zd, stride_ck, stride_cd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, SETTLE: tl.constexpr,
-    WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr,
+    WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     """The lexicographic (score, index) minimum over the splits (SETTLE: and the second-best
     score: the winner's second or another split's best), then the rows' outputs."""
@@ -310,8 +334,9 @@ def _merge_kernel(
         best_idx = tl.where(better, idx, best_idx)
     best_idx, write = _settle_rows(rows64, row_mask, best, second, best_idx, row_norm_ptr, scratch_ptr, flag_rows_ptr,
                                    flag_threshold_ptr, bound_rel, bound_norm, bound_abs, SETTLE)
-    _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, rows64, write,
-                best_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, BLOCK_D, WANT_QUANTIZED, WANT_STATS)
+    _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, z_inv_ptr,
+                code_inv_ptr, rows64, write, best_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, BLOCK_D,
+                WANT_QUANTIZED, WANT_STATS, NORMALIZE)
 
 
 @triton.jit
@@ -319,6 +344,7 @@ def _rescore_kernel(
     # pointers: raw inputs, prepared operands, the rows to settle, outputs
     z_ptr, codebook_ptr, z_op_ptr, z_tail_ptr, codes_ptr, codes_tail_ptr, half_norm_ptr,
     scratch_ptr, flag_rows_ptr, flag_threshold_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr,
+    z_inv_ptr, code_inv_ptr,
     # sizes
     K, D, K_PAD,
     # strides of the raw inputs
@@ -327,13 +353,13 @@ def _rescore_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     EXACT_D: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     Z_TERMS: tl.constexpr, SPLIT: tl.constexpr, WANT_QUANTIZED: tl.constexpr, WANT_STATS: tl.constexpr,
-    GATHER_D: tl.constexpr,
+    GATHER_D: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     """Settles the rows the search flagged (their number is read here, on the device): scores
     every code again, and computes the float64 distance sum((z - e)^2) from the original
     values for the codes whose score is within the row's threshold (every code that can be the
-    nearest); the smallest wins, ties to the lowest index. The programs take blocks of the
-    flagged rows in turn, so a fixed grid covers any count."""
+    nearest); the smallest wins, ties to the lowest index (NORMALIZE: between the l2-normalised
+    vectors). The programs take blocks of the flagged rows in turn, so a fixed grid covers any count."""
     count = tl.load(scratch_ptr).to(tl.int32)
     cols = tl.arange(0, BLOCK_K)
     for first in range(tl.program_id(0) * BLOCK_N, count, tl.num_programs(0) * BLOCK_N):
@@ -343,6 +369,7 @@ def _rescore_kernel(
         threshold = tl.load(flag_threshold_ptr + slots, mask=valid, other=float("-inf"))
         best = tl.full((BLOCK_N,), float("inf"), tl.float64)
         best_idx = tl.zeros((BLOCK_N,), tl.int32)
+        z_inv = _inverse_norms(z_inv_ptr, rows64, valid, NORMALIZE)
         unused = tl.zeros((BLOCK_N, BLOCK_D), DOT_DTYPE)
         for k0 in range(0, K_PAD, BLOCK_K):
             codes = k0 + cols
@@ -353,12 +380,15 @@ def _rescore_kernel(
             candidate = score <= threshold[:, None]
             if tl.max(tl.max(candidate.to(tl.int32), axis=1), axis=0) > 0:
                 dist = tl.zeros((BLOCK_N, BLOCK_K), tl.float64)
+                code_inv = _inverse_norms(code_inv_ptr, codes, codes < K, NORMALIZE)
                 for d0 in range(0, D, EXACT_D):
                     d = d0 + tl.arange(0, EXACT_D)
                     z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd,
-                                mask=valid[:, None] & (d < D)[None, :], other=0.0).to(tl.float64)
+                                mask=valid[:, None] & (d < D)[None, :], other=0.0)
                     e = tl.load(codebook_ptr + codes.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
-                                mask=(codes < K)[:, None] & (d < D)[None, :], other=0.0).to(tl.float64)
+                                mask=(codes < K)[:, None] & (d < D)[None, :], other=0.0)
+                    z = unit_rows(z, z_inv, NORMALIZE).to(tl.float64)
+                    e = unit_rows(e, code_inv, NORMALIZE).to(tl.float64)
                     diff = z[:, None, :] - e[None, :, :]
                     dist += tl.sum(diff * diff, axis=2)
                 dist = tl.where(candidate, dist, float("inf"))
@@ -367,9 +397,9 @@ def _rescore_kernel(
                 better = tile_best < best  # strict: an earlier tile keeps its (lower) index on ties
                 best_idx = tl.where(better, tile_idx, best_idx)
                 best = tl.where(better, tile_best, best)
-        _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, rows64,
-                    valid, best_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, GATHER_D, WANT_QUANTIZED,
-                    WANT_STATS)
+        _write_rows(z_ptr, codebook_ptr, indices_ptr, quantized_ptr, row_err_ptr, counts_ptr, sums_ptr, z_inv_ptr,
+                    code_inv_ptr, rows64, valid, best_idx, D, stride_zn, stride_zd, stride_ck, stride_cd, GATHER_D,
+                    WANT_QUANTIZED, WANT_STATS, NORMALIZE)
 
 
 @triton.jit
@@ -398,7 +428,7 @@ def _prune(configs, named_args, **kwargs):
 _search_tuned = triton.autotune(
     configs=search_configs(SM90),
     key=["n_bucket", "K_PAD", "D_PAD", "BLOCK_D", "codes_per_split", "Z_TERMS", "SPLIT", "PRECISION",
-         "WANT_QUANTIZED", "WANT_STATS"],
+         "WANT_QUANTIZED", "WANT_STATS", "NORMALIZE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_search_kernel)
 
@@ -406,13 +436,16 @@ _search_tuned = triton.autotune(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool, stats: CodeStats | None = None):
-    """(indices, quantized or None, per-row float64 squared error or None); `stats` filled in."""
+def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool, stats: CodeStats | None = None,
+            normalize: bool = False):
+    """(indices, quantized or None, per-row float64 squared error or None, normalize: the rows'
+    (N,) fp64 1 / max(|z|, eps)); `stats` filled in. `normalize`: the search, the outputs and
+    the statistics are those of the l2-normalised rows and codes."""
     N, D = z.shape
     K = codebook.shape[0]
     plan = plan_search(N, K, D, z.dtype, machine_for(z.device))
     mode = plan.mode
-    ops = prepare_operands(z, codebook, plan, stats)
+    ops = prepare_operands(z, codebook, plan, stats, normalize)
 
     def empty(*shape, dtype):
         return torch.empty(shape, dtype=dtype, device=z.device)
@@ -428,13 +461,13 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool, stats
     flag_threshold = empty(N, dtype=mode.acc) if mode.settle else None
     bound = settle_bound(mode, plan.d_pad) if mode.settle else (0.0, 0.0, 0.0)
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
-    outputs = (indices, quantized, row_err, *(stats[:2] if stats else (None, None)))
+    outputs = (indices, quantized, row_err, *(stats[:2] if stats else (None, None)), ops.z_inv, ops.code_inv)
     level = stats.level if stats else 0
     args = (z, codebook, *ops[:6], part_score, part_second, part_idx, ops.inexact, ops.row_norm, ops.scratch,
             flag_rows, flag_threshold, *outputs,
             N, D, plan.k_pad, plan.codes_per_split, min(N.bit_length(), 20), *bound, *strides)
 
-    meta = search_meta(plan, mode, want_quantized=want_quantized, want_stats=level)
+    meta = search_meta(plan, mode, want_quantized=want_quantized, want_stats=level, normalize=normalize)
     if plan.machine.interpreted:
         config = search_configs(plan.machine)[0]
         _search_kernel[(triton.cdiv(N, config.kwargs["BLOCK_N"]), plan.splits)](
@@ -445,9 +478,10 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool, stats
         rescoring, config = rescoring_plan(plan)
         _search_kernel[(triton.cdiv(N, config.kwargs["BLOCK_N"]), plan.splits)](
             *args, **config.all_kwargs(),
-            **search_meta(rescoring, rescoring.mode, want_quantized=want_quantized, only_flagged=True))
+            **search_meta(rescoring, rescoring.mode, want_quantized=want_quantized, only_flagged=True,
+                          normalize=normalize))
     if split:
-        meta = merge_meta(plan, want_quantized, level)
+        meta = merge_meta(plan, want_quantized, level, normalize)
         _merge_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
             part_score, part_second, part_idx, ops.row_norm, ops.scratch, flag_rows, flag_threshold,
             z, codebook, *outputs, N, D, plan.splits, *bound, *strides, **meta)
@@ -455,8 +489,8 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool, stats
         _rescore_kernel[(rescore_programs(N, plan.machine),)](
             z, codebook, ops.z_op, ops.z_tail, ops.codes, ops.codes_tail, ops.half_norm, ops.scratch, flag_rows,
             flag_threshold, *outputs, K, D, plan.k_pad, *strides,
-            **rescore_meta(plan, want_quantized, level), num_warps=RESCORE_WARPS)
-    return indices, quantized, row_err
+            **rescore_meta(plan, want_quantized, level, normalize), num_warps=RESCORE_WARPS)
+    return indices, quantized, row_err, ops.z_inv
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -468,9 +502,17 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return _search(z, codebook, want_quantized=False)[0]
 
 
-def quantize_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float, stats: CodeStats | None = None):
+def quantize_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float, stats: CodeStats | None = None,
+                 normalize: bool = False):
     """quantized (N, D) = codebook[indices], indices (N,) int64, loss () in z.dtype; `stats`
-    (zeroed and) filled in by the search."""
+    (zeroed and) filled in by the search. `normalize` (the cosine quantizer): all of it between
+    the l2-normalised rows of z and codes (`triton_prepare.unit_rows`), so quantized is the
+    normalised code."""
+    return _quantize(z, codebook, beta, stats, normalize)[:3]
+
+
+def _quantize(z, codebook, beta, stats, normalize):
+    """quantize_fwd, and (normalize, N > 0) the rows' 1 / max(|z|, eps) (else None)."""
     N, D = z.shape
     if N == 0 or D == 0:
         indices = torch.zeros(N, dtype=torch.long, device=z.device)
@@ -479,21 +521,22 @@ def quantize_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float, stats: Co
             stats.counts.zero_()
             if stats.sums is not None:
                 stats.sums.zero_()
-        return quantized, indices, torch.full((), float("nan"), dtype=z.dtype, device=z.device)
-    indices, quantized, row_err = _search(z, codebook, want_quantized=True, stats=stats)
+        return quantized, indices, torch.full((), float("nan"), dtype=z.dtype, device=z.device), None
+    indices, quantized, row_err, z_inv = _search(z, codebook, want_quantized=True, stats=stats, normalize=normalize)
     # 16-bit: stored as fp32 and converted by torch (the interpreter's conversion of values
     # below the 16-bit range is wrong: 7e-45 became 5.9e-39)
     loss = torch.empty((), dtype=z.dtype if z.dtype.itemsize >= 4 else torch.float32, device=z.device)
     _loss_kernel[(1,)](row_err, loss, N, *fp32_pair((1.0 + beta) / (N * D)), BLOCK=LOSS_BLOCK)
-    return quantized, indices, loss.to(z.dtype)
+    return quantized, indices, loss.to(z.dtype), z_inv
 
 
-def quantize_stats_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float, with_sums: bool):
+def quantize_stats_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float, with_sums: bool,
+                       normalize: bool = False):
     """quantize_fwd and the per-code statistics a VectorQuantizer step needs: counts (K,) fp32
-    and, with_sums, the sums of each code's rows of z (K, D) (fp32; fp64 for fp64 z), from the
-    search's epilogue. Under torch.use_deterministic_algorithms the sums are fixed-order
-    segment sums (triton_quantize_bwd.code_sums) instead of atomics; counts are exact either way.
-    16-bit inputs (whose rows may be written twice) count after the search."""
+    and, with_sums, the sums of each code's rows of z (K, D) (fp32; fp64 for fp64 z; normalize:
+    of the normalised rows), from the search's epilogue. Under torch.use_deterministic_algorithms
+    the sums are fixed-order segment sums (triton_quantize_bwd.code_sums) instead of atomics;
+    counts are exact either way. 16-bit inputs (whose rows may be written twice) count after the search."""
     K, D = codebook.shape
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     counts = torch.empty(K, dtype=torch.float32, device=z.device)
@@ -501,9 +544,10 @@ def quantize_stats_fwd(z: torch.Tensor, codebook: torch.Tensor, beta: float, wit
     deterministic = torch.are_deterministic_algorithms_enabled()
     fused = not mode_for(z.dtype).flag_inexact
     level = 2 if with_sums and not deterministic else 1
-    quantized, indices, loss = quantize_fwd(z, codebook, beta, CodeStats(counts, sums, level) if fused else None)
+    quantized, indices, loss, z_inv = _quantize(z, codebook, beta, CodeStats(counts, sums, level) if fused else None,
+                                                normalize)
     if not fused:
-        code_counts_and_sums(z, indices, counts, sums if level == 2 else None)
+        code_counts_and_sums(z, indices, counts, sums if level == 2 else None, z_inv)
     if with_sums and level == 1:
-        code_sums(z, indices, sums)
+        code_sums(z, indices, sums, z_inv)
     return quantized, indices, loss, counts, sums

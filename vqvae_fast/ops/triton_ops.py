@@ -18,26 +18,26 @@ def triton_nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("vqvae_fast::triton_quantize_fwd", mutates_args=())
-def triton_quantize_fwd(z: Tensor, codebook: Tensor, beta: float,
-                        rotation: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.quantize_fwd(z, codebook, beta)
+def triton_quantize_fwd(z: Tensor, codebook: Tensor, beta: float, rotation: bool = False,
+                        normalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.quantize_fwd(z, codebook, beta, normalize=normalize)
 
 
 @torch.library.custom_op("vqvae_fast::triton_quantize_stats_fwd", mutates_args=())
-def triton_quantize_stats_fwd(z: Tensor, codebook: Tensor, beta: float, rotation: bool,
-                              with_sums: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return kernels.quantize_stats_fwd(z, codebook, beta, with_sums)
+def triton_quantize_stats_fwd(z: Tensor, codebook: Tensor, beta: float, rotation: bool, with_sums: bool,
+                              normalize: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kernels.quantize_stats_fwd(z, codebook, beta, with_sums, normalize)
 
 
 @torch.library.custom_op("vqvae_fast::triton_quantize_bwd", mutates_args=())
 def triton_quantize_bwd(grad_quantized: Tensor, grad_loss: Tensor, z: Tensor, codebook: Tensor, indices: Tensor,
                         beta: float, need_grad_z: bool, need_grad_codebook: bool,
-                        rotation: bool = False) -> tuple[Tensor, Tensor]:
+                        rotation: bool = False, normalize: bool = False) -> tuple[Tensor, Tensor]:
     return backward.quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta, need_grad_z,
-                                 need_grad_codebook, rotation)
+                                 need_grad_codebook, rotation, normalize)
 
 
-register_ops("triton_", with_stats=True)
+register_ops("triton_", with_stats=True, with_normalize=True)
 
 
 @torch.library.custom_op("vqvae_fast::triton_update_codebook_state",

@@ -232,13 +232,19 @@ def plan_search(n: int, k: int, d: int, dtype: torch.dtype, machine: Machine) ->
 
 
 def search_meta(plan: SearchPlan, mode: Mode, *, want_quantized: bool, want_stats: int = 0,
-                only_flagged: bool = False) -> dict:
+                only_flagged: bool = False, normalize: bool = False) -> dict:
     """The constexpr arguments of `_search_kernel` for a plan (tile sizes excepted)."""
     return dict(
         D_PAD=plan.d_pad, BLOCK_D=plan.block_d, ACC_DTYPE=_TL_DTYPE[mode.acc], DOT_DTYPE=_dot_dtype(mode, plan.machine),
         PRECISION=mode.precision, Z_TERMS=mode.z_terms, SPLIT=mode.split, SETTLE=mode.settle,
         ONLY_FLAGGED=only_flagged, SPLIT_K=plan.splits > 1, WANT_QUANTIZED=want_quantized, WANT_STATS=want_stats,
-        GATHER_D=min(plan.block_d, 64))
+        GATHER_D=min(plan.block_d, gather_chunk(normalize)), NORMALIZE=normalize)
+
+
+def gather_chunk(normalize: bool) -> int:
+    """Values of D per step of a search's epilogue (the gather, the row errors and sums): 32 for
+    the cosine search, whose normalised rows spilled at 64 (bf16, 32 x 64 tiles, sm_90)."""
+    return 32 if normalize else 64
 
 
 def rescoring_plan(plan: SearchPlan) -> tuple[SearchPlan, triton.Config]:
@@ -252,15 +258,17 @@ def rescoring_plan(plan: SearchPlan) -> tuple[SearchPlan, triton.Config]:
     return rescoring, (fitting or configs[-1:])[0]
 
 
-def rescore_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0) -> dict:
+def rescore_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0, normalize: bool = False) -> dict:
     """`_rescore_kernel`'s tile: 16 flagged rows (tl.dot's least), 32 codes, chunks of D as the
     split-D search takes them, and (16, 32, 4) float64 differences for the exact distances
     (8 spill 16 bytes on sm_90 at D = 256)."""
     mode = plan.mode
     block_d = min(plan.d_pad, 64 if mode.code.itemsize == 2 else 32)
-    return dict(BLOCK_N=16, BLOCK_K=32, D_PAD=plan.d_pad, BLOCK_D=block_d, EXACT_D=4, ACC_DTYPE=_TL_DTYPE[mode.acc],
-                DOT_DTYPE=_dot_dtype(mode, plan.machine), PRECISION=mode.precision, Z_TERMS=mode.z_terms,
-                SPLIT=mode.split, WANT_QUANTIZED=want_quantized, WANT_STATS=want_stats, GATHER_D=min(block_d, 64))
+    exact_d = 2 if normalize else 4  # the cosine distances' normalised chunks: 4 spilled 8 bytes (fp32, sm_90)
+    return dict(BLOCK_N=16, BLOCK_K=32, D_PAD=plan.d_pad, BLOCK_D=block_d, EXACT_D=exact_d,
+                ACC_DTYPE=_TL_DTYPE[mode.acc], DOT_DTYPE=_dot_dtype(mode, plan.machine), PRECISION=mode.precision,
+                Z_TERMS=mode.z_terms, SPLIT=mode.split, WANT_QUANTIZED=want_quantized, WANT_STATS=want_stats,
+                GATHER_D=min(block_d, gather_chunk(normalize)), NORMALIZE=normalize)
 
 
 RESCORE_WARPS = 8  # with 4, its (16, 32) tiles and float64 differences spilled 8-16 bytes
@@ -271,12 +279,12 @@ def rescore_programs(n: int, machine: Machine) -> int:
     return max(1, min(triton.cdiv(n, 16), 4 * machine.num_sms))
 
 
-def merge_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0) -> dict:
+def merge_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0, normalize: bool = False) -> dict:
     """64 rows at a time; fp64 in chunks of 32 values of D (64 spilled 48 bytes with the sums, sm_90)."""
     return dict(BLOCK_N=16 if plan.machine.interpreted else 64,
-                BLOCK_D=min(plan.block_d, 32 if plan.mode.acc == torch.float64 else 64),
+                BLOCK_D=min(plan.block_d, 32 if plan.mode.acc == torch.float64 else gather_chunk(normalize)),
                 ACC_DTYPE=_TL_DTYPE[plan.mode.acc], SETTLE=plan.mode.settle, WANT_QUANTIZED=want_quantized,
-                WANT_STATS=want_stats)
+                WANT_STATS=want_stats, NORMALIZE=normalize)
 
 
 LOSS_BLOCK = 1024  # row errors summed per step of the loss kernel

@@ -19,16 +19,19 @@ def _stats_kernel(
     # pointers; code_stats: (code_programs, 4, D_PAD) fp64; z_max: (z_programs,) fp64; scratch: (2,) int64;
     # counts (K,), sums (K, D): the per-code statistics the search accumulates (WANT_STATS)
     codebook_ptr, z_ptr, code_stats_ptr, z_max_ptr, scratch_ptr, counts_ptr, sums_ptr,
+    # NORMALIZE: (K,) and (N,) fp64 1 / max(|row|, eps), written here for the later launches
+    code_inv_ptr, z_inv_ptr,
     # sizes
     K, N, D, code_programs, codes_per_program, rows_per_program,
     # strides
     stride_ck, stride_cd, stride_zn, stride_zd,
     # meta-parameters
-    BLOCK_R: tl.constexpr, D_PAD: tl.constexpr, WANT_STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr, D_PAD: tl.constexpr, WANT_STATS: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     """Programs below code_programs: (sum, count, min, max) per column over their finite codes,
     and zeroes their codes' counts (WANT_STATS >= 1) and sums (2). The others: the largest
-    |entry| over their finite rows of z."""
+    |entry| over their finite rows of z. NORMALIZE: of the l2-normalised rows (`unit_rows`),
+    whose reciprocal norms are stored."""
     pid = tl.program_id(0)
     d = tl.arange(0, D_PAD)
     d_mask = d < D
@@ -45,8 +48,9 @@ def _stats_kernel(
             r = r0 + tl.arange(0, BLOCK_R)
             mask = (r < end)[:, None] & d_mask[None, :]
             x = tl.load(codebook_ptr + r.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
-                        mask=mask, other=0.0).to(tl.float64)
+                        mask=mask, other=0.0)
             ok = mask & _finite_rows(x, mask)[:, None]
+            x = _unit_tile(x, code_inv_ptr, r, r < end, NORMALIZE)
             if WANT_STATS >= 1:
                 tl.store(counts_ptr + r, tl.zeros((BLOCK_R,), tl.float32), mask=r < end)
             if WANT_STATS == 2:
@@ -69,10 +73,57 @@ def _stats_kernel(
             r = r0 + tl.arange(0, BLOCK_R)
             mask = (r < end)[:, None] & d_mask[None, :]
             x = tl.load(z_ptr + r.to(tl.int64)[:, None] * stride_zn + d[None, :] * stride_zd,
-                        mask=mask, other=0.0).to(tl.float64)
+                        mask=mask, other=0.0)
             ok = mask & _finite_rows(x, mask)[:, None]
+            x = _unit_tile(x, z_inv_ptr, r, r < end, NORMALIZE)
             largest = tl.maximum(largest, tl.max(tl.where(ok, tl.abs(x), 0.0), axis=0))
         tl.store(z_max_ptr + pid - code_programs, tl.max(largest, axis=0))
+
+
+NORMALIZE_EPS = tl.constexpr(1e-12)  # functional.NORMALIZE_EPS, torch.nn.functional.normalize's eps
+
+
+@triton.jit
+def normalize_eps():
+    """The eps as an fp64 value: a bare float constant in a kernel is rounded to fp32 first."""
+    return tl.full((), NORMALIZE_EPS, tl.float64)
+
+
+@triton.jit
+def unit_rows(x, inv, NORMALIZE: tl.constexpr):
+    """x (rows, cols) in its own dtype, or (NORMALIZE) x * inv[:, None] (inv = 1 / max(|row|, eps)
+    in fp64) rounded to x's dtype: the l2-normalised rows, as torch.nn.functional.normalize in
+    that dtype would give them. Every kernel that reads z or the codebook of a cosine search
+    reads it through here, so all of them see the same vectors."""
+    if NORMALIZE:
+        y = x.to(tl.float64) * inv[:, None]
+        if x.dtype == tl.bfloat16:
+            y = _bf16_nearest(y.to(tl.float32))
+        elif x.dtype != tl.float64:
+            y = y.to(tl.float32).to(x.dtype)  # via fp32: the interpreter's fp64 -> 16-bit is wrong
+        return y
+    return x
+
+
+@triton.jit
+def _bf16_nearest(y):
+    """fp32 y rounded to the nearest bf16 (ties to even), as a GPU converts: the interpreter's
+    conversion truncates, so the rounding is done on the bits and the conversion is exact."""
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+@triton.jit
+def _unit_tile(x, inv_ptr, rows, row_mask, NORMALIZE: tl.constexpr):
+    """A whole-row tile of x as float64, normalised (NORMALIZE: and its rows' 1 / max(|row|, eps)
+    stored at inv_ptr + rows)."""
+    if NORMALIZE:
+        x64 = x.to(tl.float64)
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x64 * x64, axis=1)), normalize_eps())
+        tl.store(inv_ptr + rows, inv, mask=row_mask)
+        x = unit_rows(x, inv, NORMALIZE)
+    return x.to(tl.float64)
 
 
 @triton.jit
@@ -127,6 +178,15 @@ def _centre_and_scale(code_stats_ptr, z_max_ptr, code_programs, z_programs, d, d
 
 
 @triton.jit
+def _load_unit(x, inv_ptr, rows64, row_mask, NORMALIZE: tl.constexpr):
+    """x as float64, normalised with the stored reciprocal norms of its rows (NORMALIZE)."""
+    inv = rows64.to(tl.float64)  # unused unless NORMALIZE
+    if NORMALIZE:
+        inv = tl.load(inv_ptr + rows64, mask=row_mask, other=1.0)
+    return unit_rows(x, inv, NORMALIZE).to(tl.float64)
+
+
+@triton.jit
 def _tf32_round(x):
     """x (fp32) rounded to the nearest TF32 value (10 stored mantissa bits): exact in a TF32
     product, and x - result is exact in fp32."""
@@ -160,6 +220,8 @@ def _prepare_kernel(
     # operands, row norms and (16-bit) the per-row inexact flags; scratch: (flag count, max half norm bits)
     codebook_ptr, z_ptr, code_stats_ptr, z_max_ptr, centre_ptr, codes_ptr, codes_tail_ptr, half_norm_ptr,
     z_op_ptr, z_tail_ptr, z_tail2_ptr, row_norm_ptr, inexact_ptr, scratch_ptr,
+    # NORMALIZE: the stats kernel's reciprocal norms of the codes and rows
+    code_inv_ptr, z_inv_ptr,
     # sizes: code operands are (K_PAD, WIDTH), z operands (N_PAD, WIDTH), zero beyond (K or N, D)
     K, N, D, K_PAD, N_PAD, WIDTH, code_stat_programs, z_stat_programs, code_programs,
     # strides
@@ -168,6 +230,7 @@ def _prepare_kernel(
     BLOCK_R: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, CODE_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, SPLIT: tl.constexpr, NARROW_CENTRE: tl.constexpr, FLAG_INEXACT: tl.constexpr,
     SCALE: tl.constexpr, SETTLE: tl.constexpr, CODE_MAX: tl.constexpr, Z_STAT_PROGRAMS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     """Centre and scale both operands once per call, in the form `tl.dot` takes (programs below
     code_programs do BLOCK_R codes each, the others BLOCK_R rows of z).
@@ -177,7 +240,8 @@ def _prepare_kernel(
     bits (non-negative floats order as their bits). z: x = s (z - c) (0 for a row with a
     NaN/Inf entry) and |x| (NaN for such a row). 16-bit: a row whose x is not exact in 16 bits
     is flagged, and its two 16-bit remainder terms are written (the three terms sum to x
-    exactly, up to fp16 underflow) for the re-scoring pass.
+    exactly, up to fp16 underflow) for the re-scoring pass. NORMALIZE: of the l2-normalised
+    codes and rows (`unit_rows`).
     """
     pid = tl.program_id(0)
     d = tl.arange(0, D_PAD)
@@ -193,9 +257,9 @@ def _prepare_kernel(
             tl.store(centre_ptr + d, centre)
             tl.store(centre_ptr + D_PAD, scale)
         mask = (rows < K)[:, None] & d_mask[None, :]
-        x = tl.load(codebook_ptr + rows64[:, None] * stride_ck + d[None, :] * stride_cd,
-                    mask=mask, other=0.0).to(tl.float64)
+        x = tl.load(codebook_ptr + rows64[:, None] * stride_ck + d[None, :] * stride_cd, mask=mask, other=0.0)
         row_ok = (rows < K) & _finite_rows(x, mask)
+        x = _load_unit(x, code_inv_ptr, rows64, rows < K, NORMALIZE)
         y = tl.where(row_ok[:, None] & d_mask[None, :], (x - centre[None, :]) * scale, 0.0)
         half_norm = 0.5 * tl.sum(y * y, axis=1)
         in_buffer = rows < K_PAD
@@ -207,9 +271,9 @@ def _prepare_kernel(
                        PRECISION, SPLIT)
     else:
         mask = (rows < N)[:, None] & d_mask[None, :]
-        x = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd,
-                    mask=mask, other=0.0).to(tl.float64)
+        x = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0)
         row_ok = _finite_rows(x, mask)
+        x = _load_unit(x, z_inv_ptr, rows64, rows < N, NORMALIZE)
         x = tl.where(row_ok[:, None] & mask, (x - centre[None, :]) * scale, 0.0)
         in_buffer = rows < N_PAD
         norm = tl.sqrt(tl.sum(x * x, axis=1))
@@ -247,6 +311,8 @@ class Operands(NamedTuple):
     scratch: torch.Tensor  # (2,) int64: flagged rows so far, bits of the largest half norm (fp64)
     centre: torch.Tensor  # (D_PAD,) fp64 c
     scale: torch.Tensor  # () fp64 s
+    code_inv: torch.Tensor | None  # normalize: (K,) fp64 1 / max(|e|, eps), the codes' normalisation
+    z_inv: torch.Tensor | None  # normalize: (N,) fp64 1 / max(|z|, eps)
 
 
 Z_STAT_PROGRAMS = 64  # most programs reading z for its largest entry
@@ -262,29 +328,31 @@ class PrepareLaunch(NamedTuple):
     prepare_meta: dict
 
 
-def prepare_launch(plan: SearchPlan, k: int = 1, n: int = 1) -> PrepareLaunch:
+def prepare_launch(plan: SearchPlan, k: int = 1, n: int = 1, normalize: bool = False) -> PrepareLaunch:
     arange_d = triton.next_power_of_2(plan.d_pad)
     mode = plan.mode
     block_r = max(1, min(64, 8192 // arange_d))  # a (BLOCK_R, arange_d) tile: 8192 values
     meta = dict(BLOCK_R=block_r, D_PAD=arange_d, ACC_DTYPE=_TL_DTYPE[mode.acc], CODE_DTYPE=_TL_DTYPE[mode.code],
                 PRECISION=mode.precision, SPLIT=mode.split, NARROW_CENTRE=mode.narrow_centre,
                 FLAG_INEXACT=mode.flag_inexact, SCALE=mode.scale, SETTLE=mode.settle,
-                CODE_MAX=_CODE_MAX.get(mode.code, 0.0), Z_STAT_PROGRAMS=Z_STAT_PROGRAMS)
-    stats_rows = max(1, min(16, 1024 // arange_d))  # 32 x 64 spilled 8 bytes (fp16, sm_90)
+                CODE_MAX=_CODE_MAX.get(mode.code, 0.0), Z_STAT_PROGRAMS=Z_STAT_PROGRAMS, NORMALIZE=normalize)
+    # 32 x 64 spilled 8 bytes (fp16, sm_90); 16 x 64 with the cosine's norms, 16 bytes
+    stats_rows = max(1, min(8 if normalize else 16, 1024 // arange_d))
     stats_warps = max(4, min(16, arange_d // 128))
     return PrepareLaunch(arange_d, min(32, triton.cdiv(k, 256)), min(Z_STAT_PROGRAMS, triton.cdiv(max(n, 1), 1024)),
                          stats_rows, stats_warps,
                          triton.cdiv(plan.k_pad, block_r), meta)
 
 
-def prepare_operands(z: torch.Tensor, codebook: torch.Tensor, plan: SearchPlan, stats: CodeStats | None = None
-                     ) -> Operands:
+def prepare_operands(z: torch.Tensor, codebook: torch.Tensor, plan: SearchPlan, stats: CodeStats | None = None,
+                     normalize: bool = False) -> Operands:
     """Centre, scale, pad and convert both operands once per call: two launches, O((N + K) D).
-    `stats`: per-code buffers for the search to accumulate into, zeroed here."""
+    `stats`: per-code buffers for the search to accumulate into, zeroed here. `normalize`: of
+    the l2-normalised codes and rows (the cosine search)."""
     N, D = z.shape
     K = codebook.shape[0]
     mode = plan.mode
-    launch = prepare_launch(plan, K, N)
+    launch = prepare_launch(plan, K, N, normalize)
 
     def empty(*shape, dtype=mode.code):
         return torch.empty(shape, dtype=dtype, device=z.device)
@@ -292,13 +360,15 @@ def prepare_operands(z: torch.Tensor, codebook: torch.Tensor, plan: SearchPlan, 
     code_stats = empty(launch.code_stat_programs, 4, launch.arange_d, dtype=torch.float64)
     z_max = empty(launch.z_stat_programs, dtype=torch.float64)
     scratch = empty(2, dtype=torch.int64)
+    code_inv = empty(K, dtype=torch.float64) if normalize else None
+    z_inv = empty(N, dtype=torch.float64) if normalize else None
     _stats_kernel[(launch.code_stat_programs + launch.z_stat_programs,)](
-        codebook, z, code_stats, z_max, scratch, *(stats[:2] if stats else (None, None)), K, N, D,
+        codebook, z, code_stats, z_max, scratch, *(stats[:2] if stats else (None, None)), code_inv, z_inv, K, N, D,
         launch.code_stat_programs,
         triton.cdiv(K, launch.code_stat_programs), triton.cdiv(N, launch.z_stat_programs),
         codebook.stride(0), codebook.stride(1), z.stride(0), z.stride(1),
         BLOCK_R=launch.stats_rows, D_PAD=launch.arange_d, WANT_STATS=stats.level if stats else 0,
-        num_warps=launch.stats_warps)
+        NORMALIZE=normalize, num_warps=launch.stats_warps)
 
     two_terms = mode.z_terms > 1 or mode.flag_inexact
     z_op = empty(plan.n_pad, plan.d_pad)
@@ -313,8 +383,8 @@ def prepare_operands(z: torch.Tensor, codebook: torch.Tensor, plan: SearchPlan, 
     z_programs = triton.cdiv(plan.n_pad, launch.prepare_meta["BLOCK_R"])
     _prepare_kernel[(launch.code_programs + z_programs,)](
         codebook, z, code_stats, z_max, centre_and_scale, codes, codes_tail, half_norm, z_op, z_tail, z_tail2,
-        row_norm, inexact, scratch, K, N, D, plan.k_pad, plan.n_pad, plan.d_pad, launch.code_stat_programs,
+        row_norm, inexact, scratch, code_inv, z_inv, K, N, D, plan.k_pad, plan.n_pad, plan.d_pad, launch.code_stat_programs,
         launch.z_stat_programs, launch.code_programs, codebook.stride(0), codebook.stride(1), z.stride(0),
         z.stride(1), **launch.prepare_meta)
     return Operands(z_op, z_tail, z_tail2, codes, codes_tail, half_norm, row_norm, inexact, scratch,
-                    centre_and_scale[:launch.arange_d], centre_and_scale[launch.arange_d])
+                    centre_and_scale[:launch.arange_d], centre_and_scale[launch.arange_d], code_inv, z_inv)

@@ -12,27 +12,83 @@ import triton
 import triton.language as tl
 
 from .triton_plan import _TL_DTYPE, fp32_pair
+from .triton_prepare import normalize_eps, unit_rows
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
+def _inverse_norms_kernel(
+    # pointers: z (N, D), codebook (K, D) in; (N,) and (K,) fp64 1 / max(|row|, eps) out
+    z_ptr, codebook_ptr, z_inv_ptr, code_inv_ptr,
+    # sizes
+    N, K, D, z_programs,
+    # strides
+    stride_zn, stride_zd, stride_cn, stride_cd,
+    # meta-parameters
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The reciprocal norms the cosine backward normalises with: programs below z_programs
+    take BLOCK_R rows of z, the others BLOCK_R codes; sums of squares in float64."""
+    pid = tl.program_id(0)
+    if pid < z_programs:
+        _store_inverse_norms(z_ptr, z_inv_ptr, pid * BLOCK_R + tl.arange(0, BLOCK_R), N, D, stride_zn, stride_zd,
+                             BLOCK_R, BLOCK_D)
+    else:
+        _store_inverse_norms(codebook_ptr, code_inv_ptr, (pid - z_programs) * BLOCK_R + tl.arange(0, BLOCK_R), K, D,
+                             stride_cn, stride_cd, BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def _store_inverse_norms(x_ptr, inv_ptr, rows, count, D, stride_r, stride_d, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    rows64 = rows.to(tl.int64)
+    squares = tl.zeros((BLOCK_R,), tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows64[:, None] * stride_r + d[None, :] * stride_d,
+                    mask=(rows < count)[:, None] & (d < D)[None, :], other=0.0).to(tl.float64)
+        squares += tl.sum(x * x, axis=1)
+    tl.store(inv_ptr + rows64, 1.0 / tl.maximum(tl.sqrt(squares), normalize_eps()), mask=rows < count)
+
+
+@triton.jit
+def _unit_chunk(ptr, rows64, stride_r, stride_d, d, mask, inv, ACC_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr):
+    """A chunk of rows of z or of codes in ACC_DTYPE, l2-normalised as the forward saw them (NORMALIZE)."""
+    x = tl.load(ptr + rows64[:, None] * stride_r + d[None, :] * stride_d, mask=mask, other=0.0)
+    return unit_rows(x, inv, NORMALIZE).to(ACC_DTYPE)
+
+
+@triton.jit
+def _normalization_grad(grad, unit, dot, inv):
+    """The gradient through x -> x / max(|x|, eps) (torch.nn.functional.normalize): the part of
+    `grad` orthogonal to the unit vector, over |x| (grad / eps where the norm is clamped);
+    dot = unit . grad per row, inv = 1 / max(|x|, eps)."""
+    clamped = inv >= 1.0 / normalize_eps()
+    projected = grad - unit * tl.where(clamped, 0.0, dot)[:, None]
+    return projected * inv[:, None].to(grad.dtype)
+
+
+@triton.jit
 def _grad_z_kernel(
-    # pointers
-    grad_q_ptr, z_ptr, codebook_ptr, indices_ptr, grad_loss_ptr, grad_z_ptr,
+    # pointers; NORMALIZE: z_inv (N,), code_inv (K,) fp64 1 / max(|row|, eps)
+    grad_q_ptr, z_ptr, codebook_ptr, indices_ptr, grad_loss_ptr, grad_z_ptr, z_inv_ptr, code_inv_ptr,
     # sizes and the loss scale 2 * beta / (N * D) as an fp32 pair (fp32_pair)
     N, D, scale_head, scale_tail,
     # strides
     stride_gn, stride_gd, stride_zn, stride_zd, stride_cn, stride_cd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, ROTATION: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     """grad_z = grad_quantized (straight through, or rotated: ROTATION) + grad_loss * scale * (z - e_idx).
 
     The rotation trick: rot(g) = lam (g - 2 w (w . g) + 2 u (q . g)), u = z / |z|, q = e / |e|,
     lam = |e| / |z|, w = (u + q) / |u + q|, from per-row sums over D taken in two first passes;
     guards as in vqvae_fast/reference.py (g unchanged when lam is outside [1e-6, 1e6], w = 0 when
-    |u + q| <= 1e-6)."""
+    |u + q| <= 1e-6).
+    NORMALIZE (cosine): z and e above are the l2-normalised vectors, and the result is taken
+    back through z's normalisation (`_normalization_grad`, from one more pass over D)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
@@ -40,8 +96,15 @@ def _grad_z_kernel(
     grad_loss = tl.load(grad_loss_ptr).to(ACC_DTYPE)
     coef = grad_loss * scale_head + grad_loss * scale_tail  # in ACC_DTYPE: see fp32_pair
     g_rows = grad_q_ptr + rows64[:, None] * stride_gn
-    z_rows = z_ptr + rows64[:, None] * stride_zn
-    e_rows = codebook_ptr + idx[:, None] * stride_cn
+    z_inv = rows64.to(tl.float64)  # placeholders unless NORMALIZE
+    e_inv = z_inv
+    if NORMALIZE:
+        z_inv = tl.load(z_inv_ptr + rows64, mask=row_mask, other=1.0)
+        e_inv = tl.load(code_inv_ptr + idx, mask=row_mask, other=1.0)
+    one = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
+    nz, ne, ns, wg, qg, lam = one, one, one, one, one, one
+    regular = rows < 0
+    reflect = regular
     if ROTATION:
         zz = tl.zeros((BLOCK_N,), ACC_DTYPE)
         ee = tl.zeros((BLOCK_N,), ACC_DTYPE)
@@ -51,8 +114,8 @@ def _grad_z_kernel(
             d = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (d < D)[None, :]
             g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
-            z = tl.load(z_rows + d[None, :] * stride_zd, mask=mask, other=0.0).to(ACC_DTYPE)
-            e = tl.load(e_rows + d[None, :] * stride_cd, mask=mask, other=0.0).to(ACC_DTYPE)
+            z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
+            e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
             zz += tl.sum(z * z, axis=1)
             ee += tl.sum(e * e, axis=1)
             gz += tl.sum(g * z, axis=1)
@@ -66,8 +129,8 @@ def _grad_z_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (d < D)[None, :]
-            z = tl.load(z_rows + d[None, :] * stride_zd, mask=mask, other=0.0).to(ACC_DTYPE)
-            e = tl.load(e_rows + d[None, :] * stride_cd, mask=mask, other=0.0).to(ACC_DTYPE)
+            z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
+            e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
             s = z / nz[:, None] + e / ne[:, None]
             ss += tl.sum(s * s, axis=1)
         ns = tl.sqrt(ss)
@@ -76,61 +139,87 @@ def _grad_z_kernel(
         wg = tl.where(reflect, 0.0, (gz / nz + ge / ne) / ns)  # w . g
         qg = ge / ne
         lam = ne / nz
+    dot = tl.zeros((BLOCK_N,), ACC_DTYPE)  # NORMALIZE: unit z . the gradient to it
+    if NORMALIZE:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (d < D)[None, :]
+            z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
+            e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
+            g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
+            out = _grad_to_unit(g, z, e, coef, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION)
+            dot += tl.sum(z * out, axis=1)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
         g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
-        z_raw = tl.load(z_rows + d[None, :] * stride_zd, mask=mask, other=0.0)
-        z = z_raw.to(ACC_DTYPE)
-        e = tl.load(e_rows + d[None, :] * stride_cd, mask=mask, other=0.0).to(ACC_DTYPE)
-        if ROTATION:
-            u = z / nz[:, None]
-            w = tl.where(reflect[:, None], 0.0, (u + e / ne[:, None]) / ns[:, None])
-            rotated = lam[:, None] * (g - 2.0 * w * wg[:, None] + 2.0 * u * qg[:, None])
-            g = tl.where(regular[:, None], rotated, g)
-        out = g + coef * (z - e)
-        if z_raw.dtype != tl.float64:
+        z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
+        e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
+        out = _grad_to_unit(g, z, e, coef, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION)
+        if NORMALIZE:
+            out = _normalization_grad(out, z, dot, z_inv)
+        out_dtype = grad_z_ptr.dtype.element_ty
+        if out_dtype != tl.float64:
             out = out.to(tl.float32)  # fp64 to 16 bits through fp32, as on a GPU (the interpreter's direct one is wrong)
-        tl.store(grad_z_ptr + rows64[:, None] * D + d[None, :], out.to(z_raw.dtype), mask=mask)
+        tl.store(grad_z_ptr + rows64[:, None] * D + d[None, :], out.to(out_dtype), mask=mask)
+
+
+@triton.jit
+def _grad_to_unit(g, z, e, coef, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION: tl.constexpr):
+    """A chunk of the gradient to z (to the normalised z, for cosine): g, straight through or
+    rotated (ROTATION, with the per-row sums of the first passes), plus the commitment term."""
+    if ROTATION:
+        u = z / nz[:, None]
+        w = tl.where(reflect[:, None], 0.0, (u + e / ne[:, None]) / ns[:, None])
+        rotated = lam[:, None] * (g - 2.0 * w * wg[:, None] + 2.0 * u * qg[:, None])
+        g = tl.where(regular[:, None], rotated, g)
+    return g + coef * (z - e)
 
 
 @triton.jit
 def _codebook_diff_atomic_kernel(
     # pointers; out: (K, D) ACC_DTYPE, zero-filled
-    z_ptr, codebook_ptr, indices_ptr, out_ptr,
+    z_ptr, codebook_ptr, indices_ptr, out_ptr, z_inv_ptr, code_inv_ptr,
     # sizes
     N, D,
     # strides
     stride_zn, stride_zd, stride_cn, stride_cd,
     # meta-parameters
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
-    """out[idx_i] += e_idx_i - z_i, with float atomics (fast, order not fixed)."""
+    """out[idx_i] += e_idx_i - z_i (NORMALIZE: of the normalised vectors), with float atomics
+    (fast, order not fixed)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     idx = tl.load(indices_ptr + rows64, mask=row_mask, other=0)
+    z_inv = rows64.to(tl.float64)  # placeholders unless NORMALIZE
+    e_inv = z_inv
+    if NORMALIZE:
+        z_inv = tl.load(z_inv_ptr + rows64, mask=row_mask, other=1.0)
+        e_inv = tl.load(code_inv_ptr + idx, mask=row_mask, other=1.0)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0)
-        e = tl.load(codebook_ptr + idx[:, None] * stride_cn + d[None, :] * stride_cd, mask=mask, other=0.0)
-        tl.atomic_add(out_ptr + idx[:, None] * D + d[None, :], e.to(ACC_DTYPE) - z.to(ACC_DTYPE), mask=mask)
+        z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
+        e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
+        tl.atomic_add(out_ptr + idx[:, None] * D + d[None, :], e - z, mask=mask)
 
 
 @triton.jit
 def _codebook_diff_segment_kernel(
     # pointers; order: row ids sorted by code; starts: (K + 1,) segment bounds; out: (K, D)
-    z_ptr, codebook_ptr, order_ptr, starts_ptr, out_ptr,
+    z_ptr, codebook_ptr, order_ptr, starts_ptr, out_ptr, z_inv_ptr, code_inv_ptr,
     # sizes
     D,
     # strides
     stride_zn, stride_zd, stride_cn, stride_cd,
     # meta-parameters
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, DIFF: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     """out[k] = count_k * e_k - sum of the z rows assigned to k (DIFF), or that sum alone,
-    summed in a fixed order."""
+    summed in a fixed order (NORMALIZE: of the normalised vectors)."""
     code = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
@@ -141,11 +230,16 @@ def _codebook_diff_segment_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         r_mask = r < end
         rows = tl.load(order_ptr + r, mask=r_mask, other=0)
-        z = tl.load(z_ptr + rows[:, None] * stride_zn + d[None, :] * stride_zd,
-                    mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-        total += tl.sum(z.to(ACC_DTYPE), axis=0)
+        z_inv = rows.to(tl.float64)
+        if NORMALIZE:
+            z_inv = tl.load(z_inv_ptr + rows, mask=r_mask, other=1.0)
+        z = _unit_chunk(z_ptr, rows, stride_zn, stride_zd, d, r_mask[:, None] & d_mask[None, :], z_inv, ACC_DTYPE,
+                        NORMALIZE)
+        total += tl.sum(z, axis=0)
     if DIFF:
         e = tl.load(codebook_ptr + code * stride_cn + d * stride_cd, mask=d_mask, other=0.0)
+        if NORMALIZE:
+            e = unit_rows(e[None, :], tl.load(code_inv_ptr + code + tl.arange(0, 1)), NORMALIZE).reshape(BLOCK_D)
         count = (end - start).to(ACC_DTYPE)
         total = count * e.to(ACC_DTYPE) - total
     tl.store(out_ptr + code * D + d, total, mask=d_mask)
@@ -154,26 +248,66 @@ def _codebook_diff_segment_kernel(
 @triton.jit
 def _code_stats_kernel(
     # pointers; counts (K,) fp32 and sums (K, D), zero-filled
-    z_ptr, indices_ptr, counts_ptr, sums_ptr,
+    z_ptr, indices_ptr, counts_ptr, sums_ptr, z_inv_ptr,
     # sizes
     N, D,
     # strides
     stride_zn, stride_zd,
     # meta-parameters
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WANT_SUMS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WANT_SUMS: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
-    """counts[idx_i] += 1 and (WANT_SUMS) sums[idx_i] += z_i, with atomics."""
+    """counts[idx_i] += 1 and (WANT_SUMS) sums[idx_i] += z_i (NORMALIZE: normalised), with atomics."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     idx = tl.load(indices_ptr + rows64, mask=row_mask, other=0)
     tl.atomic_add(counts_ptr + idx, tl.full((BLOCK_N,), 1.0, tl.float32), mask=row_mask)
     if WANT_SUMS:
+        z_inv = rows64.to(tl.float64)
+        if NORMALIZE:
+            z_inv = tl.load(z_inv_ptr + rows64, mask=row_mask, other=1.0)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (d < D)[None, :]
-            z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0)
+            z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, sums_ptr.dtype.element_ty, NORMALIZE)
             tl.atomic_add(sums_ptr + idx[:, None] * D + d[None, :], z.to(sums_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _codebook_normalization_grad_kernel(
+    # pointers: diff (K, D) ACC_DTYPE = count_k e_k - sum of z (normalised); code_inv (K,) fp64;
+    # grad_loss (); out (K, D) in the codebook's dtype
+    diff_ptr, codebook_ptr, code_inv_ptr, grad_loss_ptr, out_ptr,
+    # sizes and the loss scale 2 / (N * D) as an fp32 pair (fp32_pair)
+    K, D, scale_head, scale_tail,
+    # strides of the codebook
+    stride_cn, stride_cd,
+    # meta-parameters
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The cosine codebook gradient: grad_loss * scale * diff is the gradient to the normalised
+    codes, taken back through their normalisation (`_normalization_grad`; two passes over D)."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    k64 = k.to(tl.int64)
+    grad_loss = tl.load(grad_loss_ptr).to(ACC_DTYPE)
+    coef = grad_loss * scale_head + grad_loss * scale_tail
+    inv = tl.load(code_inv_ptr + k64, mask=k_mask, other=1.0)
+    dot = tl.zeros((BLOCK_K,), ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = k_mask[:, None] & (d < D)[None, :]
+        unit = _unit_chunk(codebook_ptr, k64, stride_cn, stride_cd, d, mask, inv, ACC_DTYPE, True)
+        dot += tl.sum(unit * tl.load(diff_ptr + k64[:, None] * D + d[None, :], mask=mask, other=0.0) * coef, axis=1)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = k_mask[:, None] & (d < D)[None, :]
+        unit = _unit_chunk(codebook_ptr, k64, stride_cn, stride_cd, d, mask, inv, ACC_DTYPE, True)
+        grad = tl.load(diff_ptr + k64[:, None] * D + d[None, :], mask=mask, other=0.0) * coef
+        out = _normalization_grad(grad, unit, dot, inv)
+        if out_ptr.dtype.element_ty != tl.float64:
+            out = out.to(tl.float32)  # to 16 bits through fp32 (the interpreter's direct conversion is wrong)
+        tl.store(out_ptr + k64[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -200,55 +334,85 @@ def grad_z_meta(d: int, acc: torch.dtype, rotation: bool) -> dict:
 
 
 def quantize_bwd(grad_quantized, grad_loss, z, codebook, indices, beta: float, need_grad_z: bool,
-                 need_grad_codebook: bool, rotation: bool = False):
+                 need_grad_codebook: bool, rotation: bool = False, normalize: bool = False):
     """(grad_z, grad_codebook) of the straight-through estimator (or the rotation trick's)
     and the VQ losses; a gradient that is not needed comes back as an empty tensor and costs
-    nothing."""
+    nothing. `normalize` (cosine): the forward worked on the l2-normalised rows and codes, and
+    both gradients go back through the normalisation."""
     N, D = z.shape
     K = codebook.shape[0]
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    meta = backward_meta(D, acc)
+    meta = dict(backward_meta(D, acc), NORMALIZE=normalize)
     grad_z = torch.empty((N, D) if need_grad_z else (0,), dtype=z.dtype, device=z.device)
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
     grid = (triton.cdiv(N, meta["BLOCK_N"]),)
+    inverse_norms = _inverse_norms(z, codebook, meta) if normalize and N and D else (None, None)
     if need_grad_z and N and D:
-        _grad_z_kernel[grid](grad_quantized, z, codebook, indices, grad_loss, grad_z, N, D,
+        _grad_z_kernel[grid](grad_quantized, z, codebook, indices, grad_loss, grad_z, *inverse_norms, N, D,
                              *fp32_pair(2.0 * beta / (N * D)), grad_quantized.stride(0), grad_quantized.stride(1),
-                             *strides, **grad_z_meta(D, acc, bool(rotation)))
+                             *strides, **grad_z_meta(D, acc, bool(rotation)), NORMALIZE=normalize)
     if not need_grad_codebook:
         return grad_z, torch.empty(0, dtype=codebook.dtype, device=z.device)
     diff = torch.zeros((K, D), dtype=acc, device=z.device)
     if N and D and torch.are_deterministic_algorithms_enabled():
-        _segment_sums(z, codebook, indices, diff, meta, diff=True)
+        _segment_sums(z, codebook, indices, diff, meta, diff=True, inverse_norms=inverse_norms)
     elif N and D:
-        _codebook_diff_atomic_kernel[grid](z, codebook, indices, diff, N, D, *strides, **meta)
+        _codebook_diff_atomic_kernel[grid](z, codebook, indices, diff, *inverse_norms, N, D, *strides, **meta)
     scale = 2.0 / (N * D) if N * D else 0.0
-    return grad_z, (diff * (grad_loss.to(acc) * scale)).to(codebook.dtype)
+    if not (normalize and N and D):
+        return grad_z, (diff * (grad_loss.to(acc) * scale)).to(codebook.dtype)
+    grad_codebook = torch.empty_like(codebook)
+    _codebook_normalization_grad_kernel[(triton.cdiv(K, CODE_BLOCK),)](
+        diff, codebook, inverse_norms[1], grad_loss, grad_codebook, K, D, *fp32_pair(scale), codebook.stride(0),
+        codebook.stride(1), BLOCK_K=CODE_BLOCK, BLOCK_D=meta["BLOCK_D"], ACC_DTYPE=meta["ACC_DTYPE"])
+    return grad_z, grad_codebook
 
 
-def _segment_sums(z, codebook, indices, out, meta, diff: bool):
+CODE_BLOCK = 32  # codes per program of the cosine codebook gradient
+
+
+def _inverse_norms(z, codebook, meta):
+    """(N,) and (K,) fp64 1 / max(|row|, eps) of z and the codebook, in one launch."""
+    N, D = z.shape
+    K = codebook.shape[0]
+    z_inv = torch.empty(N, dtype=torch.float64, device=z.device)
+    code_inv = torch.empty(K, dtype=torch.float64, device=z.device)
+    block_r = meta["BLOCK_N"]
+    z_programs = triton.cdiv(N, block_r)
+    _inverse_norms_kernel[(z_programs + triton.cdiv(K, block_r),)](
+        z, codebook, z_inv, code_inv, N, K, D, z_programs, z.stride(0), z.stride(1), codebook.stride(0),
+        codebook.stride(1), BLOCK_R=block_r, BLOCK_D=meta["BLOCK_D"])
+    return z_inv, code_inv
+
+
+def _segment_sums(z, codebook, indices, out, meta, diff: bool, inverse_norms=(None, None)):
     """out[k] = (count_k e_k -) the sum of the rows of z assigned to code k, in a fixed order:
-    the rows sorted by code once (stable), then one program per code and chunk of D."""
+    the rows sorted by code once (stable), then one program per code and chunk of D.
+    inverse_norms: (z's, the codes'), to sum normalised vectors (the cosine quantizer)."""
     K, D = out.shape
     order = torch.sort(indices, stable=True).indices
     starts = torch.zeros(K + 1, dtype=torch.long, device=z.device)
     torch.cumsum(torch.bincount(indices, minlength=K), 0, out=starts[1:])
     _codebook_diff_segment_kernel[(K, triton.cdiv(D, meta["BLOCK_D"]))](
-        z, codebook, order, starts, out, D, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-        BLOCK_R=SEGMENT_ROWS, BLOCK_D=meta["BLOCK_D"], ACC_DTYPE=meta["ACC_DTYPE"], DIFF=diff)
+        z, codebook, order, starts, out, *inverse_norms, D, z.stride(0), z.stride(1), codebook.stride(0),
+        codebook.stride(1), BLOCK_R=SEGMENT_ROWS, BLOCK_D=meta["BLOCK_D"], ACC_DTYPE=meta["ACC_DTYPE"], DIFF=diff,
+        NORMALIZE=inverse_norms[0] is not None)
 
 
-def code_sums(z: torch.Tensor, indices: torch.Tensor, sums: torch.Tensor) -> None:
-    """sums (K, D) = the sum of each code's rows of z, deterministic (fixed order)."""
+def code_sums(z: torch.Tensor, indices: torch.Tensor, sums: torch.Tensor, z_inv: torch.Tensor | None = None) -> None:
+    """sums (K, D) = the sum of each code's rows of z (z_inv given: of its rows times z_inv,
+    normalised), deterministic (fixed order)."""
     if z.shape[0] == 0 or z.shape[1] == 0:
         sums.zero_()
         return
-    _segment_sums(z, z, indices, sums, backward_meta(z.shape[1], sums.dtype), diff=False)
+    _segment_sums(z, z, indices, sums, backward_meta(z.shape[1], sums.dtype), diff=False,
+                  inverse_norms=(z_inv, None))
 
 
 def code_counts_and_sums(z: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
-                         sums: torch.Tensor | None) -> None:
-    """counts (K,) and sums (K, D) (None: counts only) of the rows of z per code, with atomics."""
+                         sums: torch.Tensor | None, z_inv: torch.Tensor | None = None) -> None:
+    """counts (K,) and sums (K, D) (None: counts only) of the rows of z per code (z_inv given:
+    of its rows normalised), with atomics."""
     counts.zero_()
     if sums is not None:
         sums.zero_()
@@ -257,5 +421,5 @@ def code_counts_and_sums(z: torch.Tensor, indices: torch.Tensor, counts: torch.T
         return
     meta = backward_meta(D, torch.float32)
     _code_stats_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
-        z, indices, counts, sums, N, D, z.stride(0), z.stride(1), BLOCK_N=meta["BLOCK_N"],
-        BLOCK_D=meta["BLOCK_D"], WANT_SUMS=sums is not None)
+        z, indices, counts, sums, z_inv, N, D, z.stride(0), z.stride(1), BLOCK_N=meta["BLOCK_N"],
+        BLOCK_D=meta["BLOCK_D"], WANT_SUMS=sums is not None, NORMALIZE=z_inv is not None)
