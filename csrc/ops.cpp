@@ -3,7 +3,8 @@
 // The schemas are declared here, once. The kernels are added in their own file with
 // TORCH_LIBRARY_IMPL(vqvae_fast, <DispatchKey>, m):
 //   csrc/cpu/nearest_code.cpp   CPU (the GPU kernels are Triton: vqvae_fast/ops/)
-// csrc/cpu/nearest_code.cpp also defines cpu_forward_path() -> str (no tensors, so no dispatch).
+// csrc/cpu/nearest_code.cpp also defines cpu_forward_path(int D=256, ScalarType? dtype=None,
+// int K=1024) -> str (no tensors, so no dispatch).
 // Fake (meta) implementations and the autograd formula are registered from Python
 // (vqvae_fast/ops/registration.py).
 

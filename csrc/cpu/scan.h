@@ -57,7 +57,7 @@ double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D);
 // centred row x and code y (float) are each split into bf16 parts, x = xh + xl + rx with |rx| <=
 // 2^-16 |x|, and xh.yh + xh.yl + xl.yh is one bf16 tile product of codes [yh, yl, yh] and rows
 // [xh, xh, xl], accumulated in float: within ~3 * 2^-16 |x||y| of x.y plus float rounding
-// (nearest_code.cpp holds the bound). Codes are the tiles' rows, so each code's scores for the
+// (settle.cpp, AmxScan, holds the bound). Codes are the tiles' rows, so each code's scores for the
 // panel's 32 rows are two vectors, folded into ScanState as the AVX-512 scan folds them.
 constexpr int64_t kAmxRows = kScanRows;  // two tiles of 16 rows
 constexpr int64_t kAmxCodes = 32;        // two tiles of 16 codes

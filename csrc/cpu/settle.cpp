@@ -1,0 +1,364 @@
+// The stages of the CPU forward that settle rows (settle.h): the fused scans, AVX-512 and AMX,
+// one driver over both, and the GEMM path that settles whatever they hand back.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "scan.h"
+#include "settle.h"
+
+namespace vqvae_fast {
+namespace {
+
+// Up to this D the fused scan records the group of each row's best code, not the code.
+constexpr int64_t kGroupIndexMaxD = 32;
+// The scans' working sets, per thread: a block of packed panels stays in L2 while the packed
+// codebook streams past in chunks, each chunk scored against every panel of the block.
+constexpr int64_t kBlockBytes = 512 * 1024;
+constexpr int64_t kChunkBytes = 256 * 1024;
+
+// min_k (e_norm[k] + dot[k]); only called on rows whose scores are all finite.
+inline float min_score(const float* dot, const float* e_norm, int64_t K) {
+  constexpr int64_t W = 16;  // independent lanes, so the compiler can vectorise
+  float m[W];
+  for (int64_t j = 0; j < W; ++j) m[j] = std::numeric_limits<float>::infinity();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    for (int64_t j = 0; j < W; ++j) {
+      const float s = e_norm[k + j] + dot[k + j];
+      m[j] = s < m[j] ? s : m[j];
+    }
+  }
+  float r = std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < W; ++j) r = m[j] < r ? m[j] : r;
+  for (; k < K; ++k) {
+    const float s = e_norm[k] + dot[k];
+    r = s < r ? s : r;
+  }
+  return r;
+}
+
+// Nothing seen yet: every score +inf.
+void reset(ScanState& state) {
+  std::fill(state.best, state.best + kScanRows, std::numeric_limits<float>::infinity());
+  std::fill(state.second, state.second + kScanRows, std::numeric_limits<float>::infinity());
+  std::fill(state.index, state.index + kScanRows, 0);
+}
+
+// Row j of a scan is row (*subset)[j] of z, or row j when there is no subset.
+struct RowMap {
+  const std::vector<int64_t>* subset;
+  int64_t operator()(int64_t j) const { return subset != nullptr ? (*subset)[j] : j; }
+};
+
+// The float scan (scan.h, scan_panel), as settle_rows_scan drives it. The codebook goes in
+// groups of kScanCodes codes, coordinate-major inside a group; padding codes score +inf.
+// Its tolerance is RowSettler's (the float score error).
+template <typename scalar_t>
+struct Avx512Scan {
+  static constexpr const char* kEvent = "vqvae_fast::cpu_scan_avx512";  // profiler event of a call
+  const RowSettler<scalar_t>& settler;
+  int64_t D, groups;
+  std::vector<float> codes, norms;
+  // Small D: the per-code bookkeeping is a large share of the work, so track groups instead;
+  // finding the code then costs one group's D x kScanCodes FMAs per row, small next to the scan.
+  bool group_index;
+  int64_t panel_bytes, group_bytes;
+
+  explicit Avx512Scan(const RowSettler<scalar_t>& settler)
+      : settler(settler), D(settler.cb.D), groups(ceil_div(settler.cb.K, kScanCodes)),
+        codes(groups * D * kScanCodes), norms(groups * kScanCodes, std::numeric_limits<float>::infinity()),
+        group_index(D <= kGroupIndexMaxD), panel_bytes(kScanRows * D * 4), group_bytes(D * kScanCodes * 4) {
+    const PreparedCodebook& cb = settler.cb;
+    const int64_t K = cb.K;
+    const float* ecp = cb.ec_m2.const_data_ptr<float>();
+    at::parallel_for(0, groups, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, D)), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t j = 0; j < kScanCodes; ++j) {
+            const int64_t k = g * kScanCodes + j;
+            codes[(g * D + d) * kScanCodes + j] = k < K ? ecp[k * D + d] : 0.0f;
+          }
+        }
+      }
+    });
+    std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
+  }
+
+  double threshold(float best, double bound, double /*zc_norm2*/) const { return settler.threshold(best, bound); }
+
+  // One thread's block of packed panels (D x kScanRows floats each).
+  struct Panels {
+    const Avx512Scan& scan;
+    RowMap row_of;
+    std::vector<float> zt;
+    std::vector<char> gathered;  // a panel's rows, gathered from a subset
+
+    Panels(const Avx512Scan& scan, int64_t block, RowMap row_of)
+        : scan(scan), row_of(row_of), zt(block * scan.D * kScanRows),
+          gathered(row_of.subset != nullptr ? kScanRows * scan.D * RowSettler<scalar_t>::elem_bytes : 0) {}
+    float* panel(int64_t p) { return zt.data() + p * scan.D * kScanRows; }
+
+    // Packs scan rows [first, first + rows) as panel p; their squared norms go to zc_norm2.
+    void pack(int64_t p, int64_t first, int64_t rows, float* zc_norm2) {
+      const RowSettler<scalar_t>& settler = scan.settler;
+      const int64_t D = scan.D;
+      const std::vector<float>& centre = settler.cb.centre;
+      if constexpr (!std::is_same_v<scalar_t, double>) {  // read by pack_panel
+        const int64_t elem_bytes = RowSettler<scalar_t>::elem_bytes;
+        const void* z_first = settler.row_ptr(first);
+        int64_t ld = settler.z_ld;
+        if (row_of.subset != nullptr) {  // gather the panel's rows
+          for (int64_t t = 0; t < rows; ++t)
+            std::memcpy(gathered.data() + t * D * elem_bytes, settler.row_ptr(row_of(first + t)), D * elem_bytes);
+          z_first = gathered.data();
+          ld = D;
+        }
+        pack_panel(z_first, settler.z_type, ld, rows, centre.data(), D, panel(p), zc_norm2);
+      } else {  // double: centred in double, then rounded
+        float* out = panel(p);
+        for (int64_t t = 0; t < kScanRows; ++t) {
+          float n2 = 0.0f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float c = t < rows ? static_cast<float>(to_double(settler.Z(row_of(first + t), d)) - centre[d]) : 0.0f;
+            out[d * kScanRows + t] = c;
+            n2 += c * c;
+          }
+          zc_norm2[t] = n2;
+        }
+      }
+    }
+
+    void scan_groups(int64_t p, int64_t g0, int64_t g1, ScanState& state) {
+      scan_panel(panel(p), scan.codes.data(), scan.norms.data(), scan.D, g0, g1, state, scan.group_index);
+    }
+
+    // Row t of panel p (row i of z) has one candidate: its best code.
+    void finish(int64_t p, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler) {
+      if (!scan.group_index) {
+        settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
+        return;
+      }
+      const int64_t K = settler.cb.K, g = s.index[t];
+      const int64_t j = code_in_group(panel(p), t, scan.codes.data(), scan.norms.data(), scan.D, g, s.best[t]);
+      if (j >= 0 && g * kScanCodes + j < K) {
+        settler.finish(i, g * kScanCodes + j, settler.exact_dist(i, g * kScanCodes + j));
+      } else {  // not expected: the one candidate is in the group, and is its exactly nearest code
+        settler.settle_range(i, g * kScanCodes, std::min(K, (g + 1) * kScanCodes));
+      }
+    }
+  };
+};
+
+// The AMX scan (scan.h, amx_scan_panel), as settle_rows_scan drives it: scores from bf16 tile
+// products of split operands. Their error per score is at most
+//   3.1 * 2^-16 * 2 ||zc|| M                     the dropped parts of the split (xl.yl and the remainders)
+// + 1.05 (L + 8) u (M2 + 2 ||zc|| M)           float accumulation of the exact bf16 products, norm, centring
+// + (2 L + 8) 2^-126 (1 + ||zc|| + 2M)          denormal inputs and results flushed to zero by the tiles
+// (L = amx_row_length(D) >= 3D, the products summed); two codes and a factor 2 of safety give
+// the tolerance of `threshold`.
+template <typename scalar_t>
+struct AmxScan {
+  static constexpr const char* kEvent = "vqvae_fast::cpu_scan_amx";  // profiler event of a call
+  const RowSettler<scalar_t>& settler;
+  int64_t D, groups, length, group_elems, panel_elems;
+  at::Tensor codes_buffer;  // tile rows are 64 bytes: 64-byte aligned buffers keep each in one cache line
+  const uint16_t* codes;
+  std::vector<float> norms;
+  double rel_tol, abs_scale;
+  int64_t panel_bytes, group_bytes;
+
+  explicit AmxScan(const RowSettler<scalar_t>& settler)
+      : settler(settler), D(settler.cb.D), groups(ceil_div(settler.cb.K, kAmxCodes)), length(amx_row_length(D)),
+        group_elems(length * kAmxCodes), panel_elems(kAmxRows * length),
+        codes_buffer(at::empty({groups * group_elems}, at::TensorOptions().dtype(at::kBFloat16))),
+        codes(reinterpret_cast<const uint16_t*>(codes_buffer.const_data_ptr())),
+        norms(groups * kAmxCodes, std::numeric_limits<float>::infinity()),
+        rel_tol(4.0 * (3.1 * std::ldexp(1.0, -16) + 1.05 * static_cast<double>(length + 8) * std::ldexp(1.0, -24))),
+        abs_scale(4.0 * static_cast<double>(2 * length + 8) * std::ldexp(1.0, -126)),
+        panel_bytes(panel_elems * 2), group_bytes(group_elems * 2) {
+    const PreparedCodebook& cb = settler.cb;
+    uint16_t* packed = reinterpret_cast<uint16_t*>(codes_buffer.data_ptr());
+    const float* ecp = cb.ec_m2.const_data_ptr<float>();
+    at::parallel_for(0, groups, std::max<int64_t>(1, 256 / std::max<int64_t>(1, D)), [&](int64_t g0, int64_t g1) {
+      amx_pack_codes(ecp, cb.K, D, g0, g1, packed);
+    });
+    std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
+  }
+
+  double threshold(float best, double bound, double zc_norm2) const {
+    return static_cast<double>(best) + rel_tol * bound + abs_scale * (1.0 + std::sqrt(zc_norm2) + 2.0 * settler.cb.M);
+  }
+
+  // One thread's block of packed panels (panel_elems bf16 each); rows [0, N) only, no subset.
+  struct Panels {
+    const AmxScan& scan;
+    std::vector<float> centred;
+    at::Tensor a_buffer;
+    uint16_t* a;
+
+    Panels(const AmxScan& scan, int64_t block, RowMap row_of)
+        : scan(scan), centred(kAmxRows * scan.D),
+          a_buffer(at::empty({block * scan.panel_elems}, at::TensorOptions().dtype(at::kBFloat16))),
+          a(reinterpret_cast<uint16_t*>(a_buffer.data_ptr())) {
+      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the AMX scan reads rows [0, N)");
+    }
+
+    void pack(int64_t p, int64_t first, int64_t rows, float* zc_norm2) {
+      const RowSettler<scalar_t>& settler = scan.settler;
+      centre_panel_rows(settler.row_ptr(first), settler.z_type, settler.z_ld, rows, settler.cb.centre.data(), scan.D,
+                        centred.data(), zc_norm2);
+      amx_pack_panel(centred.data(), scan.D, a + p * scan.panel_elems);
+    }
+
+    void scan_groups(int64_t p, int64_t g0, int64_t g1, ScanState& state) {
+      amx_scan_panel(a + p * scan.panel_elems, scan.codes, scan.norms.data(), scan.D, g0, g1, state);
+    }
+
+    void finish(int64_t /*p*/, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler) {
+      settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
+    }
+  };
+};
+
+// The fused path, for either scan: for panels of kScanRows rows the scan keeps each row's best
+// and second-best score over all codes. A row whose second-best is beyond the scan's error bound
+// of its best has exactly one candidate, the best, and only that code's distance is computed
+// exactly; the others (near-ties, rows that could overflow) are returned.
+template <typename Scan, typename scalar_t>
+std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, RowMap row_of) {
+  RECORD_USER_SCOPE(Scan::kEvent);
+  static_assert(kAmxRows == kScanRows, "both scans fill ScanState's panels");
+  const Scan scan(settler);
+  const int64_t panels = ceil_div(N, kScanRows);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block =
+      std::clamp<int64_t>(std::min<int64_t>(kBlockBytes / scan.panel_bytes, ceil_div(panels, nthreads)), 1, panels);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / scan.group_bytes);
+  std::vector<int64_t> unsettled;
+  std::mutex unsettled_mutex;
+
+  at::parallel_for(0, ceil_div(panels, block), 1, [&](int64_t b0, int64_t b1) {
+    typename Scan::Panels work(scan, block, row_of);
+    std::vector<float> zc_norm2(block * kScanRows);
+    std::vector<ScanState> states(block);
+    std::vector<int64_t> mine;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t p0 = b * block, np = std::min(block, panels - p0);
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t first = (p0 + p) * kScanRows, rows = std::min(kScanRows, N - first);
+        work.pack(p, first, rows, zc_norm2.data() + p * kScanRows);
+        reset(states[p]);
+      }
+      for (int64_t g0 = 0; g0 < scan.groups; g0 += chunk) {
+        const int64_t g1 = std::min(scan.groups, g0 + chunk);
+        for (int64_t p = 0; p < np; ++p) work.scan_groups(p, g0, g1, states[p]);
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        const ScanState& s = states[p];
+        for (int64_t t = 0; t < kScanRows; ++t) {
+          if ((p0 + p) * kScanRows + t >= N) break;
+          const int64_t i = row_of((p0 + p) * kScanRows + t);
+          const double zc2 = zc_norm2[p * kScanRows + t];
+          const double bound = settler.bound(zc2);
+          if (!settler.scores_usable(bound) || !(static_cast<double>(s.second[t]) > scan.threshold(s.best[t], bound, zc2))) {
+            mine.push_back(i);  // near-tie, or no trustworthy scores
+            continue;
+          }
+          work.finish(p, t, s, i, settler);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(unsettled_mutex);
+    unsettled.insert(unsettled.end(), mine.begin(), mine.end());
+  });
+  return unsettled;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_avx512(RowSettler<scalar_t>& settler, int64_t N, const std::vector<int64_t>* subset) {
+  return settle_rows_scan<Avx512Scan<scalar_t>>(settler, N, RowMap{subset});
+}
+
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N) {
+  static_assert(!std::is_same_v<scalar_t, double>, "the AMX scan reads float, bf16 and fp16 rows");
+  return settle_rows_scan<AmxScan<scalar_t>>(settler, N, RowMap{nullptr});
+}
+
+// Settles the given rows with one float32 GEMM per block of rows: scores
+//   s_k = ||e_k - mu||^2 - 2 (z_i - mu).(e_k - mu)     (= ||z_i - e_k||^2 - const_i)
+// into a per-thread cache-sized buffer, then every code within the error bound of the row's
+// best score is re-scored exactly. Rows whose scores could overflow, or with NaN/Inf, are
+// scanned exactly over all codes.
+template <typename scalar_t>
+void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>& rows) {
+  const PreparedCodebook& cb = settler.cb;
+  const int64_t n = static_cast<int64_t>(rows.size()), K = cb.K, D = cb.D;
+  if (n == 0) return;
+  RECORD_USER_SCOPE("vqvae_fast::cpu_settle_gemm");
+  const at::Tensor ecT = cb.ec_m2.t();  // (D, K)
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t R = std::clamp<int64_t>(kTileFloats / (K + D), 16, 4096);
+  R = std::max<int64_t>(1, std::min(R, ceil_div(n, nthreads)));
+
+  at::parallel_for(0, ceil_div(n, R), 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor zc = at::empty({R, D}, cb.ec_m2.options());
+    at::Tensor dots = at::empty({R, K}, cb.ec_m2.options());
+    float* zcp = zc.data_ptr<float>();
+    const float* dp = dots.const_data_ptr<float>();
+    std::vector<double> zc_norm2(R);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * R, r = std::min(R, n - j0);
+      for (int64_t t = 0; t < r; ++t) {
+        const int64_t i = rows[j0 + t];
+        double n2 = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const float c = static_cast<float>(to_double(settler.Z(i, d)) - cb.centre[d]);
+          zcp[t * D + d] = c;
+          n2 += static_cast<double>(c) * c;
+        }
+        zc_norm2[t] = n2;
+      }
+      at::Tensor out = dots.narrow(0, 0, r);
+      at::mm_out(out, zc.narrow(0, 0, r), ecT);  // -2 (z - mu).(e - mu)
+
+      for (int64_t t = 0; t < r; ++t) {
+        const int64_t i = rows[j0 + t];
+        const float* row = dp + t * K;
+        const double bound = settler.bound(zc_norm2[t]);
+        if (!settler.scores_usable(bound)) {
+          settler.settle(i, [](int64_t) { return true; });
+          continue;
+        }
+        const double threshold = settler.threshold(min_score(row, cb.e_norm.data(), K), bound);
+        settler.settle(i, [&](int64_t k) { return static_cast<double>(cb.e_norm[k] + row[k]) <= threshold; });
+      }
+    }
+  });
+}
+
+#define VQVAE_FAST_SETTLE_STAGES(T)                                                                        \
+  template std::vector<int64_t> settle_rows_avx512<T>(RowSettler<T>&, int64_t, const std::vector<int64_t>*); \
+  template void settle_rows_gemm<T>(RowSettler<T>&, const std::vector<int64_t>&);
+VQVAE_FAST_SETTLE_STAGES(float)
+VQVAE_FAST_SETTLE_STAGES(double)
+VQVAE_FAST_SETTLE_STAGES(at::BFloat16)
+VQVAE_FAST_SETTLE_STAGES(at::Half)
+#undef VQVAE_FAST_SETTLE_STAGES
+template std::vector<int64_t> settle_rows_amx<float>(RowSettler<float>&, int64_t);
+template std::vector<int64_t> settle_rows_amx<at::BFloat16>(RowSettler<at::BFloat16>&, int64_t);
+template std::vector<int64_t> settle_rows_amx<at::Half>(RowSettler<at::Half>&, int64_t);
+
+}  // namespace vqvae_fast

@@ -1,0 +1,245 @@
+// The forward's second half, shared by its files: the codebook as the scans read it (centred,
+// usable codes marked), and RowSettler, which turns a row's float scores into its code and exact
+// distance. The stages that settle rows (settle.cpp): the fused scans (AVX-512, AMX) and the GEMM path.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+#include "scan.h"
+
+namespace vqvae_fast {
+
+// Size of the per-thread float work tile (R rows of scores and of centred z).
+constexpr int64_t kTileFloats = 128 * 1024;  // 512 KiB
+
+template <typename T>
+inline uint64_t element_bits(T v) {
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  return bits;
+}
+
+inline uint64_t mix_hash(uint64_t h, uint64_t bits) {  // splitmix64's finaliser over h ^ bits
+  h ^= bits + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+  h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9ull;
+  h = (h ^ (h >> 27)) * 0x94D049BB133111EBull;
+  return h ^ (h >> 31);
+}
+
+// A code whose bits equal those of an earlier code can never be chosen (exact ties go to the
+// lowest index): it is left out like a non-finite code, so that the rows near it are not
+// near-ties sent to the GEMM path (restarts from a batch with repeats make many such codes).
+template <typename scalar_t>
+void exclude_duplicates(const View2D<scalar_t>& E, const std::vector<uint64_t>& row_hash,
+                        std::vector<char>& usable) {
+  const int64_t K = static_cast<int64_t>(row_hash.size());
+  std::vector<int64_t> order(K);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return row_hash[a] != row_hash[b] ? row_hash[a] < row_hash[b] : a < b;
+  });
+  for (int64_t i = 1; i < K; ++i) {
+    const int64_t k = order[i];
+    if (!usable[k]) continue;
+    for (int64_t j = i - 1; j >= 0 && row_hash[order[j]] == row_hash[k]; --j) {
+      const int64_t first = order[j];  // lower index, same hash
+      if (!usable[first]) continue;
+      bool same = true;
+      for (int64_t d = 0; same && d < E.cols; ++d) same = element_bits(E(first, d)) == element_bits(E(k, d));
+      if (same) {
+        usable[k] = 0;
+        break;
+      }
+    }
+  }
+}
+
+// The codebook as both forward paths read it, centred on the per-column mean mu of its usable
+// codes (a shared offset would otherwise be lost to cancellation in the float scores).
+struct PreparedCodebook {
+  int64_t K, D;
+  std::vector<float> centre;   // D, the per-column mean of the usable codes, rounded to float
+  std::vector<float> e_norm;   // K, ||e_k - mu||^2 in float; +inf for a code with a NaN/Inf entry or a duplicate
+  at::Tensor ec_m2;               // K x D float, -2 (e_k - mu) (0 for a non-finite code)
+  double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
+
+  // The passes over K x D run on all threads (page faults of the workspace included); every
+  // value is computed as a serial pass would, so the result does not depend on the threads.
+  template <typename scalar_t>
+  PreparedCodebook(const at::Tensor& codebook, const View2D<scalar_t>& E) : K(codebook.size(0)), D(codebook.size(1)) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
+    std::vector<char> usable(K, 1);
+    std::vector<uint64_t> row_hash(K, 0);
+    at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        uint64_t h = 0x9E3779B97F4A7C15ull;
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t v = E(k, d);
+          if (!std::isfinite(to_double(v))) usable[k] = 0;
+          h = mix_hash(h, element_bits(v));
+        }
+        row_hash[k] = h;
+      }
+    });
+    exclude_duplicates(E, row_hash, usable);
+    // Column sums over the usable codes, each column summed in code order by one thread: a code
+    // with a NaN/Inf entry takes no part, not even through its finite entries (a [1e30, NaN]
+    // code would move the centre by 5e29 and leave every float score to the fallbacks).
+    std::vector<double> mu(D, 0.0), count(D, 0.0);
+    at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t k = 0; k < K; ++k) {
+        if (!usable[k]) continue;
+        for (int64_t d = d0; d < d1; ++d) {
+          mu[d] += to_double(E(k, d));
+          count[d] += 1.0;
+        }
+      }
+    });
+    centre.resize(D);
+    for (int64_t d = 0; d < D; ++d) centre[d] = static_cast<float>(count[d] > 0 ? mu[d] / count[d] : 0.0);
+
+    ec_m2 = at::empty({K, D}, codebook.options().dtype(at::kFloat));
+    float* ecp = ec_m2.data_ptr<float>();
+    e_norm.resize(K);
+    std::vector<double> norm2(K, 0.0);
+    at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double n2 = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const float c = usable[k] ? static_cast<float>(to_double(E(k, d)) - centre[d]) : 0.0f;
+          ecp[k * D + d] = -2.0f * c;  // exact
+          n2 += static_cast<double>(c) * c;
+        }
+        norm2[k] = n2;
+        e_norm[k] = usable[k] ? static_cast<float>(n2) : std::numeric_limits<float>::infinity();
+      }
+    });
+    double max_norm2 = 0.0;
+    bool norms_finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!usable[k]) continue;
+      norms_finite = norms_finite && std::isfinite(norm2[k]) && std::isfinite(e_norm[k]);
+      max_norm2 = std::max(max_norm2, norm2[k]);
+    }
+    M2 = norms_finite ? max_norm2 : std::numeric_limits<double>::infinity();
+    M = std::sqrt(M2);
+  }
+};
+
+// Settles rows: picks each row's code and its exact distance, given its float scores.
+template <typename scalar_t>
+struct RowSettler {
+  const PreparedCodebook& cb;
+  View2D<scalar_t> Z, E;
+  // Rows of z the AVX-512 helpers read directly (fused path, every dtype but double): row i
+  // starts at element i * z_ld of z_rows.
+  const void* z_rows = nullptr;
+  Elem z_type = Elem::kFloat;
+  int64_t z_ld = 0;
+  const void* e_rows = nullptr;  // the codebook's rows, the same way (element e_ld * k starts code k)
+  int64_t e_ld = 0;
+  static constexpr int64_t elem_bytes = sizeof(scalar_t);
+  int64_t* indices;
+  scalar_t* quantized;  // null: no gather
+  std::vector<double>& row_err;
+  // Float score error (one code) <= ~(D + 2) * u * (M2 + 2 ||zc|| M) from the dot product (any
+  // order, FMA or not), the norms and the centring; two codes and a factor 2 of safety give
+  // the tolerance below. Underflow adds at most (D + 1) * 2^-149 per score.
+  double rel_tol, abs_tol;
+  static constexpr double kOverflowGuard = 1e38;  // < FLT_MAX / 3: no float score can overflow
+
+  RowSettler(const PreparedCodebook& cb, const at::Tensor& z, const at::Tensor& codebook, int64_t* indices,
+             scalar_t* quantized, std::vector<double>& row_err)
+      : cb(cb), Z(z), E(codebook), indices(indices), quantized(quantized), row_err(row_err),
+        rel_tol(4.0 * static_cast<double>(cb.D + 4) * std::ldexp(1.0, -24)),
+        abs_tol(static_cast<double>(cb.D + 4) * std::ldexp(1.0, -147)) {}
+
+  // Largest float score error of row i's codes, up to the tolerance factors; not below the
+  // overflow guard (or NaN) when the row's float scores cannot be trusted at all.
+  double bound(double zc_norm2) const { return cb.M2 + 2.0 * std::sqrt(zc_norm2) * cb.M; }
+  bool scores_usable(double bound) const { return bound < kOverflowGuard; }  // false for NaN/Inf
+  double threshold(float best_score, double bound) const {
+    return static_cast<double>(best_score) + rel_tol * bound + abs_tol;
+  }
+
+  const void* row_ptr(int64_t i) const {
+    return static_cast<const char*>(z_rows) + i * z_ld * elem_bytes;
+  }
+
+  double exact_dist(int64_t i, int64_t k) const {
+    if (z_rows != nullptr) {
+      return exact_sq_dist(row_ptr(i), static_cast<const char*>(e_rows) + k * e_ld * elem_bytes, z_type, cb.D);
+    }
+    double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
+    int64_t d = 0;
+    for (; d + 4 <= cb.D; d += 4) {
+      for (int j = 0; j < 4; ++j) {
+        const double t = to_double(Z(i, d + j)) - to_double(E(k, d + j));
+        s[j] += t * t;
+      }
+    }
+    for (; d < cb.D; ++d) {
+      const double t = to_double(Z(i, d)) - to_double(E(k, d));
+      s[0] += t * t;
+    }
+    return (s[0] + s[1]) + (s[2] + s[3]);
+  }
+
+  void finish(int64_t i, int64_t best, double best_dist) {
+    if (best < 0) {  // every distance NaN or +inf
+      best = 0;
+      best_dist = exact_dist(i, 0);
+    }
+    indices[i] = best;
+    row_err[i] = best_dist;
+    if (quantized != nullptr) {
+      scalar_t* q = quantized + i * cb.D;
+      for (int64_t d = 0; d < cb.D; ++d) q[d] = E(best, d);
+    }
+  }
+
+  // The smallest exact distance among the codes of [k0, k1) that `is_candidate` admits (ties ->
+  // lowest index).
+  template <typename Pred>
+  void settle(int64_t i, Pred is_candidate, int64_t k0 = 0, int64_t k1 = -1) {
+    int64_t best = -1;
+    double best_dist = std::numeric_limits<double>::infinity();
+    for (int64_t k = k0; k < (k1 < 0 ? cb.K : k1); ++k) {
+      if (!is_candidate(k)) continue;
+      const double dist = exact_dist(i, k);
+      if (dist < best_dist) {
+        best_dist = dist;
+        best = k;
+      }
+    }
+    finish(i, best, best_dist);
+  }
+  void settle_range(int64_t i, int64_t k0, int64_t k1) {
+    settle(i, [](int64_t) { return true; }, k0, k1);
+  }
+};
+
+// The stages (settle.cpp, instantiated for float, double, BFloat16 and Half). Each scan settles
+// the rows whose best code it can vouch for and returns the others (near-ties, rows whose float
+// scores cannot be trusted), in no particular order.
+//   settle_rows_avx512  the float scan (scan_panel) over rows [0, N), or over subset[0, N) if given
+//   settle_rows_amx     the bf16 tile scan (amx_scan_panel; not double) over rows [0, N)
+//   settle_rows_gemm    settles every row it is given: one float GEMM per block of rows
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_avx512(RowSettler<scalar_t>& settler, int64_t N,
+                                        const std::vector<int64_t>* subset = nullptr);
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N);
+template <typename scalar_t>
+void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>& rows);
+
+}  // namespace vqvae_fast
