@@ -59,6 +59,42 @@ def test_reported_path_matches_the_cpu(monkeypatch):
     assert torch.ops.vqvae_fast.cpu_forward_path(256) == small
 
 
+# Profiler events the kernel records for each stage it runs (csrc/cpu/settle.cpp).
+STAGE_EVENTS = {"vqvae_fast::cpu_scan_amx": "fused-amx", "vqvae_fast::cpu_scan_avx512": "fused-avx512",
+                "vqvae_fast::cpu_settle_gemm": "gemm"}
+
+
+def path_taken(z: torch.Tensor, codebook: torch.Tensor) -> str:
+    """The forward path the kernel takes for (z, codebook), read from the profiler: the first of
+    its stages that ran (the AMX scan hands its near-ties to the AVX-512 one, both to the GEMM path)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        quantize(z, codebook, backend="cpu")
+    stages = {STAGE_EVENTS[e.name] for e in prof.events() if e.name in STAGE_EVENTS}
+    return next(path for path in ("fused-amx", "fused-avx512", "gemm") if path in stages)
+
+
+@pytest.mark.parametrize("forced", ("", "amx", "avx512", "gemm"))
+def test_reported_path_is_the_kernels(forced, monkeypatch):
+    """cpu_forward_path(D, dtype, K) names the path the kernel takes for those inputs, for every
+    dtype, D on both sides of the AMX threshold (16) and each forced path."""
+    monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", forced)
+    report = torch.ops.vqvae_fast.cpu_forward_path
+    k = 40
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for d in (1, 8, 15, 16, 64, 200):
+            z, codebook = torch.randn(100, d).to(dtype), torch.randn(k, d).to(dtype)
+            reported = report(d, dtype, k)
+            assert path_taken(z, codebook) == reported, (dtype, d)
+            if dtype == torch.float64:
+                assert reported != "fused-amx"
+            # Scan states index codes with int32: from 2^31 codes on, only the GEMM path.
+            assert report(d, dtype, 2**31 - 1) == reported
+            assert report(d, dtype, 2**31) == "gemm"
+    assert report(64) == report(64, torch.float32, 1024) == report(D=64, dtype=None)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        report(64, torch.int32)
+
+
 # Around the fused scan's blocks: 32-row panels, 12-code groups, codebook chunks of
 # 65536 / (12 D) groups (D = 200: 27 groups, so K = 700 spans three chunks).
 SHAPES = ((1, 1, 1), (31, 11, 3), (33, 13, 17), (64, 12, 8), (65, 25, 31), (500, 700, 200), (97, 1, 64),
