@@ -117,18 +117,32 @@ def test_triton_gradients_match_autograd_through_the_normalisation(gradient, det
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_triton_gradients_in_lower_precision(dtype):
+    """Against the reference in the same dtype (F.normalize there, float64 norms here: a near tie,
+    e.g. with the zero code at distance exactly 1, may go either way). Rows of z that chose the
+    same code on both sides, and codes no disagreeing row chose, are compared, row by row, to the
+    row's largest entry (a zero code's gradient is divided by the eps of 1e-12, and a bf16
+    reference sums in bf16)."""
     device = backend_device("triton")
     z, codebook = inputs(64, 30, 12, dtype, device)
     z.requires_grad_()
     codebook.requires_grad_()
     weight = torch.randn(64, 12, device=device).to(dtype)
-    grads = []
+    results = []
     for backend in ("triton", "reference"):
-        quantized, _, loss = quantize(z, codebook, backend=backend, distance="cosine")
-        grads.append(torch.autograd.grad((quantized * weight).float().sum() + loss.float(), (z, codebook)))
-    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-3)
-    for ours, reference in zip(*grads):
-        torch.testing.assert_close(ours.float(), reference.float(), **tol)
+        quantized, indices, loss = quantize(z, codebook, backend=backend, distance="cosine")
+        grads = torch.autograd.grad((quantized * weight).float().sum() + loss.float(), (z, codebook))
+        results.append((indices.cpu(), [g.double().cpu() for g in grads]))
+    (ours_idx, (ours_z, ours_codes)), (ref_idx, (ref_z, ref_codes)) = results
+    agree = ours_idx == ref_idx
+    assert float(agree.float().mean()) >= 0.9, f"{int((~agree).sum())} of 64 rows chose another code"
+    untouched = torch.ones(30, dtype=torch.bool)
+    untouched[ours_idx[~agree]] = False
+    untouched[ref_idx[~agree]] = False
+    rtol = 1e-4 if dtype == torch.float32 else 3e-2
+    for ours, reference in ((ours_z[agree], ref_z[agree]), (ours_codes[untouched], ref_codes[untouched])):
+        scale = reference.abs().amax(dim=1, keepdim=True)
+        excess = (ours - reference).abs() - rtol * scale
+        assert float(excess.max()) <= 1e-30, f"worst row error {float(excess.max()):.3g} beyond {rtol} of the row"
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
