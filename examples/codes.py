@@ -21,10 +21,11 @@ import time
 import torch
 from torchvision.utils import save_image
 
-from vqvae_fast.codes import CIFAR10_CLASSES, decode_codes, encode_dataset, load_codes, load_image_folder, save_codes
-from vqvae_fast.data import DataNotFoundError, load_cifar10
-from vqvae_fast.model import model_from_checkpoint
-from vqvae_fast.training import CheckpointError, pick_device, read_checkpoint
+from vqvae_fast.checkpoint import CheckpointError, read_checkpoint
+from vqvae_fast.models.vqvae import model_from_checkpoint
+from vqvae_fast.train.codes import CIFAR10_CLASSES, decode_codes, encode_dataset, load_codes, load_image_folder, save_codes
+from vqvae_fast.train.data import DataNotFoundError, load_cifar10
+from vqvae_fast.train.loop import pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from vqvae_fast.classifier import Classifier, accuracy
-from vqvae_fast.data import DataNotFoundError, load_cifar10
-from vqvae_fast.metrics import MetricsUnavailable, frechet_distance, inception_features
-from vqvae_fast.model import model_from_checkpoint
-from vqvae_fast.training import CheckpointError, pick_device, read_checkpoint, to_images, to_uint8
+from vqvae_fast.checkpoint import CheckpointError, read_checkpoint
+from vqvae_fast.models.classifier import Classifier, accuracy
+from vqvae_fast.models.images import to_images, to_uint8
+from vqvae_fast.models.vqvae import model_from_checkpoint
+from vqvae_fast.train.data import DataNotFoundError, load_cifar10
+from vqvae_fast.train.loop import pick_device
+from vqvae_fast.train.metrics import MetricsUnavailable, frechet_distance, inception_features
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from vqvae_fast.generation import class_grid_labels, generate, load_generator, save_labelled_grid
-from vqvae_fast.training import pick_device
+from vqvae_fast.train.generation import class_grid_labels, generate, load_generator, save_labelled_grid
+from vqvae_fast.train.loop import pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,14 +7,13 @@
 Writes OUT/metrics.jsonl (one line per evaluation), OUT/final.json, OUT/recon.png (test images
 above their reconstructions) and OUT/checkpoint.pt (for --resume and vqvae_fast.load_checkpoint).
 `--recipe plain` trains the classic VQ-VAE (cdist lookup, uniform codebook init, no restarts,
-no EMA) with everything else equal, for comparison. The work is done by vqvae_fast.trainer.
+no EMA) with everything else equal, for comparison. The work is done by vqvae_fast.train.cifar10.
 """
 from __future__ import annotations
 
 import sys
 
-from vqvae_fast.trainer import RECIPES, build_model, build_parser, main, parse_args  # noqa: F401
-from vqvae_fast.training import to_images  # noqa: F401  (for the tests)
+from vqvae_fast.train.cifar10 import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 
-from vqvae_fast.classifier import Classifier, ClassifierTask
-from vqvae_fast.data import DataNotFoundError, load_cifar10
-from vqvae_fast.training import atomic_save, fit, pick_device, rng_state, warmup_cosine
+from vqvae_fast.checkpoint import atomic_save
+from vqvae_fast.models.classifier import Classifier
+from vqvae_fast.train.checkpoint import rng_state
+from vqvae_fast.train.classification import ClassifierTask
+from vqvae_fast.train.data import DataNotFoundError, load_cifar10
+from vqvae_fast.train.loop import fit, pick_device, warmup_cosine
 
 FORMAT = "vqvae_fast/classifier/1"
 

@@ -6,7 +6,7 @@
 
 Encodes the CIFAR-10 folder with the VQ-VAE (the training images and their mirror images, and
 the test images: OUT/codes.pt), then trains a small causal transformer over the code grids
-given the class (vqvae_fast/prior.py says why a transformer). Writes OUT/metrics.jsonl (one
+given the class (vqvae_fast/models/prior.py says why a transformer). Writes OUT/metrics.jsonl (one
 line per evaluation: held-out bits per code), OUT/samples.png (a few samples of every class,
 refreshed at each evaluation), OUT/checkpoint.pt (the prior with its VQ-VAE: what
 examples/sample.py reads) and OUT/final.json, whose `test_bits_per_code` (held-out negative
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from vqvae_fast.codes import CIFAR10_CLASSES, encode_dataset, load_codes, save_codes
-from vqvae_fast.data import DataNotFoundError, load_cifar10
-from vqvae_fast.generation import PriorTask, prior_payload
-from vqvae_fast.model import model_from_checkpoint
-from vqvae_fast.prior import CodePrior, unigram_bits_per_code
-from vqvae_fast.training import (CheckpointError, atomic_save, fit, parse_with_resume, pick_device, read_checkpoint,
-                                 rng_state, set_rng_state, warmup_cosine)
+from vqvae_fast.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from vqvae_fast.models.prior import CodePrior, unigram_bits_per_code
+from vqvae_fast.models.vqvae import model_from_checkpoint
+from vqvae_fast.train.checkpoint import parse_with_resume, rng_state, set_rng_state
+from vqvae_fast.train.codes import CIFAR10_CLASSES, encode_dataset, load_codes, save_codes
+from vqvae_fast.train.data import DataNotFoundError, load_cifar10
+from vqvae_fast.train.generation import PriorTask, prior_payload
+from vqvae_fast.train.loop import fit, pick_device, warmup_cosine
 
 RUN_CONTROL = ("vqvae", "data_dir", "codes", "model", "no_download", "out", "steps", "device", "workers", "compile",
                "eval_every", "log_every", "quiet", "resume")

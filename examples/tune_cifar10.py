@@ -3,7 +3,7 @@
 
     python examples/tune_cifar10.py --data-dir DIR --out runs/tune --trials 30 --steps 300
 
-Each trial trains with vqvae_fast.trainer (as examples/train_cifar10.py does) on the training
+Each trial trains with vqvae_fast.train.cifar10 (as examples/train_cifar10.py does) on the training
 images minus --val-images held out for validation (never the test images). Writes OUT/best.json
 (the best settings, their validation PSNR and the train_cifar10.py command that reproduces them),
 OUT/trials.csv, OUT/optimization_history.png and OUT/param_importances.png. The study lives in
@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from vqvae_fast.data import DataNotFoundError
-from vqvae_fast.tuning import SEARCH_SPACE, TuningUnavailable, run_study
+from vqvae_fast.train.data import DataNotFoundError
+from vqvae_fast.train.tuning import SEARCH_SPACE, TuningUnavailable, run_study
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,10 +40,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from vqvae_fast.ops import triton_codebook_update as update
 from vqvae_fast.ops import triton_nearest_code as kernels
 from vqvae_fast.ops import triton_plan as plans
 from vqvae_fast.ops import triton_prepare as prepare
-from vqvae_fast.ops import triton_codebook_update as update
 from vqvae_fast.ops import triton_quantize_bwd as backward
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

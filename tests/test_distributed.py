@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vqvae_fast import VectorQuantizer
-from vqvae_fast.trainer import build_parser, parse_args, train
+from vqvae_fast.train.cifar10 import build_parser, parse_args, train
 from vqvae_fast.vector_quantizer import kmeans
 
 REPO = Path(__file__).resolve().parents[1]

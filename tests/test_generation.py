@@ -11,10 +11,11 @@ import pytest
 import torch
 from torchvision.io import read_image
 
-from vqvae_fast.codes import decode_codes, encode_images, load_codes
-from vqvae_fast.generation import load_generator
-from vqvae_fast.model import load_checkpoint
-from vqvae_fast.training import to_images
+from vqvae_fast import CheckpointError
+from vqvae_fast.models.images import to_images
+from vqvae_fast.models.vqvae import load_checkpoint
+from vqvae_fast.train.codes import decode_codes, encode_images, load_codes
+from vqvae_fast.train.generation import load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,17 +116,17 @@ def test_codes_round_trip_through_the_command(pipeline, toy_cifar, tmp_path):
 
 
 def _test_images(folder: Path) -> torch.Tensor:
-    from vqvae_fast.data import load_split
+    from vqvae_fast.train.data import load_split
 
     return load_split(folder, train=False)[0]
 
 
 def test_load_generator_rejects_other_files(tmp_path, pipeline):
     _, vqvae_path, _ = pipeline
-    with pytest.raises(ValueError, match="not a prior checkpoint"):
+    with pytest.raises(CheckpointError, match=r"expected a 'vqvae_fast/prior/1' checkpoint \(made by examples/train_prior"):
         load_generator(vqvae_path)
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="broken.pt: not a readable checkpoint"):
         load_generator(tmp_path / "broken.pt")
 
 
@@ -153,7 +154,7 @@ def test_classifier_and_sample_scores(pipeline, toy_cifar, tmp_path, monkeypatch
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores[samples]["samples"] == 20 and 0 <= scores[samples]["class_recognised"] <= 1
     assert scores["reconstructions"]["samples"] == 40 and 0 <= scores["reconstructions"]["class_recognised"] <= 1
-    from vqvae_fast import metrics
+    from vqvae_fast.train import metrics
 
     monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path / "missing.pt"))
     assert evaluate.main(["--samples", samples, "--data-dir", str(toy_cifar), "--fid"]) == 2

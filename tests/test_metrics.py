@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from vqvae_fast import metrics
-from vqvae_fast.classifier import Classifier, ClassifierTask, accuracy
+from vqvae_fast.train import metrics
+from vqvae_fast.models.classifier import Classifier, accuracy
+from vqvae_fast.train.classification import ClassifierTask
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():

@@ -6,7 +6,7 @@ import torch
 
 from vqvae_fast import VQVAE, VQVAE2, VectorQuantizer, load_checkpoint, nearest_code
 from vqvae_fast.functional import InputError
-from vqvae_fast.model import save_checkpoint
+from vqvae_fast.models.vqvae import save_checkpoint
 from vqvae_fast.vector_quantizer import LAPLACE_EPS
 
 SMALL = dict(num_codes=32, code_dim=8, channels=16, res_channels=8)
@@ -207,7 +207,7 @@ def test_amp_keeps_the_quantizer_in_fp32():
 
 
 def test_vqvae2_levels_reconstruct_and_checkpoint(tmp_path):
-    from vqvae_fast.model import VQVAE2
+    from vqvae_fast.models.vqvae import VQVAE2
 
     model = trained_a_little(VQVAE2(num_codes=32, top_codes=16, code_dim=8, channels=16, res_channels=8)).eval()
     x = torch.rand(3, 3, 32, 32)

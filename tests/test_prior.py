@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vqvae_fast.prior import CodePrior, bits_per_code, unigram_bits_per_code
+from vqvae_fast.models.prior import CodePrior, bits_per_code, unigram_bits_per_code
 
 LEVELS = {"flat": ([(4, 4)], [12]), "two-level": ([(2, 2), (4, 4)], [5, 12])}
 

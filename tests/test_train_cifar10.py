@@ -1,7 +1,6 @@
 """examples/train_cifar10.py end to end on a handful of real CIFAR-10 images (CPU, seconds)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -15,7 +14,9 @@ from torchvision.io import read_image
 from torchvision.utils import make_grid
 
 from vqvae_fast import load_checkpoint
-from vqvae_fast.data import load_cifar10, load_split
+from vqvae_fast.models.images import to_images
+from vqvae_fast.train import cifar10
+from vqvae_fast.train.data import load_cifar10, load_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared/data/cifar-10-subset/cifar-10-batches-py"
@@ -37,10 +38,8 @@ def source_images() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 
 
 def load_trainer():
-    spec = importlib.util.spec_from_file_location("train_cifar10", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The trainer's library module (examples/train_cifar10.py is its command line: TRAINER)."""
+    return cifar10
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +105,7 @@ def test_load_checkpoint_reproduces_the_runs_reconstructions(full_run, tiny_cifa
     model = load_checkpoint(full_run / "checkpoint.pt")
     assert not model.training
     test_images, _ = load_split(tiny_cifar, train=False)
-    x = trainer.to_images(test_images)
+    x = to_images(test_images)
     reconstruction = model.reconstruct(x)
     assert torch.equal(model.decode(model.encode(x)), reconstruction)
     final = json.loads((full_run / "final.json").read_text())
@@ -168,7 +167,7 @@ def test_missing_data_that_cannot_be_downloaded_fails_cleanly(trainer, tmp_path,
 def test_an_interrupted_cosine_schedule_resumes_exactly(trainer, tiny_cifar, tmp_path):
     """A run killed at step 20 of 40 and resumed ends where the uninterrupted run does: the
     learning-rate schedule's state travels in the checkpoint."""
-    from vqvae_fast.trainer import build_parser, train
+    from vqvae_fast.train.cifar10 import build_parser, train
 
     argv = ["--data-dir", str(tiny_cifar), "--steps", "40", "--lr-schedule", "cosine", *TINY]
 
@@ -200,19 +199,19 @@ def test_resume_after_a_crash_between_metrics_and_checkpoint_logs_each_step_once
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from vqvae_fast import training
+    from vqvae_fast import checkpoint
 
     path = tmp_path / "checkpoint.pt"
-    training.atomic_save({"format": "vqvae_fast/1", "step": 1}, path)
+    checkpoint.atomic_save({"format": "vqvae_fast/1", "step": 1}, path)
     before = path.read_bytes()
 
     def crash(payload, f):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # the process is killed in the middle of the write
 
-    monkeypatch.setattr(training.torch, "save", crash)
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        training.atomic_save({"format": "vqvae_fast/1", "step": 2}, path)
+        checkpoint.atomic_save({"format": "vqvae_fast/1", "step": 2}, path)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 

@@ -1,4 +1,4 @@
-"""examples/tune_cifar10.py and vqvae_fast.tuning on tiny synthetic CIFAR-10 data (CPU, seconds)."""
+"""examples/tune_cifar10.py and vqvae_fast.train.tuning on tiny synthetic CIFAR-10 data (CPU, seconds)."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqvae_fast.trainer import build_parser, split_validation
+from vqvae_fast.train.cifar10 import build_parser, split_validation
 
 optuna = pytest.importorskip("optuna", reason="the search is the optional extra [tune]; CI installs it")
 
@@ -55,7 +55,7 @@ def test_the_same_command_twice_continues_one_study(toy_cifar, tmp_path):
 
 
 def test_a_pruned_trial_stops_at_its_first_evaluation(toy_cifar, tmp_path):
-    from vqvae_fast.tuning import run_study
+    from vqvae_fast.train.tuning import run_study
 
     never_good_enough = optuna.pruners.ThresholdPruner(lower=1e9)
     with pytest.raises(RuntimeError, match="no trial of the study completed"):
@@ -74,7 +74,7 @@ def test_missing_optuna_gives_the_install_hint(toy_cifar, tmp_path, monkeypatch,
 
 
 def test_unknown_search_parameter_is_refused(toy_cifar, tmp_path):
-    from vqvae_fast.tuning import run_study
+    from vqvae_fast.train.tuning import run_study
 
     with pytest.raises(ValueError, match="unknown search parameters"):
         run_study(str(toy_cifar), tmp_path, trials=1, steps=2, searched=["learning_rate"])

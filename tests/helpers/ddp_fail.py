@@ -4,7 +4,8 @@ import os
 import signal
 import sys
 
-from vqvae_fast import reconstruction, trainer
+from vqvae_fast.train import cifar10 as trainer
+from vqvae_fast.train import reconstruction
 
 original_batch = reconstruction.ReconstructionTask.batch
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .model import VQVAE, VQVAE2, model_from_checkpoint
-from .training import atomic_save, to_images, to_uint8
+from ..checkpoint import atomic_save, read_checkpoint
+from ..models.images import to_images, to_uint8
+from ..models.vqvae import VQVAE, VQVAE2, model_from_checkpoint
 
 FORMAT = "vqvae_fast/codes/1"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -79,14 +80,7 @@ def save_codes(payload: dict, path) -> None:
 
 def load_codes(path) -> dict:
     """A codes payload from `path`, checked: a clear error for anything else."""
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable codes file ({type(error).__name__}: {error})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a vqvae_fast codes file (made by `examples/codes.py encode`)")
-    return payload
+    return read_checkpoint(path, FORMAT, made_by="`examples/codes.py encode`")
 
 
 def load_image_folder(folder, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -2,18 +2,15 @@
 
 A trainer describes its job as a `Task` (how to cut a batch, the loss, the evaluation, what
 to write at each evaluation); `fit` runs the loop with the same habits for all of them:
-a tqdm progress bar, one `metrics.jsonl` line per evaluation, an atomic checkpoint after each,
-exact `--resume` (model, optimizer, step, RNG states), bf16 autocast, and host syncs only when
-logging.
+a tqdm progress bar, one `metrics.jsonl` line per evaluation, an atomic checkpoint after each
+(written by the caller's `save`, with train/checkpoint.py), exact `--resume` (model, optimizer,
+step, RNG states), bf16 autocast, and host syncs only when logging.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,21 +19,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .distributed import Run, mean_over_ranks
-
-
-def psnr(mse: float) -> float:
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
-def to_images(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 in [0, 1], channels_last (the fast conv layout)."""
-    return batch_uint8.float().div_(255).contiguous(memory_format=torch.channels_last)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> uint8, rounded as torchvision's save_image rounds them."""
-    return images.float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+from ..distributed import Run, mean_over_ranks
 
 
 class EpochOrder:
@@ -64,98 +47,6 @@ class EpochOrder:
         perm, flip = self.get(epoch)
         rows = slice(position * batch_size, (position + 1) * batch_size)
         return perm[rows], flip[rows]
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def atomic_save(payload: dict, path) -> None:
-    """torch.save to a unique temporary file beside `path`, flushed to disk, then renamed over
-    `path`: a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private: give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, truncated, or not what was expected."""
-
-
-def read_checkpoint(path, expected_format: str | None = None, map_location="cpu") -> dict:
-    """torch.load of a checkpoint written here, or CheckpointError naming the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the checkpoint file is empty (a crash while it was written?)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated zip, random bytes, a pickle needing arbitrary code, ...
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        if "weights_only" in reason:  # torch's advice to load it unsafely: wrong for a damaged file
-            reason = "its contents are not a checkpoint's"
-        raise CheckpointError(f"{path}: not a readable checkpoint, the file is damaged or of another kind "
-                              f"({type(error).__name__}{': ' + reason if reason else ''})") from None
-    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if expected_format is not None and found != expected_format:
-        what = repr(found) if found else "something else"
-        raise CheckpointError(f"{path}: expected a {expected_format!r} checkpoint, found {what}")
-    return checkpoint
-
-
-def parse_with_resume(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None,
-                      run_control: tuple[str, ...], expected_format: str) -> tuple[argparse.Namespace, dict | None]:
-    """(settings, checkpoint or None) of a trainer's command line. On --resume the run's settings come
-    from the checkpoint, and only the run-control flags given on this command line replace them
-    (a new --steps / --epochs included)."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "resume", None):
-        return args, None
-    try:
-        checkpoint = read_checkpoint(args.resume, expected_format)
-    except CheckpointError as error:
-        parser.error(f"--resume: {error}")
-    if "args" not in checkpoint:
-        parser.error(f"--resume: {args.resume} holds no run settings (a model file, not a training checkpoint)")
-    unset = object()  # a default no flag can produce: what remains `unset` was not given
-    explicit = build_parser()
-    explicit.set_defaults(**{key: unset for key in vars(args)})
-    given = {key: value for key, value in vars(explicit.parse_args(argv)).items() if value is not unset}
-    ignored = sorted(f"--{key.replace('_', '-')}" for key in given if key not in run_control)
-    if ignored:
-        print(f"warning: ignored on --resume (the checkpoint's settings are used): {' '.join(ignored)}",
-              file=sys.stderr)
-    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
-    # Settings added since the checkpoint was written take their defaults.
-    args = argparse.Namespace(**{**defaults, **checkpoint["args"],
-                                 **{k: v for k, v in given.items() if k in run_control}, "resume": args.resume})
-    if "steps" in given or "epochs" in given:  # a new length replaces the saved one
-        args.steps, args.epochs = given.get("steps"), given.get("epochs")
-    return args, checkpoint
 
 
 def pick_device(name: str) -> torch.device:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from functools import lru_cache
+import math
 from pathlib import Path
 
 import torch
@@ -21,6 +22,10 @@ import torch.nn.functional as F
 INCEPTION_ENV = "VQVAE_FAST_INCEPTION"
 # The extractor's input range (TensorFlow's Inception preprocessing) and size.
 INPUT_LOW, INPUT_HIGH, INPUT_SIZE = -1.0, 0.9921875, 299
+
+
+def psnr(mse: float) -> float:
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
 class MetricsUnavailable(RuntimeError):

@@ -12,9 +12,11 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from .model import VQVAE, VQVAE2, model_from_checkpoint
-from .prior import CodePrior, bits_per_code
-from .training import EpochOrder, Task, to_uint8
+from ..checkpoint import read_checkpoint
+from ..models.images import to_uint8
+from ..models.prior import CodePrior, bits_per_code
+from ..models.vqvae import VQVAE, VQVAE2, model_from_checkpoint
+from .loop import EpochOrder, Task
 
 PRIOR_FORMAT = "vqvae_fast/prior/1"
 
@@ -66,16 +68,10 @@ def prior_payload(prior: CodePrior, vqvae: dict, class_names, **extra) -> dict:
 
 def load_generator(path, map_location="cpu") -> tuple[CodePrior, VQVAE | VQVAE2, list[str], dict]:
     """(prior, VQ-VAE, class names, the whole checkpoint) from a prior checkpoint, in eval mode."""
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != PRIOR_FORMAT:
-        raise ValueError(f"{path}: not a prior checkpoint (written by examples/train_prior.py)")
+    checkpoint = read_checkpoint(path, PRIOR_FORMAT, map_location, made_by="examples/train_prior.py")
     prior = CodePrior(**checkpoint["config"])
     prior.load_state_dict(checkpoint["model"])
-    vqvae = model_from_checkpoint(checkpoint["vqvae"])
+    vqvae = model_from_checkpoint(checkpoint["vqvae"], str(path))
     return prior.to(map_location).eval(), vqvae.to(map_location).eval(), checkpoint["class_names"], checkpoint
 
 

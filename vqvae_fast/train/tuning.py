@@ -1,6 +1,6 @@
 """Bayesian hyper-parameter search over the CIFAR-10 trainer's settings, with Optuna (TPE).
 
-Each trial is one `vqvae_fast.trainer.train` run on the training images minus a validation
+Each trial is one `vqvae_fast.train.cifar10.train` run on the training images minus a validation
 split (`--val-images`, the same images for every trial); it reports the validation PSNR at every
 evaluation, where the pruner may stop it. The study lives in an Optuna storage (by default a
 SQLite file in the output folder), so running the same search again adds trials to it, and
@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from .trainer import build_parser, train
+from .cifar10 import build_parser, train
 
 INSTALL_HINT = "the search needs Optuna: pip install -e .[tune]  (or: pip install optuna)"
 

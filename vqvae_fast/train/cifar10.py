@@ -1,5 +1,5 @@
 """The CIFAR-10 VQ-VAE trainer: its settings (`build_parser`), the model they make, and `train`,
-which `examples/train_cifar10.py` runs from the command line and `vqvae_fast.tuning` runs per trial.
+which `examples/train_cifar10.py` runs from the command line and `vqvae_fast.train.tuning` runs per trial.
 
 Writes OUT/metrics.jsonl (one line per evaluation), OUT/final.json, OUT/recon.png (held-out images
 above their reconstructions) and OUT/checkpoint.pt (for --resume and vqvae_fast.load_checkpoint).
@@ -18,11 +18,12 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
+from .. import distributed
+from ..models.vqvae import ACTIVATIONS, MODELS, save_checkpoint
+from .checkpoint import parse_with_resume, rng_state, set_rng_state
 from .data import DataNotFoundError, load_cifar10
-from .model import ACTIVATIONS, MODELS, save_checkpoint
+from .loop import fit, pick_device, warmup_cosine
 from .reconstruction import ReconstructionTask, save_reconstructions
-from .training import fit, parse_with_resume, pick_device, rng_state, set_rng_state, warmup_cosine
 
 # The defaults below (lr, beta, EMA decay, dead threshold, code size and count, residual width,
 # activation) are the best trial of the second Optuna study in the README (examples/tune_cifar10.py,
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
-    """(settings, checkpoint or None); see vqvae_fast.training.parse_with_resume."""
+    """(settings, checkpoint or None); see vqvae_fast.train.checkpoint.parse_with_resume."""
     args, checkpoint = parse_with_resume(build_parser, argv, RUN_CONTROL, "vqvae_fast/1")
     if checkpoint is not None:
         # Settings that became flags after a checkpoint was written: its model config has the

@@ -12,8 +12,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .functional import InputError
-from .vector_quantizer import VectorQuantizer
+from ..checkpoint import CheckpointError, atomic_save, read_checkpoint
+from ..functional import InputError
+from ..vector_quantizer import VectorQuantizer
 
 # Per-channel statistics of the CIFAR-10 training set, for the model's own normalisation.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -321,8 +322,6 @@ MODELS = {"vqvae": VQVAE, "vqvae2": VQVAE2}
 
 def save_checkpoint(path, model: VQVAE | VQVAE2, **extra) -> None:
     """Write {"format", "model_class", "config", "model", **extra} to `path` atomically."""
-    from .training import atomic_save
-
     kind = next(name for name, cls in MODELS.items() if isinstance(model, cls))
     atomic_save({"format": "vqvae_fast/1", "model_class": kind, "config": model.config, "model": model.state_dict(),
                  **extra}, path)
@@ -330,8 +329,6 @@ def save_checkpoint(path, model: VQVAE | VQVAE2, **extra) -> None:
 
 def model_from_checkpoint(checkpoint: dict, source: str = "the checkpoint") -> VQVAE | VQVAE2:
     """The model a loaded checkpoint dict describes, with its weights, in eval mode."""
-    from .training import CheckpointError
-
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         keys = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{source}: not a vqvae_fast model checkpoint (no 'config' and 'model'; found {keys})")
@@ -346,8 +343,6 @@ def model_from_checkpoint(checkpoint: dict, source: str = "the checkpoint") -> V
 def load_checkpoint(path, map_location: str | torch.device | None = "cpu") -> VQVAE | VQVAE2:
     """The VQVAE (or VQVAE2) stored in checkpoint `path`, with its weights, in eval mode; a
     missing, damaged or foreign file raises CheckpointError naming it."""
-    from .training import read_checkpoint
-
     model = model_from_checkpoint(read_checkpoint(path, map_location=map_location), str(path))
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)

@@ -10,10 +10,12 @@ from typing import Callable
 import torch
 from torchvision.utils import make_grid, save_image
 
-from .distributed import Run
-from .model import VQVAE, VQVAE2
-from .training import EpochOrder, Task, psnr, to_images
-from .vector_quantizer import code_counts, usage_stats
+from ..distributed import Run
+from ..models.images import to_images
+from ..models.vqvae import VQVAE, VQVAE2
+from ..vector_quantizer import code_counts, usage_stats
+from .loop import EpochOrder, Task
+from .metrics import psnr
 
 
 @torch.no_grad()
