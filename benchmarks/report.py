@@ -1,13 +1,32 @@
-"""Markdown tables from result JSON files, for RESULTS.md (so no number is copied by hand).
+"""Markdown tables from result JSON files, and benchmarks/RESULTS.md from its template (so no number is copied by hand).
 
-    python benchmarks/report.py benchmarks/results/*.json
+    python benchmarks/report.py benchmarks/results/*.json          # one table per file, to stdout
+    python benchmarks/report.py --render benchmarks/RESULTS.template.md   # the whole document, to stdout
+    python benchmarks/report.py --write                             # regenerate benchmarks/RESULTS.md
+    python benchmarks/report.py --check                             # exit 1 if RESULTS.md is stale or hand-edited
 
-Understands the files of compare.py --json, sweep.py and bench_training.py --json.
+Understands the files of compare.py --json, sweep.py, bench_training.py --json, bench_layer.py --json,
+settle_rate.py --json, scripts/inspect_kernels.py --json and pytest-benchmark's --benchmark-json.
+
+In a template, a line that is only a placeholder comment is replaced by a table; paths are relative to the
+template's folder, options are key=value words:
+
+    <!-- report: results/X.json -->                       the table and caption of one compare/sweep/training file
+    <!-- report: keypoint NEAREST FORWARD BACKWARD -->      one line per provider over the three tasks of one point
+    <!-- report: shapes FILE... -->                         one line per compare.py file (ours against the baselines)
+    <!-- report: pytest_benchmark FILE rows=NxKxD:task,... -->
+    <!-- report: bench_layer FP32_FILE BF16_FILE -->
+    <!-- report: settle_rate FILE select=D:K:codebook,... -->   (codebook: random or near, the data)
+    <!-- report: inspect FILE arch=sm_90 triton=3.8.0 budget_kb=227 seconds=2 -->
+
+A line starting with `<!-- template:` is left out; every other line is copied as it is.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
@@ -30,32 +49,41 @@ def _machine(m: dict) -> str:
             + (f" (end {m['load_average_end'][0]:.2f})" if "load_average_end" in m else ""))
 
 
+# (header, row key) of compare_table's optional columns: shown when some row of the file has the key, so a
+# file from before a baseline or floor existed renders as it did then.
+_OPTIONAL_SPEEDUPS = [("vs flash-kmeans", "speedup_vs_flash_kmeans"), ("vs faiss", "speedup_vs_faiss")]
+
+
 def compare_table(data: dict) -> str:
     p = data["point"]
     gemm = next((r for r in data["rows"] if r["provider"] == "GEMM floor" and r.get("status") == "ok"), None)
+    speedups = [(h, k) for h, k in _OPTIONAL_SPEEDUPS if any(k in r for r in data["rows"])]
+    tf32 = any("time_vs_3xtf32_gemm" in r for r in data["rows"])
+    header = (["provider", "median ms", "min..max ms", "GFLOP/s", "speedup vs cdist", "vs addmm", "vs compiled addmm"]
+              + [h for h, _ in speedups] + ["time / GEMM"] + (["time / 3 TF32 GEMMs"] if tf32 else [])
+              + ["time / (flops ÷ large-GEMM rate)", "peak extra MiB", "check"])
     lines = [f"**{data['task']}**, N={p['n']} K={p['k']} D={p['d']} {SHORT_DTYPE[p['dtype']]}, median of "
              f"{data['rounds']} interleaved rounds; 2·N·K·D = {data['flops'] / 1e9:.1f} GFLOP; "
              + (f"bare GEMM {gemm['gflops']:.0f} GFLOP/s, " if gemm else "")
              + f"large-GEMM rate {data['large_gemm_gflops']:.0f} GFLOP/s",
              "",
-             "| provider | median ms | min..max ms | GFLOP/s | speedup vs cdist | vs addmm | vs compiled addmm "
-             "| vs flash-kmeans | vs faiss | time / GEMM | time / 3 TF32 GEMMs | time / (flops ÷ large-GEMM rate) "
-             "| peak extra MiB | check |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| " + " | ".join(header) + " |",
+             "|---|" + "---:|" * (len(header) - 2) + "---|"]
     for r in data["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['provider']} | {r['status']}: {r['reason']} |" + " |" * 12)
+            lines.append(f"| {r['provider']} | {r['status']}: {r['reason']} |" + " |" * (len(header) - 2))
             continue
         check = r.get("check") or {}
         check_text = "–" if not check else (("ok" if check["ok"] else "**WRONG**")
                                             + f", {100 * check['inexact_fraction']:.1f}% rows inexact"
                                             + (f", grad err {check['grad_error']:.0e}" if "grad_error" in check else ""))
-        lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f}..{r['max_s'] * 1e3:.1f} "
-                     f"| {r['gflops']:.1f} | {_x(r.get('speedup_vs_cdist'))} | {_x(r.get('speedup_vs_addmm'))} "
-                     f"| {_x(r.get('speedup_vs_compiled'))} | {_x(r.get('speedup_vs_flash_kmeans'))} "
-                     f"| {_x(r.get('speedup_vs_faiss'))} "
-                     f"| {_x(r.get('time_vs_gemm'))} | {_x(r.get('time_vs_3xtf32_gemm'))} "
-                     f"| {_x(r.get('time_vs_peak_gemm_rate'))} | {_mib(r.get('peak_extra_bytes'))} | {check_text} |")
+        cells = ([r["provider"], f"{r['median_s'] * 1e3:.1f}", f"{r['min_s'] * 1e3:.1f}..{r['max_s'] * 1e3:.1f}",
+                  f"{r['gflops']:.1f}", _x(r.get("speedup_vs_cdist")), _x(r.get("speedup_vs_addmm")),
+                  _x(r.get("speedup_vs_compiled"))]
+                 + [_x(r.get(k)) for _, k in speedups] + [_x(r.get("time_vs_gemm"))]
+                 + ([_x(r.get("time_vs_3xtf32_gemm"))] if tf32 else [])
+                 + [_x(r.get("time_vs_peak_gemm_rate")), _mib(r.get("peak_extra_bytes")), check_text])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -105,7 +133,155 @@ def training_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def render(path: Path) -> str:
+def _sig(value: float) -> str:
+    """Three significant figures, trailing zeros kept (2.10, 13.7, 126)."""
+    return f"{value:.{2 if abs(value) < 10 else 1 if abs(value) < 100 else 0}f}"
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds: one decimal below a second, none above."""
+    return f"{seconds * 1e3:.{1 if seconds < 1 else 0}f}"
+
+
+def _shape(p: dict) -> str:
+    return f"{p['n']} × {p['k']} × {p['d']}"
+
+
+# Provider names as the key-point table spells them.
+KEYPOINT_LABELS = {"cdist": "cdist + argmin + gather", "addmm": "addmm (‖e‖² − 2zEᵀ) + argmin + gather",
+                   "compiled addmm": "torch.compile(addmm version)", "GEMM floor": "bare GEMM z @ Eᵀ (floor)",
+                   "vqvae_fast[cpu]": "**vqvae_fast** (`cpu` backend)"}
+
+
+def keypoint_table(nearest: dict, forward: dict, backward: dict) -> str:
+    """One line per provider: the three tasks of compare.py at one point (files of the same point and run)."""
+    rows = [{r["provider"]: r for r in d["rows"] if r.get("status") == "ok"} for d in (nearest, forward, backward)]
+    lines = ["| provider | nearest_code ms | forward ms | forward+backward ms | speedup vs cdist (fwd / fwd+bwd) "
+             "| forward time ÷ bare GEMM time | peak extra memory, forward (MiB) | peak extra memory, fwd+bwd (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, f in rows[1].items():
+        n, b = rows[0].get(name), rows[2].get(name)
+        lines.append(f"| {KEYPOINT_LABELS.get(name, name)} | {n['median_s'] * 1e3:.1f} | {f['median_s'] * 1e3:.1f} "
+                     f"| {b['median_s'] * 1e3:.1f} | {_x(f.get('speedup_vs_cdist'))} / {_x(b.get('speedup_vs_cdist'))} "
+                     f"| {_x(f.get('time_vs_gemm'))} | {_mib(f.get('peak_extra_bytes'))} "
+                     f"| {_mib(b.get('peak_extra_bytes'))} |")
+    return "\n".join(lines)
+
+
+def shapes_table(files: list[dict]) -> str:
+    """One line per compare.py file: threads, shape, the baselines' and our median, our speedups."""
+    lines = ["| threads | N × K × D, fp32 | cdist ms | addmm ms | FAISS ms | ours ms | vs cdist | vs addmm | vs FAISS "
+             "| ours |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for data in files:
+        rows = {r["provider"]: r for r in data["rows"]}
+        ours = next(r for r in data["rows"] if r.get("kind") == "ours")
+        check = ours.get("check") or {}
+        exact = "exact" if check.get("ok") and check.get("inexact_fraction") == 0 else (
+            f"{100 * check.get('inexact_fraction', 0):.1f}% rows inexact" if check.get("ok") else "**WRONG**")
+        lines.append(f"| {data['machine']['torch_threads']} | {_shape(data['point'])} "
+                     + "".join(f"| {rows[n]['median_s'] * 1e3:.1f} " for n in ("cdist", "addmm", "faiss"))
+                     + f"| **{ours['median_s'] * 1e3:.2f}** | {ours['speedup_vs_cdist']:.1f}× "
+                     f"| {ours['speedup_vs_addmm']:.1f}× | {ours['speedup_vs_faiss']:.2f}× | {exact} |")
+    return "\n".join(lines)
+
+
+PYTEST_TASKS = {"forward": "forward", "nearest": "nearest (indices only)", "backward": "forward + backward"}
+
+
+def pytest_benchmark_table(data: dict, rows: str, faiss_backward_note: str = "") -> str:
+    """pytest-benchmark's medians for the (NxKxD:task) points listed in rows, ours against three baselines.
+    faiss_backward_note: a footnote mark after FAISS's forward+backward time (FAISS has no backward of its own)."""
+    by_key = {}
+    for b in data["benchmarks"]:
+        shape = b["group"].split(" ", 1)[1]  # "forward N=65536 K=1024 D=64 fp32"
+        n, k, d = (int(w.split("=")[1]) for w in shape.split()[:3])
+        by_key[(f"{n}x{k}x{d}", b["params"]["task"], b["params"]["provider_name"])] = b["stats"]["median"]
+    lines = ["| N × K × D, fp32 | task | ours ms | FAISS ms | compiled addmm ms | cdist ms | vs FAISS | vs cdist |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for item in rows.split(","):
+        shape, task = item.split(":")
+        t = {name: by_key.get((shape, task, name)) for name in ("vqvae_fast[cpu]", "faiss", "compiled addmm", "cdist")}
+        ours = t["vqvae_fast[cpu]"]
+        n, k, d = shape.split("x")
+        lines.append(f"| {n} × {k} × {d} | {PYTEST_TASKS[task]} | "
+                     + " | ".join("–" if v is None else f"{v * 1e3:.1f}"
+                                  + (f" {faiss_backward_note}" if name == "faiss" and task == "backward"
+                                     and faiss_backward_note else "") for name, v in t.items())
+                     + " | " + " | ".join("–" if t[name] is None else f"{_sig(t[name] / ours)}×"
+                                          for name in ("faiss", "cdist")) + " |")
+    return "\n".join(lines)
+
+
+def bench_layer_table(fp32: dict, bf16: dict) -> str:
+    """bench_layer.py: median ms per step of ours, the peer and the cdist layer, fp32 and bf16 autocast side by side."""
+    lines = ["| shape (N×K×D) | ours fp32 | vector-quantize-pytorch fp32 | cdist layer fp32 | ours vs peer "
+             "| ours vs cdist | ours bf16 autocast | peer bf16 | cdist bf16 | ours vs peer | ours vs cdist |",
+             "|---|" + "---:|" * 10]
+    other = {r["shape"]["name"]: r for r in bf16["results"]}
+    for result in fp32["results"]:
+        s = result["shape"]
+        cells = [f"{s['name']} {s['n']}×{s['k']}×{s['d']}{', cosine' if s.get('cosine') else ''}"]
+        for res in (result, other[s["name"]]):
+            rows = {r["kind"]: r for r in res["rows"]}
+            cells += [_ms(rows[kind]["median_s"]) if rows.get(kind, {}).get("status") == "ok" else "–"
+                      for kind in ("ours", "peer", "baseline")]
+            peer, base = rows["peer"]["ours_speedup"], rows["baseline"]["ours_speedup"]
+            cells += [f"**{peer:.{1 if peer < 100 else 0}f}×**", f"{base:.1f}×"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SETTLE_CODEBOOKS = {"random": "random", "near": "near the data"}
+
+
+def settle_rate_table(data: dict, select: str | None = None) -> str:
+    """settle_rate.py: the share of rows left to the exact re-scoring, in % of N, per search precision."""
+    rows = data["rows"]
+    if select:
+        index = {(r["d"], r["k"], r["codebook"]): r for r in rows}
+        rows = [index[(int(d), int(k), SETTLE_CODEBOOKS[c])] for d, k, c in (w.split(":") for w in select.split(","))]
+    lines = ["| D | K | codebook | bf16x3 (default) | tf32 | tf32x3 | ieee |", "|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['d']} | {r['k']} | {r['codebook']} | "
+                     + " | ".join(f"{100 * r['shares'][p]:.2f}" for p in ("bf16x3", "tf32", "tf32x3", "ieee")) + " |")
+    return "\n".join(lines)
+
+
+def inspect_table(records: list[dict], arch: str, triton: str, budget_kb: str, seconds: str) -> str:
+    """scripts/inspect_kernels.py --json, grouped by kernel, dtype and tiling as its --markdown summary is (the
+    triton version, the shared-memory budget and the run's seconds are not in the file: the template gives them)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        tiling = r["config"].split("; ")[1] if "; " in r["config"] else "-"
+        groups.setdefault((r["kernel"], r["dtype"], tiling), []).append(r)
+    lines = [f"**{arch}** (triton {triton}; budget {budget_kb} KB shared memory per block): {len(records)} "
+             f"kernel/config compilations in {seconds} s, {sum(bool(r['problems']) for r in records)} failing a check.",
+             "",
+             "| kernel | dtype | tiling | configs | MMA | registers | spill B | shared KB | z loads in loop |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for (kernel, dtype, tiling), rs in groups.items():
+        regs = sorted(r["registers"] for r in rs if r["registers"] is not None)
+        shared = [r["shared_bytes"] for r in rs if r["shared_bytes"] is not None]
+        zl = {r["z_loads_in_loop"] for r in rs}
+        lines.append(
+            f"| {kernel} | {dtype} | {tiling} | {len(rs)} | {'/'.join(sorted({r['mma'] or '-' for r in rs}))} "
+            f"| {f'{regs[0]}–{regs[-1]}' if regs and regs[0] != regs[-1] else (regs[0] if regs else '-')} "
+            f"| {max((r['spill_bytes'] or 0) for r in rs)} | {max(shared) / 1024:.0f} "
+            f"| {'null' if zl == {None} else '/'.join(str(z) for z in sorted(z for z in zl if z is not None))} |")
+    return "\n".join(lines)
+
+
+def _display(path: Path, root: Path) -> str:
+    """A result file's path as the captions show it: from the repository root when it lies inside it."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def render(path: Path, root: Path | None = None) -> str:
+    """The table and caption of one compare/sweep/training file; the caption names it from root (the repository)."""
     data = json.loads(path.read_text())
     if "points" in data:
         table = sweep_table(data)
@@ -118,15 +294,85 @@ def render(path: Path) -> str:
     others = f"; other processes' share of the CPUs while timing: {max(shares):.0%}" if shares else ""
     if shares and "points" in data:
         others += " at most"
-    return f"{table}\n\n<sub>`{m['command']}` → `{path.as_posix()}`; {_machine(m)}{others}</sub>\n"
+    return f"{table}\n\n<sub>`{m['command']}` → `{_display(path, root or ROOT)}`; {_machine(m)}{others}</sub>\n"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = Path(__file__).resolve().parent / "RESULTS.template.md"
+GENERATED_NOTE = ("<!-- Generated by `python benchmarks/report.py --write` from benchmarks/RESULTS.template.md and the "
+                  "JSON in benchmarks/results/: do not edit by hand; edit the template and regenerate. -->")
+TEMPLATE_ONLY = "<!-- template:"  # a line starting so is the template's own note, left out of the document
+PLACEHOLDER = re.compile(r"^<!-- report: (.*?) -->$")
+RENDERERS = {"keypoint": lambda files, **_: keypoint_table(*files),
+             "shapes": lambda files, **_: shapes_table(files),
+             "pytest_benchmark": lambda files, **kw: pytest_benchmark_table(files[0], **kw),
+             "bench_layer": lambda files, **_: bench_layer_table(*files),
+             "settle_rate": lambda files, select=None: settle_rate_table(files[0], select),
+             "inspect": lambda files, **kw: inspect_table(files[0], **kw)}
+
+
+def placeholder_files(line: str, base: Path) -> list[Path] | None:
+    """The result files a template line names (None when the line is not a placeholder)."""
+    m = PLACEHOLDER.match(line)
+    if not m:
+        return None
+    words = m.group(1).split()
+    if words[0] in RENDERERS:
+        words = words[1:]
+    return [base / w for w in words if "=" not in w]
+
+
+def render_placeholder(line: str, base: Path) -> str:
+    words = PLACEHOLDER.match(line).group(1).split()
+    files = placeholder_files(line, base)
+    if words[0] not in RENDERERS:
+        if len(files) != 1:
+            raise ValueError(f"a plain placeholder names one file: {line}")
+        return render(files[0], root=base.parent).rstrip("\n")
+    options = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+    return RENDERERS[words[0]]([json.loads(f.read_text()) for f in files], **options)
+
+
+def render_template(template: Path) -> str:
+    """The document: the note that it is generated, then the template with every placeholder line replaced."""
+    base = template.parent
+    out = [GENERATED_NOTE]
+    for line in template.read_text().split("\n"):
+        if line.startswith(TEMPLATE_ONLY):
+            continue
+        out.append(render_placeholder(line, base) if PLACEHOLDER.match(line) else line)
+    return "\n".join(out)
+
+
+def output_path(template: Path) -> Path:
+    return template.with_name(template.name.replace(".template", ""))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("files", nargs="*", type=Path, help="result JSON files: print one table each")
+    parser.add_argument("--render", type=Path, metavar="TEMPLATE", help="print the document this template makes")
+    parser.add_argument("--write", nargs="?", const=TEMPLATE, type=Path, metavar="TEMPLATE",
+                        help="write the document next to the template (default: RESULTS.template.md -> RESULTS.md)")
+    parser.add_argument("--check", nargs="?", const=TEMPLATE, type=Path, metavar="TEMPLATE",
+                        help="exit 1 if the document next to the template differs from what the template makes")
     args = parser.parse_args(argv)
-    print("\n".join(render(f) for f in args.files))
+    if args.render:
+        sys.stdout.write(render_template(args.render))
+    elif args.write:
+        output_path(args.write).write_text(render_template(args.write))
+    elif args.check:
+        out = output_path(args.check)
+        if not out.exists() or out.read_text() != render_template(args.check):
+            print(f"{out} is not what {args.check} renders to: run python benchmarks/report.py --write", file=sys.stderr)
+            return 1
+        print(f"{out} is up to date")
+    elif args.files:
+        print("\n".join(render(f) for f in args.files))
+    else:
+        parser.error("give result files, --render, --write or --check")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
