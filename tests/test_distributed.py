@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vqvae_fast import VectorQuantizer
-from vqvae_fast.train.cifar10 import build_parser, parse_args, train
+from vqvae_fast.train.cifar10 import parse_args, train
 from vqvae_fast.vector_quantizer import kmeans
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def _trainer_worker(rank: int, port: int, data_dir: str, out: str, resume: bool 
     if resume:
         args, checkpoint = parse_args(["--resume", str(Path(out) / "checkpoint.pt"), "--steps", "9"])
     else:
-        args, checkpoint = build_parser().parse_args(["--data-dir", data_dir, "--steps", "6", "--out", out, *TINY]), None
+        args, checkpoint = parse_args(["--data-dir", data_dir, "--steps", "6", "--out", out, *TINY])
 
     def check_identical(model):
         flat = torch.cat([t.detach().reshape(-1).double() for t in model.state_dict().values()])
@@ -125,8 +125,7 @@ def test_ddp_training_matches_one_process_and_ranks_agree(toy_cifar, tmp_path):
     assert len((ddp_out / "metrics.jsonl").read_text().splitlines()) == 2  # steps 3 and 6, rank 0 alone
 
     single = {}
-    args = build_parser().parse_args(["--data-dir", str(toy_cifar), "--steps", "6", "--out", str(tmp_path / "one"),
-                                      *TINY])
+    args, _ = parse_args(["--data-dir", str(toy_cifar), "--steps", "6", "--out", str(tmp_path / "one"), *TINY])
     train(args, on_finish=lambda model: single.update(model.state_dict()))
     for name, value in single.items():
         torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)

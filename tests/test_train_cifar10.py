@@ -167,7 +167,7 @@ def test_missing_data_that_cannot_be_downloaded_fails_cleanly(trainer, tmp_path,
 def test_an_interrupted_cosine_schedule_resumes_exactly(trainer, tiny_cifar, tmp_path):
     """A run killed at step 20 of 40 and resumed ends where the uninterrupted run does: the
     learning-rate schedule's state travels in the checkpoint."""
-    from vqvae_fast.train.cifar10 import build_parser, train
+    from vqvae_fast.train.cifar10 import parse_args, train
 
     argv = ["--data-dir", str(tiny_cifar), "--steps", "40", "--lr-schedule", "cosine", *TINY]
 
@@ -176,7 +176,7 @@ def test_an_interrupted_cosine_schedule_resumes_exactly(trainer, tiny_cifar, tmp
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(build_parser().parse_args([*argv, "--out", str(tmp_path / "cut")]), report=killed_at_20)
+        train(parse_args([*argv, "--out", str(tmp_path / "cut")])[0], report=killed_at_20)
     assert trainer.main(["--resume", str(tmp_path / "cut/checkpoint.pt"), "--quiet", *ON_CPU]) == 0
     assert trainer.main([*argv, "--out", str(tmp_path / "whole")]) == 0
     resumed = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)
@@ -312,3 +312,31 @@ def test_missing_data_exits_non_zero_without_traceback(tmp_path):
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "--data-dir" in result.stderr
+
+
+def test_train_config_is_the_command_line_typed():
+    """TrainConfig has one field per flag, the parser's defaults are its defaults, and train()
+    takes only a TrainConfig, checked before anything runs."""
+    import argparse
+    import dataclasses
+
+    from vqvae_fast.train.cifar10 import TrainConfig, build_parser, parse_args, train
+
+    flags = {action.dest for action in build_parser()._actions if action.dest != "help"}
+    assert flags == {field.name for field in dataclasses.fields(TrainConfig)}
+    assert parse_args([])[0] == TrainConfig(steps=300)  # neither --steps nor --epochs: 300 steps
+    assert parse_args(["--lr", "0.01", "--no-ema"])[0] == TrainConfig(steps=300, lr=0.01, ema=False)
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train(argparse.Namespace(**dataclasses.asdict(TrainConfig())))
+    with pytest.raises(ValueError, match="--ema-decay must be in"):
+        train(TrainConfig(ema_decay=1.5))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().lr = 1.0
+
+
+def test_the_checkpoint_keeps_the_typed_settings(full_run):
+    from vqvae_fast.train.cifar10 import TrainConfig
+
+    saved = torch.load(full_run / "checkpoint.pt", weights_only=True)["args"]
+    config = TrainConfig(**saved)
+    assert config.steps == 40 and config.out == str(full_run)

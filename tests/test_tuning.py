@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqvae_fast.train.cifar10 import build_parser, split_validation
+from vqvae_fast.train.cifar10 import TrainConfig, split_validation
 
 optuna = pytest.importorskip("optuna", reason="the search is the optional extra [tune]; CI installs it")
 
@@ -36,8 +36,7 @@ def test_the_same_command_twice_continues_one_study(toy_cifar, tmp_path):
     assert tuner.main(argv) == 0
     study = optuna.load_study(study_name="vqvae_cifar10", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert len(study.trials) == 4
-    defaults = vars(build_parser().parse_args([]))
-    baseline = {name: defaults[name] for name in SEARCH.split(",")}
+    baseline = {name: getattr(TrainConfig(), name) for name in SEARCH.split(",")}
     assert study.trials[0].params == baseline  # the defaults first, then the listed changes
     assert study.trials[1].params == {**baseline, "lr": 0.002, "gradient": "rotation"}
     best = json.loads((tmp_path / "best.json").read_text())

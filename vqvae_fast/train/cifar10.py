@@ -9,9 +9,11 @@ loop never waits on the host; the only syncs are the logging steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,69 +44,132 @@ RUN_CONTROL = ("data_dir", "no_download", "out", "steps", "epochs", "device", "w
                "eval_images", "log_every", "quiet", "resume", "dist_timeout")
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run, by the names of the trainer's flags (`--num-codes` is num_codes);
+    the flags' help says what each does. The defaults are the command line's. Build one directly
+    (`TrainConfig(data_dir=..., steps=300)`, `dataclasses.replace(config, lr=1e-3)`) or from a
+    command line (`parse_args`); `problem()` says what is invalid, in the flags' words."""
+
+    data_dir: str = "data"
+    no_download: bool = False
+    out: str = "runs/cifar10"
+    steps: int | None = None  # neither steps nor epochs: 300 steps
+    epochs: float | None = None
+    batch_size: int = 128
+    lr: float = 2.35e-3
+    lr_schedule: str = "constant"
+    model: str = "vqvae"
+    recipe: str = "default"
+    num_codes: int = 4096
+    code_dim: int = 32
+    beta: float = 0.51
+    gradient: str = "ste"
+    ema: bool | None = None  # None: the recipe's choice
+    ema_decay: float = 0.756
+    dead_threshold: float = 0.07
+    channels: int = 160
+    res_channels: int = 64
+    res_blocks: int = 2
+    activation: str = "silu"
+    device: str = "auto"
+    amp: bool = False
+    compile: bool = False
+    seed: int = 0
+    resume: str | None = None
+    workers: int = 0
+    eval_every: int = 100
+    eval_images: int = 2048
+    val_images: int = 0
+    log_every: int = 10
+    quiet: bool = False
+    dist_timeout: float = 600.0
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "TrainConfig":
+        """The settings of a parsed command line (or a checkpoint's saved ones): the fields it
+        has; anything else (a setting a newer or older version wrote) is left out."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        values = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.epochs * steps_per_epoch) if self.epochs is not None else 300
+
+    def problem(self) -> str | None:
+        """What is wrong with the settings, in the words of their flags, or None."""
+        return invalid_setting(self)
+
+
+DEFAULTS = TrainConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a VQ-VAE (or the two-level VQ-VAE-2, --model vqvae2) "
                                                  "on CIFAR-10.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default="data",
+    parser.add_argument("--data-dir", default=DEFAULTS.data_dir,
                         help="a cifar-10-batches-py folder or its parent; the official release is downloaded "
                              "here if absent and the network allows")
     parser.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
-    parser.add_argument("--out", default="runs/cifar10", help="output folder")
+    parser.add_argument("--out", default=DEFAULTS.out, help="output folder")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (300 when neither --steps nor --epochs is given)")
     length.add_argument("--epochs", type=float, help="training epochs, instead of --steps")
-    parser.add_argument("--batch-size", type=int, default=128,
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                         help="images per step in all (under torchrun: the global batch, split across processes)")
-    parser.add_argument("--lr", type=float, default=2.35e-3, help="Adam learning rate")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default=DEFAULTS.lr_schedule,
                         help="'cosine': linear warm-up over the first 5%% of the steps, then cosine decay to 10%% "
                              "of --lr at the last step")
-    parser.add_argument("--model", choices=sorted(MODELS), default="vqvae",
+    parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULTS.model,
                         help="'vqvae': one 8x8 grid of codes; 'vqvae2': the two-level VQ-VAE-2 (4x4 top, 8x8 bottom)")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULTS.recipe,
                         help="codebook recipe: 'default' (k-means init, dead-code restarts, EMA) or 'plain' (classic)")
-    parser.add_argument("--num-codes", type=int, default=4096, help="codebook size")
-    parser.add_argument("--code-dim", type=int, default=32, help="dimension of each code vector")
-    parser.add_argument("--beta", type=float, default=0.51, help="commitment loss weight")
-    parser.add_argument("--gradient", choices=("ste", "rotation"), default="ste",
+    parser.add_argument("--num-codes", type=int, default=DEFAULTS.num_codes, help="codebook size")
+    parser.add_argument("--code-dim", type=int, default=DEFAULTS.code_dim, help="dimension of each code vector")
+    parser.add_argument("--beta", type=float, default=DEFAULTS.beta, help="commitment loss weight")
+    parser.add_argument("--gradient", choices=("ste", "rotation"), default=DEFAULTS.gradient,
                         help="how the quantizer passes gradients to the encoder: straight through, or the "
                              "rotation trick (Fifty et al., 2024)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
                         help="EMA codebook updates instead of codebook gradients (default: the recipe's choice)")
-    parser.add_argument("--ema-decay", type=float, default=0.756, help="EMA codebook decay (with --ema)")
-    parser.add_argument("--dead-threshold", type=float, default=0.07,
+    parser.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay, help="EMA codebook decay (with --ema)")
+    parser.add_argument("--dead-threshold", type=float, default=DEFAULTS.dead_threshold,
                         help="restart codes whose running usage falls below this share of uniform use")
-    parser.add_argument("--channels", type=int, default=160, help="encoder/decoder width")
-    parser.add_argument("--res-channels", type=int, default=64, help="residual block hidden width")
-    parser.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
-    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="silu",
+    parser.add_argument("--channels", type=int, default=DEFAULTS.channels, help="encoder/decoder width")
+    parser.add_argument("--res-channels", type=int, default=DEFAULTS.res_channels, help="residual block hidden width")
+    parser.add_argument("--res-blocks", type=int, default=DEFAULTS.res_blocks, help="residual blocks in encoder and decoder")
+    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default=DEFAULTS.activation,
                         help="activation of the encoder and decoder")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=DEFAULTS.device,
                         help="'auto': CUDA when available (under torchrun: the process's LOCAL_RANK GPU)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (the quantizer stays fp32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the weights and the data order")
     parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--workers", type=int, default=DEFAULTS.workers,
                         help="CPU threads for torch (0: torch's default); data needs no loader processes "
                              "since it lives on the device")
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoints")
-    parser.add_argument("--eval-images", type=int, default=2048,
+    parser.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every, help="steps between evaluations and checkpoints")
+    parser.add_argument("--eval-images", type=int, default=DEFAULTS.eval_images,
                         help="held-out images for the periodic evaluations (the final one uses all)")
-    parser.add_argument("--val-images", type=int, default=0,
+    parser.add_argument("--val-images", type=int, default=DEFAULTS.val_images,
                         help="hold out this many training images (a fixed draw, the same for every seed) and "
                              "evaluate on them instead of the test images; metrics are then named val_*")
-    parser.add_argument("--log-every", type=int, default=10, help="steps between progress-bar updates")
+    parser.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="steps between progress-bar updates")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--dist-timeout", type=float, default=600.0,
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULTS.dist_timeout,
                         help="under torchrun: seconds a collective may wait for the other processes before the "
                              "run fails (a dead or stuck process never hangs the others)")
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
-    """(settings, checkpoint or None); see vqvae_fast.train.checkpoint.parse_with_resume."""
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict | None]:
+    """(settings, checkpoint or None) of a command line; see vqvae_fast.train.checkpoint.parse_with_resume.
+    Invalid settings exit with the parser's usage error (status 2)."""
     args, checkpoint = parse_with_resume(build_parser, argv, RUN_CONTROL, "vqvae_fast/1")
     if checkpoint is not None:
         # Settings that became flags after a checkpoint was written: its model config has the
@@ -119,13 +184,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
                     setattr(args, key, before)
     if args.steps is None and args.epochs is None:
         args.steps = 300
-    problem = invalid_setting(args)
+    config = TrainConfig.from_namespace(args)
+    problem = config.problem()
     if problem:
         build_parser().error(problem)
-    return args, checkpoint
+    return config, checkpoint
 
 
-def invalid_setting(args: argparse.Namespace) -> str | None:
+def invalid_setting(args: TrainConfig) -> str | None:
     """What is wrong with the settings, in the words of their flags, or None."""
     checks = [
         ("--steps", args.steps is None or args.steps >= 0, "must be >= 0"),
@@ -146,18 +212,16 @@ def invalid_setting(args: argparse.Namespace) -> str | None:
     return None
 
 
-def build_model(args: argparse.Namespace):
-    recipe = dict(RECIPES[args.recipe])
+def build_model(config: TrainConfig):
+    recipe = dict(RECIPES[config.recipe])
     ema = recipe.pop("ema")
-    if args.ema is not None:  # --ema / --no-ema override the recipe
-        ema = args.ema
-    model_class = MODELS[getattr(args, "model", "vqvae")]
-    return model_class(num_codes=args.num_codes, code_dim=args.code_dim, beta=args.beta, channels=args.channels,
-                       res_channels=args.res_channels, num_res_blocks=args.res_blocks,
-                       ema_decay=args.ema_decay if ema else None, gradient=getattr(args, "gradient", "ste"),
-                       dead_threshold=getattr(args, "dead_threshold", 0.1),
-                       activation=getattr(args, "activation", "relu"),
-                       **recipe)
+    if config.ema is not None:  # --ema / --no-ema override the recipe
+        ema = config.ema
+    return MODELS[config.model](num_codes=config.num_codes, code_dim=config.code_dim, beta=config.beta,
+                                channels=config.channels, res_channels=config.res_channels,
+                                num_res_blocks=config.res_blocks, ema_decay=config.ema_decay if ema else None,
+                                gradient=config.gradient, dead_threshold=config.dead_threshold,
+                                activation=config.activation, **recipe)
 
 
 def split_validation(train_uint8: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,14 +237,19 @@ def split_validation(train_uint8: torch.Tensor, count: int) -> tuple[torch.Tenso
     return train_uint8[~held], train_uint8[held]
 
 
-def train(args: argparse.Namespace, checkpoint: dict | None = None,
+def train(args: TrainConfig, checkpoint: dict | None = None,
           report: Callable[[int, dict], None] | None = None,
           on_finish: Callable[[torch.nn.Module], None] | None = None) -> dict:
     """Run the training `args` describe (resuming `checkpoint` if given) and return final.json's
-    content. `report(step, metrics)` is called after every evaluation (the tuner prunes there).
+    content. Invalid settings raise ValueError naming the flag. `report(step, metrics)` is called after every evaluation (the tuner prunes there).
     Under torchrun every process calls this; rank 0 returns final.json's content, the others {}.
     `on_finish(model)` runs on every process after training, while the process group still exists.
     Raises DataNotFoundError when the images cannot be found."""
+    if not isinstance(args, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig, got {type(args).__name__} (parse_args() makes one from flags)")
+    problem = args.problem()
+    if problem:
+        raise ValueError(problem)
     run, device = distributed.start(pick_device(args.device), args.dist_timeout)
     try:
         return _train(args, checkpoint, report, on_finish, run, device)
@@ -199,13 +268,13 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
     data = load_cifar10(args.data_dir, download=not args.no_download)
     train_uint8, held_out = data["train"], data["test"]
     split = "test"
-    if getattr(args, "val_images", 0):
+    if args.val_images:
         train_uint8, held_out = split_validation(train_uint8, args.val_images)
         split = "val"
     train_uint8, held_out = train_uint8.to(device), held_out.to(device)
     batch_size = min(args.batch_size, train_uint8.shape[0])
     steps_per_epoch = train_uint8.shape[0] // batch_size
-    total_steps = args.steps if args.steps is not None else math.ceil(args.epochs * steps_per_epoch)
+    total_steps = args.total_steps(steps_per_epoch)
 
     model = build_model(args).to(device, memory_format=torch.channels_last)
     train_model = model
@@ -221,7 +290,7 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  fused=device.type == "cuda")
     scheduler = None
-    if getattr(args, "lr_schedule", "constant") == "cosine":
+    if args.lr_schedule == "cosine":
         scheduler = warmup_cosine(optimizer, total_steps, max(1, total_steps // 20))
     step, elapsed_before = 0, 0.0
     if checkpoint is not None:
@@ -237,7 +306,7 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_args = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    run_args = dataclasses.asdict(args)
 
     def save(at_step: int, elapsed: float) -> None:  # rank 0 only (fit and below)
         extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
@@ -256,7 +325,7 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
         return {}
 
     final = {"model": args.model, "recipe": args.recipe, "steps": result.step, "batch_size": batch_size,
-             "lr": args.lr, "lr_schedule": getattr(args, "lr_schedule", "constant"), "ema_decay": model.config["ema_decay"], "gradient": model.config["gradient"],
+             "lr": args.lr, "lr_schedule": args.lr_schedule, "ema_decay": model.config["ema_decay"], "gradient": model.config["gradient"],
              "seed": args.seed, "device": str(device), "amp": args.amp, "processes": run.world,
              "params": sum(p.numel() for p in model.parameters()), "train_images": train_uint8.shape[0],
              f"{split}_images": held_out.shape[0], **result.metrics, "wall_s": result.wall_s,

@@ -10,6 +10,7 @@ several processes given the same storage share one study. Optuna is the optional
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shlex
 import time
@@ -17,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from .cifar10 import build_parser, train
+from .cifar10 import TrainConfig, parse_args, train
 
 INSTALL_HINT = "the search needs Optuna: pip install -e .[tune]  (or: pip install optuna)"
 
@@ -59,20 +60,25 @@ def trial_flags(params: dict) -> list[str]:
     return flags
 
 
+def study_config(data_dir: str, steps: int, val_images: int, fixed_flags: list[str],
+                 evaluations: int = 5) -> TrainConfig:
+    """The settings every trial shares: the trainer's defaults, the tuner's trailing trainer
+    flags (`fixed_flags`, parsed once: a bad one fails before any trial), and the study's
+    length, validation split and quiet evaluations."""
+    config, _ = parse_args(["--data-dir", data_dir, *fixed_flags])
+    return dataclasses.replace(config, no_download=True, steps=steps, epochs=None, val_images=val_images,
+                               eval_every=max(1, steps // evaluations), eval_images=val_images, quiet=True)
+
+
 class Objective:
     """One trial: draw the searched settings, train on the training split, report validation PSNR."""
 
-    def __init__(self, data_dir: str, out_dir: Path, steps: int, val_images: int, searched: list[str],
-                 fixed_flags: list[str], evaluations: int = 5):
-        self.data_dir, self.out_dir, self.steps = data_dir, out_dir, steps
-        self.val_images, self.searched, self.fixed_flags = val_images, searched, fixed_flags
-        self.eval_every = max(1, steps // evaluations)
+    def __init__(self, base: TrainConfig, out_dir: Path, searched: list[str]):
+        self.base, self.out_dir, self.searched = base, out_dir, searched
+        self.steps, self.eval_every = base.steps, base.eval_every
 
-    def trainer_args(self, params: dict, out: Path):
-        argv = ["--data-dir", self.data_dir, "--no-download", "--steps", str(self.steps), "--val-images",
-                str(self.val_images), "--eval-every", str(self.eval_every), "--eval-images", str(self.val_images),
-                "--out", str(out), "--quiet", *self.fixed_flags, *trial_flags(params)]
-        return build_parser().parse_args(argv)
+    def trainer_config(self, params: dict, out: Path) -> TrainConfig:
+        return dataclasses.replace(self.base, out=str(out), **params)
 
     def __call__(self, trial) -> float:
         optuna = import_optuna()
@@ -85,7 +91,7 @@ class Objective:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at step {step}: {metrics['val_psnr']:.2f} dB")
 
-        final = train(self.trainer_args(params, self.out_dir / "trials" / f"{trial.number:04d}"), report=report)
+        final = train(self.trainer_config(params, self.out_dir / "trials" / f"{trial.number:04d}"), report=report)
         for key in ("codes_used", "perplexity", "wall_s"):
             trial.set_user_attr(key, final[key])
         return final["val_psnr"]
@@ -166,8 +172,7 @@ def run_study(data_dir: str, out_dir: Path, *, trials: int | None, steps: int, t
     unknown = sorted(set(searched) - set(SEARCH_SPACE))
     if unknown:
         raise ValueError(f"unknown search parameters {unknown}; choose from {sorted(SEARCH_SPACE)}")
-    objective = Objective(data_dir, out_dir, steps, val_images, searched, fixed_flags)
-    build_parser().parse_args(["--data-dir", data_dir, *fixed_flags])  # bad fixed flags fail before any trial
+    objective = Objective(study_config(data_dir, steps, val_images, fixed_flags), out_dir, searched)
     # Median pruning from the third evaluation on (60% of the steps at the default five): an early
     # evaluation says little, and faster learning rates start lower and finish higher.
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2 * objective.eval_every + 1)
@@ -175,8 +180,7 @@ def run_study(data_dir: str, out_dir: Path, *, trials: int | None, steps: int, t
                                 sampler=optuna.samplers.TPESampler(seed=sampler_seed), pruner=pruner)
     before = len(study.trials)
     if before == 0:  # the trainer's defaults go first: the baseline every trial is measured against
-        defaults = vars(build_parser().parse_args(["--data-dir", data_dir, *fixed_flags]))
-        defaults = {name: defaults[name] for name in searched}
+        defaults = {name: getattr(objective.base, name) for name in searched}
         for change in [{}] + list(first or []):
             unknown = sorted(set(change) - set(searched))
             if unknown:
