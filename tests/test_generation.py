@@ -14,6 +14,7 @@ from torchvision.io import read_image
 from vqvae_fast import CheckpointError
 from vqvae_fast.models.images import to_images
 from vqvae_fast.models.vqvae import load_checkpoint
+from vqvae_fast.train import cifar10, prior_trainer
 from vqvae_fast.train.codes import decode_codes, encode_images, load_codes
 from vqvae_fast.train.generation import load_generator
 
@@ -37,8 +38,7 @@ PRIOR_TINY = ["--steps", "12", "--batch-size", "32", "--dim", "32", "--depth", "
 def pipeline(request, toy_cifar, tmp_path_factory):
     """(model kind, VQ-VAE checkpoint, prior run folder) after the README's three commands, tiny."""
     root = tmp_path_factory.mktemp(request.param)
-    trainer, prior_trainer = load_example("train_cifar10"), load_example("train_prior")
-    assert trainer.main(["--model", request.param, "--data-dir", str(toy_cifar), "--steps", "10", "--out",
+    assert cifar10.main(["--model", request.param, "--data-dir", str(toy_cifar), "--steps", "10", "--out",
                          str(root / "vqvae"), *VQ_TINY]) == 0
     assert prior_trainer.main(["--vqvae", str(root / "vqvae/checkpoint.pt"), "--data-dir", str(toy_cifar), "--out",
                                str(root / "prior"), *PRIOR_TINY]) == 0
@@ -78,7 +78,6 @@ def test_sampling_command_is_deterministic_and_labelled(pipeline, tmp_path):
 def test_resume_of_the_prior_continues_the_same_run(pipeline, toy_cifar, tmp_path, monkeypatch):
     """A run killed after its step-6 checkpoint, resumed, ends where the uninterrupted run ended."""
     _, vqvae, prior_dir = pipeline
-    prior_trainer = load_example("train_prior")
 
     def crash(task, step, final):
         raise KeyboardInterrupt
