@@ -1,10 +1,11 @@
 // Op schemas of the `vqvae_fast` library, and the Python module `vqvae_fast._C`.
 //
-// The schemas are declared here, once. The kernels are added in their own file with
+// The schemas and what their arguments mean are written once, in SCHEMAS of
+// vqvae_fast/ops/registration.py; the strings below must be those (tests/test_op_schemas.py
+// compares every registered schema with it). The kernels are added in their own file with
 // TORCH_LIBRARY_IMPL(vqvae_fast, <DispatchKey>, m):
 //   csrc/cpu/nearest_code.cpp   CPU (the GPU kernels are Triton: vqvae_fast/ops/)
-// csrc/cpu/nearest_code.cpp also defines cpu_forward_path(int D=256, ScalarType? dtype=None,
-// int K=1024) -> str (no tensors, so no dispatch).
+// csrc/cpu/nearest_code.cpp also defines cpu_forward_path (no tensors, so no dispatch).
 // Fake (meta) implementations and the autograd formula are registered from Python
 // (vqvae_fast/ops/registration.py).
 
@@ -27,18 +28,10 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(vqvae_fast, m) {
-  // z (N, D), codebook (K, D) -> indices int64 (N,) of the nearest codes (no gather, no loss).
+TORCH_LIBRARY(vqvae_fast, m) {  // SCHEMAS in vqvae_fast/ops/registration.py, verbatim
   m.def("nearest_code(Tensor z, Tensor codebook) -> Tensor");
-  // -> quantized = codebook[indices] (N, D), indices int64 (N,),
-  //    loss = (1 + beta) * mean((z - quantized)^2), a 0-dim tensor in z's dtype.
-  //    `rotation` is only handed to the backward (the autograd formula reads the inputs).
   m.def("quantize_fwd(Tensor z, Tensor codebook, float beta, bool rotation=False) -> "
         "(Tensor quantized, Tensor indices, Tensor loss)");
-  // Gradients of (quantized, loss) with respect to (z, codebook); one that is not needed
-  // (need_grad_* false) is returned as an empty tensor and not computed. quantized passes its
-  // gradient to z straight through, or with rotation=True by the rotation trick (Fifty et
-  // al. 2024; vqvae_fast/reference.py rotation_gradient has the formula and its guards).
   m.def("quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices, "
         "float beta, bool need_grad_z, bool need_grad_codebook, bool rotation=False) -> "
         "(Tensor grad_z, Tensor grad_codebook)");

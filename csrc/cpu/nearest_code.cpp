@@ -80,7 +80,13 @@ namespace {
 // inputs allow it (tests, comparisons); it is read on every call.
 enum class ForwardPath { kGemm, kFusedAvx512, kFusedAmx };
 
-constexpr int64_t kAmxMinD = 16;  // below, storing and folding the score tiles costs more than the tiles save
+// Below, storing and folding the score tiles costs more than the tiles save: measured 0.5-0.7x the
+// AVX-512 scan's speed at D = 8 (Intel Xeon with AMX, 2026-11-26; benchmarks/RESULTS.md "CPU: the
+// AMX scan against cdist, addmm and FAISS"); lowered from 32 to 16 in commit 7ff903f. Re-measured
+// on 2026-12-07 (this build, the same kind of Xeon, 2 threads, nearest_code fp32, both paths forced
+// with VQVAE_FAST_CPU_SCAN, 15 interleaved rounds, median): D = 16 AMX 1.23-1.30x faster
+// (65536 x 1024: 7.2 against 9.1 ms; 16384 x 16384: 27.7 against 34.4 ms); D = 8 0.92-1.00x.
+constexpr int64_t kAmxMinD = 16;
 
 const char* path_name(ForwardPath path) {
   switch (path) {
@@ -202,7 +208,7 @@ std::string cpu_forward_path(int64_t D, std::optional<at::ScalarType> dtype, int
 }  // namespace
 
 // No tensors, so no dispatch: defined here rather than in ops.cpp.
-TORCH_LIBRARY_FRAGMENT(vqvae_fast, m) {
+TORCH_LIBRARY_FRAGMENT(vqvae_fast, m) {  // SCHEMAS in vqvae_fast/ops/registration.py, verbatim
   m.def("cpu_forward_path(int D=256, ScalarType? dtype=None, int K=1024) -> str", &cpu_forward_path);
 }
 

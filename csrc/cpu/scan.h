@@ -7,6 +7,10 @@
 
 namespace vqvae_fast {
 
+// Register arithmetic, not a sweep: 32 rows are the lanes of two 512-bit vectors, and 12 codes x 2
+// vectors = 24 accumulators of the 32 zmm registers, the rest for operands. What it reached:
+// 340-350 GFLOP/s at D = 256 on 2 cores, 73% of the FMA peak (benchmarks/RESULTS.md "CPU, previous
+// kernel (history)", commit 6bdbaf3); other group widths were not measured.
 constexpr int64_t kScanRows = 32;   // rows per panel: the lanes of two 512-bit vectors
 constexpr int64_t kScanCodes = 12;  // codes per group: 24 accumulators, the rest of the registers for operands
 
@@ -59,6 +63,8 @@ double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D);
 // [xh, xh, xl], accumulated in float: within ~3 * 2^-16 |x||y| of x.y plus float rounding
 // (settle.cpp, AmxScan, holds the bound). Codes are the tiles' rows, so each code's scores for the
 // panel's 32 rows are two vectors, folded into ScanState as the AVX-512 scan folds them.
+// Hardware, not tuning: a tile holds at most 16 rows, and 2 x 2 accumulator tiles plus 2 + 2 operand
+// tiles fill the 8 tile registers (benchmarks/RESULTS.md "CPU: the AMX scan ...", Floors).
 constexpr int64_t kAmxRows = kScanRows;  // two tiles of 16 rows
 constexpr int64_t kAmxCodes = 32;        // two tiles of 16 codes
 

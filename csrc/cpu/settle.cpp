@@ -19,16 +19,20 @@
 namespace vqvae_fast {
 namespace {
 
-// Up to this D the fused scan records the group of each row's best code, not the code.
+// Up to this D the fused scan records the group of each row's best code, not the code (2
+// operations per group instead of per code). Not measured: commit 5461611 gives the reason (at
+// small D the per-code bookkeeping is a large share of the work) but no timing of the threshold.
 constexpr int64_t kGroupIndexMaxD = 32;
 // The scans' working sets, per thread: a block of packed panels stays in L2 while the packed
 // codebook streams past in chunks, each chunk scored against every panel of the block.
+// Not measured: sized so block + chunk fit a core's L2 (2 MiB per core on the Sapphire Rapids-class
+// Xeon of benchmarks/RESULTS.md); from commit 60dbde2, no sweep of either size.
 constexpr int64_t kBlockBytes = 512 * 1024;
 constexpr int64_t kChunkBytes = 256 * 1024;
 
 // min_k (e_norm[k] + dot[k]); only called on rows whose scores are all finite.
 inline float min_score(const float* dot, const float* e_norm, int64_t K) {
-  constexpr int64_t W = 16;  // independent lanes, so the compiler can vectorise
+  constexpr int64_t W = 16;  // independent lanes, so the compiler can vectorise (one 512-bit vector; not measured)
   float m[W];
   for (int64_t j = 0; j < W; ++j) m[j] = std::numeric_limits<float>::infinity();
   int64_t k = 0;

@@ -1,37 +1,73 @@
-"""One set of op schemas for every compiled backend, with fakes and the autograd formula.
+"""The op schemas, each stated once (SCHEMAS below), with fakes and the autograd formula.
 
-    <prefix>nearest_code(Tensor z, Tensor codebook) -> Tensor indices
-    <prefix>quantize_fwd(Tensor z, Tensor codebook, float beta, bool rotation=False)
-        -> (Tensor quantized, Tensor indices, Tensor loss)
-    <prefix>quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook,
-                         Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook,
-                         bool rotation=False)
-        -> (Tensor grad_z, Tensor grad_codebook)
+SCHEMAS is the one statement of every `vqvae_fast::` op's signature. The C++ library
+(`vqvae_fast._C`, the CPU kernels) defines the un-prefixed ops with these strings
+(csrc/ops.cpp, csrc/cpu/nearest_code.cpp for cpu_forward_path); `triton_ops.py` registers the
+`triton_` ones by passing them to `torch.library.custom_op`; tests/test_op_schemas.py checks
+that every registered schema is the one written here, so they cannot drift.
 
-`rotation` picks the rotation trick's gradient to z (reference.rotation_gradient) instead of
-the straight-through one; the forward ignores it and only hands it to the backward.
+What the arguments and outputs mean:
+- nearest_code: z (N, D), codebook (K, D) -> indices int64 (N,) of the nearest codes (no
+  gather, no loss, no gradient).
+- quantize_fwd: quantized = codebook[indices] (N, D), indices int64 (N,), loss = (1 + beta) *
+  mean((z - quantized)^2), a 0-dim tensor in z's dtype. `rotation` picks the rotation trick's
+  gradient to z (Fifty et al. 2024; reference.rotation_gradient has the formula and its
+  guards) instead of the straight-through one; the forward ignores it and only hands it to
+  the backward. `quantized` comes first in the outputs as in the public API (opcheck also
+  needs a float first).
+- quantize_bwd: the gradients of (quantized, loss) with respect to (z, codebook); one that is
+  not needed (need_grad_* false) comes back as an empty tensor and is not computed.
+- quantize_stats_fwd (Triton): quantize_fwd and the per-code counts (K,) and sums of z (K, D)
+  (empty unless with_sums) that a VectorQuantizer step needs, from the search's epilogue;
+  its gradient is quantize_fwd's.
+- `normalize` (the Triton ops' last argument): the cosine quantizer, everything between the
+  l2-normalised rows of z and codes, gradients through the normalisation.
+- cpu_forward_path (C++, no tensors, so no dispatch): the CPU forward's path ("fused-amx",
+  "fused-avx512" or "gemm") for rows of D elements of dtype (None: float32) and K codes.
+- triton_update_codebook_state: vector_quantizer.update_codebook_state in two Triton launches
+  (usage, EMA, restarts, codebook, perplexity); returns (perplexity, tallies).
 
-    triton_quantize_stats_fwd(Tensor z, Tensor codebook, float beta, bool rotation, bool with_sums,
-                              bool normalize=False)
-        -> (Tensor quantized, Tensor indices, Tensor loss, Tensor counts, Tensor sums)
-
-The Triton ops take one more last argument, `bool normalize=False` (quantize_fwd,
-quantize_stats_fwd and quantize_bwd): the cosine quantizer, everything between the
-l2-normalised rows of z and codes, gradients through the normalisation.
-
-quantize_fwd and the per-code counts (K,) and sums of z (K, D) (empty unless with_sums) that a
-VectorQuantizer step needs, from the search's epilogue; its gradient is quantize_fwd's.
-
-The C++ library (`vqvae_fast._C`, the CPU kernels) defines the un-prefixed ops;
-`triton_ops.py` defines the `triton_` ones. The fakes let torch.compile trace through them;
-the autograd formula makes `quantized` straight-through and differentiates the loss, and
-asks the backward only for the gradients autograd needs (none for an EMA codebook).
-`nearest_code` has no gradient. `quantized` comes first in the outputs as in the public API
-(opcheck also needs a float first).
+The fakes let torch.compile trace through the ops; the autograd formula makes `quantized`
+straight-through and differentiates the loss, and asks the backward only for the gradients
+autograd needs (none for an EMA codebook).
 """
 from __future__ import annotations
 
 import torch
+
+
+# name -> "name(arguments) -> outputs", as torch prints `torch.ops.vqvae_fast.<name>.default._schema`
+# (without the "vqvae_fast::" namespace).
+SCHEMAS = {
+    # the C++ library (csrc/)
+    "nearest_code": "nearest_code(Tensor z, Tensor codebook) -> Tensor",
+    "quantize_fwd": "quantize_fwd(Tensor z, Tensor codebook, float beta, bool rotation=False) -> "
+                    "(Tensor quantized, Tensor indices, Tensor loss)",
+    "quantize_bwd": "quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, "
+                    "Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook, bool rotation=False) -> "
+                    "(Tensor grad_z, Tensor grad_codebook)",
+    "cpu_forward_path": "cpu_forward_path(int D=256, ScalarType? dtype=None, int K=1024) -> str",
+    # the Triton kernels (triton_ops.py)
+    "triton_nearest_code": "triton_nearest_code(Tensor z, Tensor codebook) -> Tensor",
+    "triton_quantize_fwd": "triton_quantize_fwd(Tensor z, Tensor codebook, float beta, bool rotation=False, "
+                           "bool normalize=False) -> (Tensor quantized, Tensor indices, Tensor loss)",
+    "triton_quantize_stats_fwd": "triton_quantize_stats_fwd(Tensor z, Tensor codebook, float beta, bool rotation, "
+                                 "bool with_sums, bool normalize=False) -> (Tensor quantized, Tensor indices, "
+                                 "Tensor loss, Tensor counts, Tensor sums)",
+    "triton_quantize_bwd": "triton_quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, "
+                           "Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook, "
+                           "bool rotation=False, bool normalize=False) -> (Tensor grad_z, Tensor grad_codebook)",
+    "triton_update_codebook_state": "triton_update_codebook_state(Tensor(a0!) usage, Tensor(a1!)? ema_count, "
+                                    "Tensor(a2!)? ema_sum, Tensor(a3!)? codebook, Tensor counts, Tensor sums, "
+                                    "Tensor candidates, Tensor? candidate_rows, float usage_decay, float? ema_decay, "
+                                    "float dead_threshold, bool restart, bool normalize, float laplace_eps) -> "
+                                    "(Tensor perplexity, Tensor tallies)",
+}
+
+
+def schema_arguments(name: str) -> str:
+    """SCHEMAS[name] without the op's name: "(arguments) -> outputs", as torch.library.custom_op takes it."""
+    return SCHEMAS[name].removeprefix(name)
 
 
 def _fake_nearest(z, codebook):

@@ -137,6 +137,8 @@ def _code_vectors_kernel(
             tl.store(codebook_ptr + at, tl.load(ema_sum_ptr + at, mask=mask, other=0.0) * scale[:, None], mask=mask)
 
 
+# Not measured for time (the update is O(K D), next to the search's O(N K D)); static: no spill,
+# state 110 registers, vectors 72-183 (static and moved: scripts/inspect_kernels.py, triton 3.8.0, 2026-12-07; see triton_plan's docstring).
 STATE_BLOCK = 1024  # codes per step of the one-program state kernel
 VECTOR_BLOCKS = dict(BLOCK_K=32, BLOCK_D=64)  # codes and values of D per step of the vectors kernel
 

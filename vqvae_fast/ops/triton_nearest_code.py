@@ -463,6 +463,8 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, want_quantized: bool, stats
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
     outputs = (indices, quantized, row_err, *(stats[:2] if stats else (None, None)), ops.z_inv, ops.code_inv)
     level = stats.level if stats else 0
+    # n_bucket = min(N.bit_length(), 20): one autotuning per power of two of N up to 2^20 rows (not
+    # measured: the tile's best is assumed not to change beyond a million rows).
     args = (z, codebook, *ops[:6], part_score, part_second, part_idx, ops.inexact, ops.row_norm, ops.scratch,
             flag_rows, flag_threshold, *outputs,
             N, D, plan.k_pad, plan.codes_per_split, min(N.bit_length(), 20), *bound, *strides)

@@ -1,6 +1,13 @@
 """The Triton search's plan: how each dtype is scored (Mode, the fp32 precisions and their error
 bound), the machines' tile tables and which tiles fit, codebook splits, and the launch
-parameters of every forward kernel. Plain Python: nothing here launches anything."""
+parameters of every forward kernel. Plain Python: nothing here launches anything.
+
+Where the numbers beside the constants come from: "static" is `python scripts/inspect_kernels.py
+--arch sm_90` (and sm_80), triton 3.8.0, run on 2026-12-07 at the shipped values: every kernel
+and kept tile compiles with 0 spill bytes. "Moved" is the same script with only that value
+changed (the kernels it shapes recompiled), which is how a spill that justifies a limit was
+re-checked on 2026-12-07. No GPU timing compares tile shapes or launch sizes: where a value
+says "not measured", it is a reasoned choice, not a tuned one."""
 from __future__ import annotations
 
 import functools
@@ -17,7 +24,13 @@ from . import triton_interpreting as interpreting
 _TL_DTYPE = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
              torch.float16: tl.float16}
 _CODE_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
-RESIDENT_MAX_D = 512  # widest z tile kept resident; wider rows take the split-D path
+# Widest z tile kept resident (loaded once, before the codebook loop; static: no z load inside
+# the loop); wider rows take the split-D path. Not a measured optimum: on the GPUs the limit that
+# binds is shared memory (keep_config). At D_PAD = 1024 no tile of search_configs fits in any mode
+# (shared_bytes_estimate: the smallest, 32 x 64 with 2 stages, needs 328 KB in 16 bits against
+# 227 KB on sm_90 and 163 KB on sm_80), so 512 decides alone only in the interpreter, whose
+# keep_config keeps every tile. Resident against split-D time at one D: not measured.
+RESIDENT_MAX_D = 512
 
 
 class Machine(NamedTuple):
@@ -28,9 +41,13 @@ class Machine(NamedTuple):
     interpreted: bool = False
 
 
+# Hardware, not tuning: SMs and opt-in shared memory per block from the datasheets (what
+# torch.cuda.get_device_properties reports; _cuda_machine reads them on a GPU). These two serve
+# the static checks and plans made without a GPU.
 SM90 = Machine("sm_90", 132, 227 * 1024)  # H100 SXM
 SM80 = Machine("sm_80", 108, 163 * 1024)  # A100
-# The interpreter runs the same plan at toy sizes: 4 "SMs", 16-row, 32-code tiles.
+# The interpreter runs the same plan at toy sizes: 4 "SMs", 16-row, 32-code tiles. Not measured:
+# small so that interpreted tests reach codebook splits and merges at small N.
 INTERPRETER = Machine("interpreter", 4, 227 * 1024, interpreted=True)
 
 
@@ -65,6 +82,10 @@ class Mode(NamedTuple):
 # bf16x3: three bf16 products of split operands (1.5x a TF32 pass of tensor-core time); tf32: one
 # TF32 product (about 10x more rows re-scored: 5-50% at random and k-means-like data, D 8..256);
 # tf32x3: three TF32 products (twice bf16x3's time); ieee: fp32 FMAs (no tensor cores).
+# Why bf16x3 is the default: rows left to re-scoring, measured on the CPU with the kernel's own
+# rounding and bound (benchmarks/settle_rate.py, N = 4096, D 8-256, K 512-16384): bf16x3 0.39-6.79%,
+# tf32 6.88-51.22%, tf32x3 0.07-4.27% (benchmarks/RESULTS.md, "Issue 18 ... fp32 on Triton");
+# the time ratios above are datasheet arithmetic (bf16 at twice the TF32 rate), not GPU timings.
 FP32_PRECISIONS = ("bf16x3", "tf32", "tf32x3", "ieee")
 
 
@@ -125,8 +146,13 @@ def _dot_dtype(mode: Mode, machine: Machine):
 
 def search_configs(machine: Machine) -> list[triton.Config]:
     """Every tile shape the search may use on `machine`, before pruning for a given problem."""
-    if machine.interpreted:
+    if machine.interpreted:  # not measured: tl.dot's least rows (16), cheap to interpret
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    # (BLOCK_N, BLOCK_K, warps, stages): the autotuner's candidates, not a measured ranking. Triton
+    # times every candidate keep_config keeps, per autotune key, at first use on the GPU at hand
+    # (which one won is not recorded). Static: each kept entry compiles without spills within
+    # shared memory for D 16-1024 on sm_90 and sm_80. No entry has been timed against another
+    # (no GPU sweep of tiles was affordable); they are common Triton GEMM tiles.
     table = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2),
              (32, 64, 4, 2)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in table]
@@ -160,15 +186,24 @@ def keep_config(config: triton.Config, machine: Machine, n: int, d_pad: int, blo
         return True
     if shared_bytes_estimate(block_n, block_k, config.num_stages, d_pad, block_d, mode) > machine.shared_bytes:
         return False
+    # 32 tile elements per thread: no entry of today's table exceeds it (each is at most 32 per
+    # thread), so it only guards additions; not measured beyond that.
     if block_n * block_k > 32 * 32 * config.num_warps:
         return False
+    # fp64: 32-row tiles, 2 stages. Moved (this rule dropped): 64- and 128-row tiles spill 24-80 bytes
+    # on sm_90 and 8-88 on sm_80 (fp64, D 64-1024).
     if mode.acc == torch.float64 and (config.num_stages > 2 or block_n > 32):
         return False
+    # Three dots per chunk of D (split operands, 16-bit re-scoring) on the split-D path. Moved (this
+    # rule dropped): bf16x3 tiles above 64 x 32 spill 96-456 bytes on sm_90 and 16-232 on sm_80 (D 512,
+    # 1024); the 16-bit re-scoring then takes 128 x 64, 32 bytes on sm_80.
     three_dots = mode.split or mode.z_terms == 3
     if three_dots and block_d < d_pad and block_n * block_k > 64 * 32:
         return False
     # The resident split z tile lives in registers: bf16x3 with 64 x 64 tiles spills at D = 256
     # on sm_90 (255 registers + 56 bytes) and at D = 128 on sm_80 (8-16 bytes); 64 x 32 does not.
+    # First seen in commit ff65eca; moved (this rule dropped): sm_90 D = 256, 64 x 64: 56 bytes
+    # (quantize), 64 (cosine), 72 (nearest); sm_80 D = 128, 64 x 64: 8-16 bytes (nearest).
     z_row_bytes = d_pad * mode.z_terms * (torch.finfo(mode.code).bits // 8)
     if mode.settle and block_d == d_pad and z_row_bytes >= 512 and block_n * block_k > 64 * 32:
         return False
@@ -183,6 +218,9 @@ def d_tiling(d: int, mode: Mode, machine: Machine) -> tuple[int, int]:
     if d_pad <= RESIDENT_MAX_D and any(keep_config(c, machine, 1 << 20, d_pad, d_pad, mode)
                                        for c in search_configs(machine)):
         return d_pad, d_pad
+    # The 32 (fp64; fp32 in the tf32, tf32x3 and ieee precisions): from commit 091b6e3's reading of
+    # sm_80. Moved to 64, fp64 compiles without a spill on sm_90 and sm_80 (236-248 registers); the
+    # fp32-operand precisions are not compiled by the script; time not measured either way.
     block_d = 64 if mode.code.itemsize == 2 else 32
     return triton.cdiv(d, block_d) * block_d, block_d
 
@@ -199,6 +237,8 @@ def split_plan(n: int, k_pad: int, machine: Machine) -> tuple[int, int]:
     (k-means init and eval batches), in parts that start on code_align so that a (row, code)
     score is the same whatever the split."""
     align = code_align(machine)
+    # Not measured: split below one row block per SM (row blocks counted at twice the smallest
+    # BLOCK_N), aiming at two programs per SM.
     rows_per_block = min(c.kwargs["BLOCK_N"] for c in search_configs(machine)) * 2
     row_blocks = triton.cdiv(n, rows_per_block)
     chunks = k_pad // align
@@ -243,14 +283,17 @@ def search_meta(plan: SearchPlan, mode: Mode, *, want_quantized: bool, want_stat
 
 def gather_chunk(normalize: bool) -> int:
     """Values of D per step of a search's epilogue (the gather, the row errors and sums): 32 for
-    the cosine search, whose normalised rows spilled at 64 (bf16, 32 x 64 tiles, sm_90)."""
+    the cosine search, whose normalised rows spilled at 64 (bf16, 32 x 64 tiles, sm_90).
+    Moved to 64 for cosine: 8 bytes in the bf16 search (32 x 64, D = 256, sm_90) and in the fp16
+    merge (sm_90, sm_80). 64 for the Euclidean epilogue: static; wider not tried."""
     return 32 if normalize else 64
 
 
 def rescoring_plan(plan: SearchPlan) -> tuple[SearchPlan, triton.Config]:
     """The rare 16-bit re-scoring pass: z in three terms, so chunks of at most 32 values of D
     (three resident wide tiles would not fit, and on sm_80 every operand passes through
-    registers: scripts/inspect_kernels.py), and the first tile shape that fits."""
+    registers: scripts/inspect_kernels.py), and the first tile shape that fits. The 32: from
+    commit 091b6e3, which gives no numbers; static at 32 on both machines; 64 not re-checked."""
     rescoring = plan._replace(mode=mode_for(plan.mode.code, rescoring=True), block_d=min(plan.d_pad, 32))
     configs = search_configs(plan.machine)
     fitting = [c for c in configs if keep_config(c, plan.machine, 1 << 20, rescoring.d_pad, rescoring.block_d,
@@ -261,7 +304,10 @@ def rescoring_plan(plan: SearchPlan) -> tuple[SearchPlan, triton.Config]:
 def rescore_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0, normalize: bool = False) -> dict:
     """`_rescore_kernel`'s tile: 16 flagged rows (tl.dot's least), 32 codes, chunks of D as the
     split-D search takes them, and (16, 32, 4) float64 differences for the exact distances
-    (8 spill 16 bytes on sm_90 at D = 256)."""
+    (8 spill 16 bytes on sm_90 at D = 256). Moved to 8: sm_80 spills 8-32 bytes (D 16-128);
+    sm_90 now compiles it at 252-254 registers without a spill (the 16 bytes were an earlier
+    Triton's). Cosine moved to 4: 8 bytes at D = 16 (sm_90, sm_80). BLOCK_K = 32: not measured
+    (few rows come here: 0.4-7% of N, RESULTS.md "Issue 18 ... fp32 on Triton")."""
     mode = plan.mode
     block_d = min(plan.d_pad, 64 if mode.code.itemsize == 2 else 32)
     exact_d = 2 if normalize else 4  # the cosine distances' normalised chunks: 4 spilled 8 bytes (fp32, sm_90)
@@ -271,23 +317,27 @@ def rescore_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0, no
                 GATHER_D=min(block_d, gather_chunk(normalize)), NORMALIZE=normalize)
 
 
-RESCORE_WARPS = 8  # with 4, its (16, 32) tiles and float64 differences spilled 8-16 bytes
+# With 4, its (16, 32) tiles and float64 differences spilled 8-16 bytes. Moved to 4: sm_90 8-24
+# bytes (D 16, 256, 1024; the cosine form the most), sm_80 8-16 bytes (D 16-1024).
+RESCORE_WARPS = 8
 
 
 def rescore_programs(n: int, machine: Machine) -> int:
-    """A fixed grid (no host sync on the flagged count): enough programs to fill the GPU."""
+    """A fixed grid (no host sync on the flagged count): enough programs to fill the GPU (4 per
+    SM: not measured)."""
     return max(1, min(triton.cdiv(n, 16), 4 * machine.num_sms))
 
 
 def merge_meta(plan: SearchPlan, want_quantized: bool, want_stats: int = 0, normalize: bool = False) -> dict:
-    """64 rows at a time; fp64 in chunks of 32 values of D (64 spilled 48 bytes with the sums, sm_90)."""
+    """64 rows at a time; fp64 in chunks of 32 values of D (64 spilled 48 bytes with the sums, sm_90).
+    Moved to 64: 48 bytes (cosine 168) on sm_90 and sm_80. The 64 rows: not measured."""
     return dict(BLOCK_N=16 if plan.machine.interpreted else 64,
                 BLOCK_D=min(plan.block_d, 32 if plan.mode.acc == torch.float64 else gather_chunk(normalize)),
                 ACC_DTYPE=_TL_DTYPE[plan.mode.acc], SETTLE=plan.mode.settle, WANT_QUANTIZED=want_quantized,
                 WANT_STATS=want_stats, NORMALIZE=normalize)
 
 
-LOSS_BLOCK = 1024  # row errors summed per step of the loss kernel
+LOSS_BLOCK = 1024  # row errors summed per step of the one-program loss kernel; not measured (static: 44 registers)
 
 
 class CodeStats(NamedTuple):

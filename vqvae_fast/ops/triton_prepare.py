@@ -315,7 +315,7 @@ class Operands(NamedTuple):
     z_inv: torch.Tensor | None  # normalize: (N,) fp64 1 / max(|z|, eps)
 
 
-Z_STAT_PROGRAMS = 64  # most programs reading z for its largest entry
+Z_STAT_PROGRAMS = 64  # most programs reading z for its largest entry; not measured (one per 1024 rows up to it)
 
 
 class PrepareLaunch(NamedTuple):
@@ -331,14 +331,22 @@ class PrepareLaunch(NamedTuple):
 def prepare_launch(plan: SearchPlan, k: int = 1, n: int = 1, normalize: bool = False) -> PrepareLaunch:
     arange_d = triton.next_power_of_2(plan.d_pad)
     mode = plan.mode
-    block_r = max(1, min(64, 8192 // arange_d))  # a (BLOCK_R, arange_d) tile: 8192 values
+    # a (BLOCK_R, arange_d) tile: 8192 values. Not measured for time; static: no spill at D 64 and
+    # 1024 (116-242 registers, sm_90 and sm_80) (static and moved: scripts/inspect_kernels.py, triton 3.8.0, 2026-12-07; see triton_plan's docstring)
+    block_r = max(1, min(64, 8192 // arange_d))
     meta = dict(BLOCK_R=block_r, D_PAD=arange_d, ACC_DTYPE=_TL_DTYPE[mode.acc], CODE_DTYPE=_TL_DTYPE[mode.code],
                 PRECISION=mode.precision, SPLIT=mode.split, NARROW_CENTRE=mode.narrow_centre,
                 FLAG_INEXACT=mode.flag_inexact, SCALE=mode.scale, SETTLE=mode.settle,
                 CODE_MAX=_CODE_MAX.get(mode.code, 0.0), Z_STAT_PROGRAMS=Z_STAT_PROGRAMS, NORMALIZE=normalize)
-    # 32 x 64 spilled 8 bytes (fp16, sm_90); 16 x 64 with the cosine's norms, 16 bytes
+    # 32 x 64 spilled 8 bytes (fp16, sm_90); 16 x 64 with the cosine's norms, 16 bytes. Re-checked
+    # by moving the cosine's 8 to 16: 16 bytes (fp16, D = 64, sm_90). The 32 x 64 case: not
+    # re-checked (at D >= 64 the 1024 // D cap already gives 16 or fewer rows).
     stats_rows = max(1, min(8 if normalize else 16, 1024 // arange_d))
+    # RESULTS.md "Issue 18 ... fp32 on Triton" recorded 4 warps spilling 176 bytes at D >= 1024;
+    # moved to 4 on 2026-12-07, D = 1024 no longer spills (94-124 registers, sm_90): kept for the
+    # fp64 vectors' sake, its time not measured.
     stats_warps = max(4, min(16, arange_d // 128))
+    # code statistics: one program per 256 codes, at most 32; z: per 1024 rows. Not measured.
     return PrepareLaunch(arange_d, min(32, triton.cdiv(k, 256)), min(Z_STAT_PROGRAMS, triton.cdiv(max(n, 1), 1024)),
                          stats_rows, stats_warps,
                          triton.cdiv(plan.k_pad, block_r), meta)
