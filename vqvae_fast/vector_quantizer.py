@@ -139,6 +139,17 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, backend: str = "auto", *,
     return centroids
 
 
+def channel_dim(x: torch.Tensor, dim: int, channels_last: bool | None) -> int:
+    """The dim of x holding the `dim` channels: 1 for 4-D input unless channels_last, else the
+    last; InputError naming the expected layout when its size is not `dim`."""
+    channels_first = x.dim() == 4 if channels_last is None else not channels_last
+    found = 1 if channels_first else x.dim() - 1
+    if x.dim() < 1 or x.shape[found] != dim:
+        layout = "(B, dim, H, W)" if channels_first else "(..., dim)"
+        raise InputError(f"expected input of layout {layout} with dim={dim}, got shape {tuple(x.shape)}")
+    return found
+
+
 class VectorQuantizer(nn.Module):
     """Learned codebook of `num_codes` vectors of size `dim`, with straight-through gradients.
 
@@ -227,12 +238,7 @@ class VectorQuantizer(nn.Module):
         self._needs_init = not bool(self.initialized)
 
     def _channel_dim(self, x: torch.Tensor) -> int:
-        channels_first = x.dim() == 4 if self.channels_last is None else not self.channels_last
-        channel_dim = 1 if channels_first else x.dim() - 1
-        if x.dim() < 1 or x.shape[channel_dim] != self.dim:
-            layout = "(B, dim, H, W)" if channels_first else "(..., dim)"
-            raise InputError(f"expected input of layout {layout} with dim={self.dim}, got shape {tuple(x.shape)}")
-        return channel_dim
+        return channel_dim(x, self.dim, self.channels_last)
 
     def code_vectors(self) -> torch.Tensor:
         """(num_codes, dim) the codes as `quantized` returns them (normalised for cosine; the triton

@@ -1,0 +1,200 @@
+"""Residual quantization (vqvae_fast.residual_quantize and ResidualVectorQuantizer) against a
+plain float64 loop, stage by stage, on every backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ALL_BACKENDS, assert_nearest, backend_device, distance_rtol
+from vqvae_fast import (InputError, ResidualVectorQuantizer, residual_decode, residual_nearest_code,
+                        residual_quantize)
+
+SHAPES = ((53, 3, 19, 7), (1, 1, 1, 4), (0, 2, 5, 3), (40, 4, 33, 65))  # N, S, K, D
+
+
+def stacked_codebooks(s, k, d, dtype, device):
+    """Each stage's codes at a smaller scale, as trained residual codebooks are."""
+    scales = 0.5 ** torch.arange(s, dtype=torch.float64)
+    return (torch.randn(s, k, d, dtype=torch.float64) * scales[:, None, None]).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_every_stage_finds_the_nearest_code_of_its_residual(backend, shape, dtype):
+    n, s, k, d = shape
+    device = backend_device(backend)
+    z = torch.randn(n, d, device=device).to(dtype)
+    books = stacked_codebooks(s, k, d, dtype, device)
+    out = residual_quantize(z, books, beta=0.3, backend=backend)
+    assert out.indices.shape == (n, s) and out.indices.dtype == torch.int64
+    assert out.stage_losses.shape == (s,) and out.loss.shape == ()
+    residual = z
+    expected_total = torch.zeros(n, d, dtype=torch.float64)
+    for stage in range(s):
+        idx = out.indices[:, stage]
+        # exact for fp32/fp64 (and cpu/reference), 2e-5 for 16-bit triton: the single-stage rule
+        assert_nearest(residual.cpu(), books[stage].cpu(), idx.cpu(), distance_rtol(backend, dtype))
+        chosen = books[stage][idx]
+        if n:
+            mse = (chosen.double() - residual.double()).square().mean()
+            torch.testing.assert_close(out.stage_losses[stage].double().cpu(), (1.3 * mse).cpu(),
+                                       rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-7)
+        expected_total += chosen.double().cpu()
+        residual = (z.float() - expected_total.float().to(z.device)).to(dtype)  # as the op forms it
+    torch.testing.assert_close(out.quantized.double().cpu(), expected_total,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    torch.testing.assert_close(out.loss, out.stage_losses.sum(), equal_nan=True)  # N = 0: NaN (a mean over nothing)
+    assert torch.equal(residual_nearest_code(z, books, backend=backend), out.indices)
+    if n:
+        torch.testing.assert_close(residual_decode(out.indices, books).double().cpu(), expected_total,
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gradient", ("ste", "rotation"))
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_gradients_match_the_reference(backend, gradient):
+    """float64: straight through of the sum (or rotated to it), every stage's commitment term
+    to z and codebook term to its codebook, as the plain-PyTorch composition gives them."""
+    device = backend_device(backend)
+    z = torch.randn(37, 6, dtype=torch.float64, device=device, requires_grad=True)
+    books = stacked_codebooks(3, 11, 6, torch.float64, device).requires_grad_()
+    weight = torch.randn(37, 6, dtype=torch.float64, device=device)
+    grads = []
+    for name in (backend, "reference"):
+        out = residual_quantize(z, books, beta=0.4, backend=name, gradient=gradient)
+        grads.append(torch.autograd.grad((out.quantized * weight).sum() + 2.0 * out.loss, (z, books)))
+    for ours, expected in zip(*grads):
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    if gradient == "ste":  # the sum passes its gradient to z once, plus every stage's commitment term
+        out = residual_quantize(z, books, beta=0.4, backend=backend)
+        (grad_z,) = torch.autograd.grad((out.quantized * weight).sum(), (z,))
+        torch.testing.assert_close(grad_z, weight)
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_gradcheck_of_the_composed_op(backend):
+    """float64 gradcheck where the gradient is a true derivative (as test_quantize_grad does for
+    one stage): beta * the commitment terms, loss(beta) - loss(0), w.r.t. z (r_s = z - sg[...]
+    moves with z one for one), and the codebook terms (beta = 0) w.r.t. the last codebook (no
+    later stage sees it). The rest is stopped by definition, as in every residual quantizer."""
+    device = backend_device(backend)
+    z = torch.randn(9, 4, dtype=torch.float64, device=device, requires_grad=True)
+    first, last = stacked_codebooks(2, 5, 4, torch.float64, device).unbind(0)
+
+    def commitment(x):
+        books = [first, last]
+        return (residual_quantize(x, books, beta=0.7, backend=backend).loss
+                - residual_quantize(x, books, beta=0.0, backend=backend).loss)
+
+    def codebook_terms(e):
+        return residual_quantize(z.detach(), [first, e], beta=0.0, backend=backend).loss
+
+    assert torch.autograd.gradcheck(commitment, (z,))
+    assert torch.autograd.gradcheck(codebook_terms, (last.clone().requires_grad_(),))
+
+
+def test_per_stage_codebook_sizes_and_fewer_stages():
+    z = torch.randn(30, 5)
+    books = [torch.randn(16, 5), torch.randn(4, 5) * 0.5, torch.randn(9, 5) * 0.25]
+    full = residual_quantize(z, books, backend="cpu")
+    two = residual_quantize(z, books, backend="cpu", stages=2)
+    assert full.indices.shape == (30, 3) and two.indices.shape == (30, 2)
+    assert torch.equal(two.indices, full.indices[:, :2]) and bool((full.indices[:, 1] < 4).all())
+    assert torch.equal(residual_decode(two.indices, books), residual_decode(full.indices[:, :2], books))
+
+
+def test_bad_input_is_named():
+    z = torch.randn(8, 4)
+    with pytest.raises(InputError, match=r"\(S, K, D\)"):
+        residual_quantize(z, torch.randn(5, 4))
+    with pytest.raises(InputError, match="S = 0"):
+        residual_quantize(z, [])
+    with pytest.raises(InputError, match="stage 1: D mismatch"):
+        residual_quantize(z, [torch.randn(3, 4), torch.randn(3, 5)])
+    with pytest.raises(InputError, match="stage 0: dtype mismatch"):
+        residual_quantize(z, torch.randn(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(InputError, match=r"stages must be an int in \[1, 2\]"):
+        residual_quantize(z, torch.randn(2, 3, 4), stages=3)
+    with pytest.raises(InputError, match=r"indices must be in \[0, 3\)"):
+        residual_decode(torch.tensor([[0, 3]]), torch.randn(2, 3, 4))
+    with pytest.raises(InputError, match="S' <= 2"):
+        residual_decode(torch.zeros(1, 3, dtype=torch.long), torch.randn(2, 3, 4))
+
+
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    z, books = torch.randn(20, 6), stacked_codebooks(3, 8, 6, torch.float32, "cpu")
+    compiled = torch.compile(lambda a, b: residual_quantize(a, b, backend="cpu"), fullgraph=True)
+    eager = residual_quantize(z, books, backend="cpu")
+    for a, b in zip(compiled(z, books), eager):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_module_matches_the_functional_op(backend):
+    device = backend_device(backend)
+    rvq = ResidualVectorQuantizer(3, 12, 6, beta=0.3, backend=backend).to(device)
+    x = torch.randn(2, 6, 4, 5, device=device, requires_grad=True)  # (B, dim, H, W)
+    out = rvq(x)
+    assert out.quantized.shape == x.shape and out.indices.shape == (2, 4, 5, 3)
+    flat = x.detach().permute(0, 2, 3, 1).reshape(-1, 6)
+    books = torch.stack([c.detach() for c in rvq.codebooks()])
+    expected = residual_quantize(flat, books, beta=0.3, backend=backend)
+    assert torch.equal(out.indices.reshape(-1, 3), expected.indices)
+    torch.testing.assert_close(out.quantized.detach().permute(0, 2, 3, 1).reshape(-1, 6), expected.quantized)
+    torch.testing.assert_close(out.stage_losses, expected.stage_losses)
+    out.loss.backward()
+    assert x.grad is not None and all(c.grad is not None for c in rvq.codebooks())
+    assert out.perplexity.shape == (3,) and out.codes_used.dtype == torch.int64
+    assert torch.equal(rvq.encode(x), out.indices)
+    torch.testing.assert_close(rvq.decode(out.indices), out.quantized.detach().permute(0, 2, 3, 1))
+
+
+def test_kmeans_init_runs_stage_by_stage_on_the_residuals():
+    """Stage s is initialised from what the initialised stages before it leave: each stage's
+    codes are smaller than the previous stage's, and the error falls with every stage."""
+    torch.manual_seed(0)
+    rvq = ResidualVectorQuantizer(3, 16, 4, kmeans_init=True, ema_decay=0.9, channels_last=True, backend="cpu")
+    x = torch.randn(512, 4) * 3
+    rvq(x)
+    scales = [float(c.norm(dim=1).mean()) for c in rvq.codebooks()]
+    assert scales[0] > scales[1] > scales[2], scales
+    rvq.eval()
+    errors = [float((rvq.decode(rvq.encode(x, num_stages=s)) - x).square().mean()) for s in (1, 2, 3)]
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_quantizer_dropout_draws_prefixes_and_resumes():
+    rvq = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=1.0, channels_last=True, backend="cpu", seed=5)
+    x = torch.randn(50, 3)
+    counts = []
+    for _ in range(12):
+        out = rvq(x)
+        active = int((out.indices[0] >= 0).sum())
+        assert bool((out.indices[:, :active] >= 0).all()) and bool((out.indices[:, active:] == -1).all())
+        assert bool((out.stage_losses[active:] == 0).all())
+        counts.append(active)
+    assert len(set(counts)) > 1 and min(counts) >= 1
+    state = rvq.state_dict()
+    again = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=1.0, channels_last=True, backend="cpu", seed=5)
+    again.load_state_dict(state)
+    assert [int((again(x).indices[0] >= 0).sum()) for _ in range(5)] == \
+        [int((rvq(x).indices[0] >= 0).sum()) for _ in range(5)]
+    rvq.eval()
+    assert bool((rvq(x).indices >= 0).all())  # no dropout outside training
+
+
+def test_module_bad_settings():
+    with pytest.raises(ValueError, match="num_stages"):
+        ResidualVectorQuantizer(0, 8, 3)
+    with pytest.raises(ValueError, match="quantizer_dropout"):
+        ResidualVectorQuantizer(2, 8, 3, quantizer_dropout=1.5)
+    rvq = ResidualVectorQuantizer(2, 8, 3, channels_last=True)
+    with pytest.raises(InputError, match=r"num_stages must be an int in \[1, 2\]"):
+        rvq(torch.randn(4, 3), num_stages=3)
+    with pytest.raises(InputError, match="dim=3"):
+        rvq(torch.randn(4, 5))

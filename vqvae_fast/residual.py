@@ -1,0 +1,133 @@
+"""Residual quantization: a stack of codebooks, each quantizing what the stages before it left.
+
+    r_0 = z,  e_s = nearest code of r_s in codebook s,  r_{s+1} = r_s - e_s
+
+`quantized` is the sum of the stages' codes, passed straight through to z (the gradient of the
+sum reaches z once, as EnCodec's implementation does; vector-quantize-pytorch's ResidualVQ
+passes it once per stage); stage s's loss is mean((e_s - sg[r_s])^2) + beta * mean((r_s -
+sg[e_s])^2), with r_s = z - sg[e_0 + ... + e_{s-1}], so every stage's commitment term reaches z
+and its codebook term reaches codebook s.
+
+Each stage is the single-stage op of the chosen backend (`quantize`, `nearest_code`), so every
+stage's argmin obeys that backend's precision table; the residual is formed in torch between
+stages (not yet fused into one kernel).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from . import reference
+from .functional import InputError, check_inputs, check_options, nearest_code, quantize, resolve_backend
+
+
+class ResidualQuantizeOutput(NamedTuple):
+    quantized: torch.Tensor  # (N, D) sum of the stages' codes; straight-through (or rotated) gradient to z
+    indices: torch.Tensor  # (N, S) int64, stage by stage
+    loss: torch.Tensor  # () the sum of the stage losses
+    stage_losses: torch.Tensor  # (S,) each stage's codebook loss + beta * commitment loss
+
+
+Codebooks = torch.Tensor | Sequence[torch.Tensor]
+
+
+def as_codebooks(z: torch.Tensor, codebooks: Codebooks, stages: int | None = None) -> list[torch.Tensor]:
+    """The first `stages` codebooks (all when None) as a list of (K_s, D) tensors, each checked
+    against z; a (S, K, D) tensor gives views of it (gradients reach the stacked tensor)."""
+    if isinstance(codebooks, torch.Tensor):
+        if codebooks.dim() != 3:
+            raise InputError(f"codebooks must be (S, K, D) or a list of (K, D) tensors, got shape "
+                             f"{tuple(codebooks.shape)}")
+        books = list(codebooks.unbind(0))
+    elif isinstance(codebooks, (list, tuple)) and all(isinstance(c, torch.Tensor) for c in codebooks):
+        books = list(codebooks)
+    else:
+        raise InputError(f"codebooks must be a (S, K, D) tensor or a list of (K, D) tensors, got "
+                         f"{type(codebooks).__name__}")
+    if not books:
+        raise InputError("codebooks is empty (S = 0): there is no stage to quantize with")
+    if stages is not None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= len(books):
+            raise InputError(f"stages must be an int in [1, {len(books)}], got {stages!r}")
+        books = books[:stages]
+    for s, book in enumerate(books):
+        try:
+            check_inputs(z, book)
+        except InputError as error:
+            raise InputError(f"stage {s}: {error}") from None
+    return books
+
+
+def _stages(z: torch.Tensor, books: list[torch.Tensor], quantize_stage):
+    """Runs quantize_stage(residual, codebook) -> (chosen codes, indices, loss or None) stage by
+    stage; returns (sum of the chosen codes in z's dtype, [indices], [losses]). The sum is kept in
+    at least fp32 and each residual is formed from it (16-bit inputs: one rounding each)."""
+    total = z.new_zeros(z.shape, dtype=torch.promote_types(z.dtype, torch.float32))
+    indices, losses = [], []
+    for book in books:
+        residual = (z.to(total.dtype) - total).to(z.dtype)  # r_s = z - sg[e_0 + ... + e_{s-1}]
+        chosen, idx, loss = quantize_stage(residual, book)
+        total = total + chosen.detach()
+        indices.append(idx)
+        losses.append(loss)
+    return total.to(z.dtype), indices, losses
+
+
+def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.25, backend: str = "auto",
+                      gradient: str = "ste", stages: int | None = None) -> ResidualQuantizeOutput:
+    """Residual quantization of z (N, D) with codebooks (S, K, D), or a list of (K_s, D).
+
+    Args:
+        beta: weight of each stage's commitment loss.
+        backend: as `quantize` ("auto", "triton", "cpu", "reference").
+        gradient: "ste", or "rotation" (the rotation trick from z to the sum of the codes).
+        stages: use only the first `stages` codebooks (bitrate scalability); all by default.
+
+    Returns ResidualQuantizeOutput(quantized (N, D), indices (N, S), loss (), stage_losses (S,)):
+    see the module docstring for the formulas.
+    """
+    check_options(beta, gradient)
+    books = as_codebooks(z, codebooks, stages)
+    backend = resolve_backend(backend, z.device)
+    total, indices, losses = _stages(z, books, lambda r, book: quantize(r, book, beta=beta, backend=backend))
+    straight = reference._Rotation if gradient == "rotation" else reference._StraightThrough
+    quantized = straight.apply(z, total)  # bit for bit the sum; its gradient goes to z
+    stage_losses = torch.stack(losses)
+    return ResidualQuantizeOutput(quantized, torch.stack(indices, dim=1), stage_losses.sum(), stage_losses)
+
+
+def residual_nearest_code(z: torch.Tensor, codebooks: Codebooks, *, backend: str = "auto",
+                          stages: int | None = None) -> torch.Tensor:
+    """(N, S) int64 codes of z, stage by stage, as `residual_quantize` finds them (encoding only:
+    no loss, no gradient)."""
+    books = as_codebooks(z, codebooks, stages)
+    backend = resolve_backend(backend, z.device)
+
+    def nearest(residual, book):
+        idx = nearest_code(residual, book, backend=backend)
+        return book.detach()[idx], idx, None
+
+    with torch.no_grad():
+        _, indices, _ = _stages(z, books, nearest)
+    return torch.stack(indices, dim=1)
+
+
+def residual_decode(indices: torch.Tensor, codebooks: Codebooks) -> torch.Tensor:
+    """(N, D) the sum of the codes `indices` (N, S') picks, S' <= S (the first S' stages); an
+    index of -1 (a stage left out, e.g. by quantizer dropout) adds nothing."""
+    books = list(codebooks.unbind(0)) if isinstance(codebooks, torch.Tensor) else list(codebooks)
+    if indices.dim() != 2 or indices.shape[1] > len(books):
+        raise InputError(f"indices must be (N, S') with S' <= {len(books)} stages, got shape {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"indices must be int64 or int32, got {indices.dtype}")
+    out = books[0].new_zeros(indices.shape[0], books[0].shape[1],
+                             dtype=torch.promote_types(books[0].dtype, torch.float32))  # rounded once, at the end
+    for s in range(indices.shape[1]):
+        idx = indices[:, s].long()
+        k = books[s].shape[0]
+        if bool(((idx < -1) | (idx >= k)).any()):
+            raise InputError(f"stage {s}: indices must be in [0, {k}) (or -1 for a stage left out)")
+        used = idx >= 0
+        out = out + torch.where(used[:, None], books[s][idx.clamp_min(0)], 0.0)
+    return out.to(books[0].dtype)

@@ -1,0 +1,143 @@
+"""ResidualVectorQuantizer: a stack of VectorQuantizers, each quantizing the residual the stages
+before it left (the quantizer of neural audio codecs and RQ-VAEs)."""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from . import reference
+from .functional import InputError, check_options
+from .residual import residual_decode
+from .vector_quantizer import VectorQuantizer, channel_dim
+
+
+class RVQOutput(tuple):
+    """(quantized, indices, loss), with per-stage statistics as attributes.
+
+    Unpacks as three values: quantized (input's layout), indices (input's layout without the
+    channel dim, plus a last dim of S stages; -1 for a stage quantizer dropout left out), loss
+    (the sum of the stage losses). `stage_losses`, `perplexity`, `codes_used` and `dead_codes`
+    are (S,) tensors (0 for a stage left out of this step).
+    """
+
+    def __new__(cls, quantized, indices, loss, stage_losses, perplexity, codes_used, dead_codes):
+        out = super().__new__(cls, (quantized, indices, loss))
+        out.stage_losses, out.perplexity, out.codes_used, out.dead_codes = (stage_losses, perplexity, codes_used,
+                                                                           dead_codes)
+        return out
+
+    quantized = property(lambda self: self[0])
+    indices = property(lambda self: self[1])
+    loss = property(lambda self: self[2])
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """`num_stages` codebooks of `num_codes` vectors of size `dim`, each quantizing the residual
+    of the stages before it; `quantized` is the sum of the stages' codes.
+
+    Gradients and losses as `vqvae_fast.residual_quantize` (straight through of the sum to the
+    input, or the rotation trick; each stage's codebook and commitment terms). Every stage is a
+    VectorQuantizer, with its own codebook health (`ema_decay`, `kmeans_init`, `restart_dead`,
+    `dead_threshold`, `usage_decay`, torch.distributed `sync`): k-means initialises stage s from
+    the residuals of the already initialised stages before it, and usage, perplexity and dead
+    codes are kept per stage.
+
+    quantizer_dropout: in training, with this probability a step uses only a random prefix of
+        1..S stages (SoundStream, DAC), so that fewer stages decode well too (bitrate scalability).
+        The draws are a function of the module's step count (kept in its state dict), so every
+        torch.distributed rank draws the same prefix.
+    num_stages (forward, encode): quantize with the first stages only, at inference.
+
+    Input layout as VectorQuantizer: (B, dim, H, W) unless channels_last=True, else (..., dim).
+    """
+
+    def __init__(self, num_stages: int, num_codes: int, dim: int, beta: float = 0.25, *, backend: str = "auto",
+                 channels_last: bool | None = None, quantizer_dropout: float = 0.0, ema_decay: float | None = None,
+                 kmeans_init: bool = False, kmeans_iters: int = 10, restart_dead: bool = False,
+                 dead_threshold: float = 0.1, usage_decay: float = 0.9, gradient: str = "ste",
+                 sync: bool | None = None, seed: int = 0):
+        super().__init__()
+        check_options(beta, gradient)
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+        if not 0.0 <= quantizer_dropout <= 1.0:
+            raise ValueError(f"quantizer_dropout must be in [0, 1], got {quantizer_dropout}")
+        self.num_stages, self.num_codes, self.dim, self.beta = num_stages, num_codes, dim, beta
+        self.channels_last, self.gradient = channels_last, gradient
+        self.quantizer_dropout, self.seed = quantizer_dropout, seed
+        self.stages = nn.ModuleList(
+            VectorQuantizer(num_codes, dim, beta, backend=backend, channels_last=True, ema_decay=ema_decay,
+                            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, restart_dead=restart_dead,
+                            dead_threshold=dead_threshold, usage_decay=usage_decay, sync=sync)
+            for _ in range(num_stages))
+        self._dropout_draws = 0  # training steps that drew a prefix (extra state: resuming keeps the draws)
+
+    def extra_repr(self) -> str:
+        extras = f", quantizer_dropout={self.quantizer_dropout}" if self.quantizer_dropout else ""
+        extras += f", gradient={self.gradient!r}" if self.gradient != "ste" else ""
+        return f"num_stages={self.num_stages}, num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}{extras}"
+
+    def get_extra_state(self) -> dict:
+        return {"dropout_draws": self._dropout_draws}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._dropout_draws = int(state["dropout_draws"])
+
+    def codebooks(self) -> list[torch.Tensor]:
+        """The stages' (num_codes, dim) codebooks, in order."""
+        return [stage.codebook for stage in self.stages]
+
+    def _active_stages(self, update: bool, num_stages: int | None) -> int:
+        if num_stages is not None:
+            if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= self.num_stages:
+                raise InputError(f"num_stages must be an int in [1, {self.num_stages}], got {num_stages!r}")
+            return num_stages
+        if not (update and self.quantizer_dropout > 0):
+            return self.num_stages
+        draw = random.Random(self.seed * 1_000_003 + self._dropout_draws)
+        self._dropout_draws += 1
+        if draw.random() >= self.quantizer_dropout:
+            return self.num_stages
+        return draw.randint(1, self.num_stages)
+
+    def forward(self, x: torch.Tensor, *, update: bool | None = None, num_stages: int | None = None) -> RVQOutput:
+        """Quantize x with the first `num_stages` stages (default: all, or in training a prefix
+        quantizer dropout draws); `update` (default: self.training) runs each active stage's
+        init, running statistics, EMA and restarts."""
+        update = self.training if update is None else update
+        channels = channel_dim(x, self.dim, self.channels_last)
+        moved = x.movedim(channels, -1)
+        flat = moved.reshape(-1, self.dim)
+        active = self._active_stages(update, num_stages)
+        total = flat.new_zeros(flat.shape).detach()
+        indices, losses, stats = [], [], []
+        for stage in self.stages[:active]:
+            out = stage(flat - total, update=update)  # r_s = x - sg[e_0 + ... + e_{s-1}]
+            total = total + out.quantized.detach().to(flat.dtype)
+            indices.append(out.indices)
+            losses.append(out.loss.float())
+            stats.append(torch.stack([out.perplexity.float(), out.codes_used.float(), out.dead_codes.float()]))
+        straight = reference._Rotation if self.gradient == "rotation" else reference._StraightThrough
+        quantized = straight.apply(flat, total)  # bit for bit the sum; its gradient goes to x
+        skipped = self.num_stages - active
+        index = torch.stack(indices, dim=-1)
+        if skipped:
+            index = torch.cat([index, index.new_full((*index.shape[:-1], skipped), -1)], dim=-1)
+        stage_losses = torch.cat([torch.stack(losses), flat.new_zeros(skipped, dtype=torch.float32)])
+        stats = torch.cat([torch.stack(stats), flat.new_zeros(skipped, 3, dtype=torch.float32)])
+        quantized = quantized.reshape(moved.shape).movedim(-1, channels)
+        return RVQOutput(quantized, index.reshape(*moved.shape[:-1], self.num_stages), stage_losses.sum(),
+                         stage_losses, stats[:, 0], stats[:, 1].long(), stats[:, 2].long())
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, num_stages: int | None = None) -> torch.Tensor:
+        """Codes (input's layout without the channel dim, then num_stages) of x; no state changes."""
+        index = self.forward(x, update=False, num_stages=num_stages or self.num_stages).indices
+        return index[..., :num_stages or self.num_stages]
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """(..., dim) the sum of the codes of `indices` (..., S'), S' <= num_stages (-1: no code)."""
+        flat = indices.reshape(-1, indices.shape[-1])
+        return residual_decode(flat, self.codebooks()).reshape(*indices.shape[:-1], self.dim)
