@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from vqvae_fast.models.vqvae import KINDS, model_kind
 from vqvae_fast.train.generation import class_grid_labels, generate, load_generator, save_labelled_grid
 from vqvae_fast.train.loop import pick_device
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prior", required=True, help="checkpoint.pt of examples/train_prior.py")
-    parser.add_argument("--model", choices=("vqvae", "vqvae2"),
+    parser.add_argument("--model", choices=KINDS,
                         help="optional check: the prior's VQ-VAE must be of this kind")
     parser.add_argument("--per-class", type=int, default=10, help="samples of each class")
     parser.add_argument("--classes", nargs="+", help="class names or numbers (default: every class)")
@@ -69,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--guidance must be >= 0")
     device = pick_device(args.device)
     try:
-        prior, vqvae, class_names, _ = load_generator(args.prior, device)
+        prior, vqvae, class_names, checkpoint = load_generator(args.prior, device)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    kind = "vqvae2" if len(vqvae.quantizers) == 2 else "vqvae"
+    kind = model_kind(checkpoint["vqvae"])
     if args.model and args.model != kind:
         print(f"error: --model {args.model}, but the prior's VQ-VAE is a {kind}", file=sys.stderr)
         return 2

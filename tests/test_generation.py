@@ -1,4 +1,4 @@
-"""The generation pipeline end to end at toy sizes: VQ-VAE (and VQ-VAE-2), codes, prior, samples."""
+"""The generation pipeline end to end at toy sizes: VQ-VAE (VQ-VAE-2, the residual RQ-VAE), codes, prior, samples."""
 from __future__ import annotations
 
 import importlib.util
@@ -29,12 +29,12 @@ def load_example(name: str):
 
 
 VQ_TINY = ["--batch-size", "32", "--num-codes", "16", "--code-dim", "8", "--channels", "16", "--res-channels", "8",
-           "--res-blocks", "1", "--eval-every", "5", "--eval-images", "40", "--quiet"]
+           "--res-blocks", "1", "--eval-every", "5", "--eval-images", "40", "--stages", "3", "--quiet"]
 PRIOR_TINY = ["--steps", "12", "--batch-size", "32", "--dim", "32", "--depth", "1", "--heads", "2", "--eval-every", "6",
               "--warmup", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module", params=["vqvae", "vqvae2"])
+@pytest.fixture(scope="module", params=["vqvae", "vqvae2", "rqvae"])
 def pipeline(request, toy_cifar, tmp_path_factory):
     """(model kind, VQ-VAE checkpoint, prior run folder) after the README's three commands, tiny."""
     root = tmp_path_factory.mktemp(request.param)
@@ -52,7 +52,7 @@ def test_prior_run_writes_what_the_interface_promises(pipeline):
                 "test_bits_per_image", "wall_s"):
         assert key in final, key
     assert final["train_grids"] == 320 and final["test_grids"] == 40  # mirror images' codes included
-    assert len(final["levels"]) == (2 if kind == "vqvae2" else 1)
+    assert len(final["levels"]) == {"vqvae": 1, "vqvae2": 2, "rqvae": 3}[kind]
     lines = [json.loads(line) for line in (prior_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [6, 12]
     assert lines[-1]["test_bits_per_code"] == final["test_bits_per_code"]

@@ -221,3 +221,24 @@ def test_vqvae2_levels_reconstruct_and_checkpoint(tmp_path):
     loaded = load_checkpoint(tmp_path / "two.pt")
     assert isinstance(loaded, VQVAE2) and torch.equal(loaded.reconstruct(x), model.reconstruct(x))
     assert [q.num_codes for q in loaded.quantizers] == [16, 32]
+
+
+def test_residual_vqvae_codes_stages_and_decodes_with_fewer():
+    """VQVAE(stages=S): codes (B, h, w, S); decode of the first stages gives coarser images, all of
+    them gives the reconstruction; the statistics are the stages' mean perplexity and summed usage."""
+    torch.manual_seed(0)
+    model = VQVAE(num_codes=16, code_dim=8, channels=16, res_channels=8, num_res_blocks=1, stages=3,
+                  kmeans_init=True, ema_decay=0.9, quantizer_dropout=0.5)
+    x = torch.rand(4, 3, 32, 32)
+    out = model(x)
+    assert out.indices.shape == (4, 8, 8, 3) and out.perplexity.shape == () and out.codes_used.shape == ()
+    model.eval()
+    codes = model.encode(x)
+    assert codes.shape == (4, 8, 8, 3) and bool((codes >= 0).all())
+    torch.testing.assert_close(model.decode(codes), model.reconstruct(x))
+    assert model.decode(codes[..., :1]).shape == x.shape
+    assert [grid.shape for grid in model.encode_levels(x)] == [(4, 8, 8)] * 3
+    torch.testing.assert_close(model.decode_levels(model.encode_levels(x)), model.reconstruct(x))
+    assert len(model.quantizers) == 3 and model.config["stages"] == 3
+    with pytest.raises(InputError, match="stages"):
+        VQVAE(stages=0)

@@ -340,3 +340,17 @@ def test_the_checkpoint_keeps_the_typed_settings(full_run):
     saved = torch.load(full_run / "checkpoint.pt", weights_only=True)["args"]
     config = TrainConfig(**saved)
     assert config.steps == 40 and config.out == str(full_run)
+
+
+def test_residual_model_trains_and_reports_its_code_budget(trainer, tiny_cifar, tmp_path, full_run):
+    """--model rqvae --stages 3: codes (8, 8, 3) from one run; final.json gives the bits an image's
+    codes take (8 x 8 positions x 3 stages x log2 32) beside the flat model's (8 x 8 x log2 32)."""
+    assert trainer.main(["--data-dir", str(tiny_cifar), "--steps", "4", "--model", "rqvae", "--stages", "3",
+                         "--quantizer-dropout", "0.5", "--out", str(tmp_path), *TINY]) == 0
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["model"] == "rqvae" and final["codes"] == 96 and final["code_bits_per_image"] == 8 * 8 * 3 * 5
+    assert {"stage0_perplexity", "stage2_codes_used"} <= set(final)
+    flat = json.loads((full_run / "final.json").read_text())
+    assert flat["codes"] == 32 and flat["code_bits_per_image"] == 8 * 8 * 5
+    model = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert model.encode(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8, 3)

@@ -2,8 +2,9 @@
 
 Images in [0, 1] (B, 3, H, W) go in; each stride-2 level halves the resolution, so the default
 two levels map 32x32 images to an 8x8 grid of codes (VQVAE2: 4x4 top codes and 8x8 bottom codes).
-Both models expose their codes as a tuple of grids, top level first (`encode_levels`,
-`decode_levels`), which is what the prior models.
+`VQVAE(stages=S)` quantizes with a ResidualVectorQuantizer of S stages instead (the RQ-VAE,
+`--model rqvae`): its codes are (B, h, w, S). Both models expose their codes as a tuple of grids,
+top level (or first stage) first (`encode_levels`, `decode_levels`), which is what the prior models.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_save, read_checkpoint
 from ..functional import InputError
+from ..residual_quantizer import ResidualVectorQuantizer
 from ..vector_quantizer import VectorQuantizer
 
 # Per-channel statistics of the CIFAR-10 training set, for the model's own normalisation.
@@ -93,14 +95,14 @@ class VQVAEOutput(NamedTuple):
     """What VQVAE.forward returns; all losses and statistics are 0-dim tensors (no host sync)."""
 
     reconstruction: torch.Tensor  # (B, C, H, W) in image scale ([0, 1] when perfect), not clamped
-    indices: torch.Tensor  # (B, h, w) int64
+    indices: torch.Tensor  # (B, h, w) int64; (B, h, w, S) with S residual stages
     loss: torch.Tensor  # recon_loss + vq_loss: what training minimises
     recon_loss: torch.Tensor  # MSE in normalised space (pixel MSE / per-channel variance)
-    vq_loss: torch.Tensor  # codebook + beta * commitment loss
+    vq_loss: torch.Tensor  # codebook + beta * commitment loss (summed over residual stages)
     mse: torch.Tensor  # pixel MSE of the clamped reconstruction, images in [0, 1]
-    perplexity: torch.Tensor
-    codes_used: torch.Tensor
-    dead_codes: torch.Tensor
+    perplexity: torch.Tensor  # residual stages: their mean
+    codes_used: torch.Tensor  # residual stages: their sum
+    dead_codes: torch.Tensor  # residual stages: their sum
 
 
 class VQVAE(nn.Module):
@@ -114,6 +116,8 @@ class VQVAE(nn.Module):
             VectorQuantizer. The defaults are the project's recipe; `VQVAE.plain()` the classic one.
         backend: the quantizer backend ("auto": C++ kernel on CPU, Triton on GPU).
         gradient: "ste" (straight through) or "rotation" (the rotation trick), see VectorQuantizer.
+        stages: residual quantization with this many codebooks of num_codes each (1: one
+            VectorQuantizer); quantizer_dropout: see ResidualVectorQuantizer.
         activation: "relu" (the paper's) or "silu", in the encoder and decoder.
         mean, std: per-channel normalisation applied inside the model.
     The constructor's arguments are kept in `self.config`, which checkpoints store.
@@ -124,20 +128,28 @@ class VQVAE(nn.Module):
                  ema_decay: float | None = 0.9, kmeans_init: bool = True, restart_dead: bool = True,
                  dead_threshold: float = 0.1, usage_decay: float = 0.9, backend: str = "auto",
                  gradient: str = "ste", activation: str = "relu",
-                 mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD):
+                 mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD,
+                 stages: int = 1, quantizer_dropout: float = 0.0):
         super().__init__()
         self.config = dict(num_codes=num_codes, code_dim=code_dim, beta=beta, in_channels=in_channels,
                            channels=channels, res_channels=res_channels, num_res_blocks=num_res_blocks,
                            levels=levels, ema_decay=ema_decay, kmeans_init=kmeans_init, restart_dead=restart_dead,
                            dead_threshold=dead_threshold, usage_decay=usage_decay, backend=backend,
-                           gradient=gradient, activation=activation, mean=tuple(mean), std=tuple(std))
+                           gradient=gradient, activation=activation, mean=tuple(mean), std=tuple(std),
+                           stages=stages, quantizer_dropout=quantizer_dropout)
         if activation not in ACTIVATIONS:
             raise InputError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.encoder = make_encoder(in_channels, channels, res_channels, num_res_blocks, levels, code_dim, activation)
-        self.quantizer = VectorQuantizer(num_codes, code_dim, beta, backend=backend, ema_decay=ema_decay,
-                                         kmeans_init=kmeans_init, restart_dead=restart_dead,
-                                         dead_threshold=dead_threshold, usage_decay=usage_decay,
-                                         gradient=gradient)
+        health = dict(backend=backend, ema_decay=ema_decay, kmeans_init=kmeans_init, restart_dead=restart_dead,
+                      dead_threshold=dead_threshold, usage_decay=usage_decay, gradient=gradient)
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise InputError(f"stages must be an int >= 1, got {stages!r}")
+        if stages == 1:
+            self.quantizer = VectorQuantizer(num_codes, code_dim, beta, **health)
+        else:
+            self.quantizer = ResidualVectorQuantizer(stages, num_codes, code_dim, beta,
+                                                     quantizer_dropout=quantizer_dropout, **health)
+        self.residual = stages > 1
         self.decoder = make_decoder(in_channels, channels, res_channels, num_res_blocks, levels, code_dim, activation)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -170,20 +182,28 @@ class VQVAE(nn.Module):
         reconstruction = decoded * self.std + self.mean
         with torch.no_grad():
             mse = torch.mean((reconstruction.float().clamp(0, 1) - x.float()) ** 2)
+        perplexity, codes_used, dead_codes = vq.perplexity, vq.codes_used, vq.dead_codes
+        if self.residual:  # per stage: their mean perplexity, the codes and dead codes of all stages
+            perplexity, codes_used, dead_codes = perplexity.mean(), codes_used.sum(), dead_codes.sum()
         return VQVAEOutput(reconstruction, vq.indices, recon_loss + vq.loss, recon_loss, vq.loss, mse,
-                           vq.perplexity, vq.codes_used, vq.dead_codes)
+                           perplexity, codes_used, dead_codes)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes (B, h, w) int64 of images x (B, C, H, W) in [0, 1]; never changes the model."""
+        """Codes (B, h, w) int64 ((B, h, w, S) with S stages) of images x (B, C, H, W) in [0, 1];
+        never changes the model."""
         check_images(x, self.config["in_channels"])
         return self._quantize(self.encoder((x - self.mean) / self.std), update=False).indices
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] from codes (B, h, w) int64."""
+        """Images (B, C, H, W) in [0, 1] from codes (B, h, w) int64 ((B, h, w, S') with stages,
+        S' <= S: fewer stages decode a coarser image)."""
         # codebook[codes] is (B, h, w, D); as (B, D, h, w) it has the quantizer output's layout.
-        quantized = self.quantizer.codebook[codes].permute(0, 3, 1, 2)
+        if self.residual:
+            quantized = self.quantizer.decode(codes).permute(0, 3, 1, 2)
+        else:
+            quantized = self.quantizer.codebook[codes].permute(0, 3, 1, 2)
         return self._decode_quantized(quantized).clamp(0, 1)
 
     @torch.no_grad()
@@ -193,16 +213,21 @@ class VQVAE(nn.Module):
         vq = self._quantize(self.encoder((x - self.mean) / self.std), update=False)
         return self._decode_quantized(vq.quantized).clamp(0, 1)
 
-    # The level interface shared with VQVAE2 (one level here).
+    # The level interface shared with VQVAE2 (one level here; with residual stages, one per stage).
     @property
     def quantizers(self) -> list[VectorQuantizer]:
-        return [self.quantizer]
+        return list(self.quantizer.stages) if self.residual else [self.quantizer]
+
+    def level_indices(self, out: VQVAEOutput) -> tuple[torch.Tensor, ...]:
+        """The code grids of a forward's output, one per entry of `quantizers`."""
+        return tuple(out.indices.unbind(-1)) if self.residual else (out.indices,)
 
     def encode_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.encode(x),)
+        codes = self.encode(x)
+        return tuple(codes.unbind(-1)) if self.residual else (codes,)
 
     def decode_levels(self, codes: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self.decode(codes[0])
+        return self.decode(torch.stack(codes, dim=-1) if self.residual else codes[0])
 
 
 class VQVAE2Output(NamedTuple):
@@ -296,6 +321,9 @@ class VQVAE2(nn.Module):
     def quantizers(self) -> list[VectorQuantizer]:
         return [self.top_quantizer, self.quantizer]
 
+    def level_indices(self, out: VQVAE2Output) -> tuple[torch.Tensor, torch.Tensor]:
+        return out.top_indices, out.indices
+
     @torch.no_grad()
     def encode_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top codes (B, H/8, W/8), bottom codes (B, H/4, W/4)) int64; never changes the model."""
@@ -318,6 +346,13 @@ class VQVAE2(nn.Module):
 
 
 MODELS = {"vqvae": VQVAE, "vqvae2": VQVAE2}
+KINDS = ("rqvae", "vqvae", "vqvae2")  # a VQVAE with residual stages is an "rqvae"
+
+
+def model_kind(checkpoint: dict) -> str:
+    """"vqvae", "vqvae2" or "rqvae" (a VQVAE with stages > 1) of a checkpoint's model."""
+    kind = checkpoint.get("model_class", "vqvae")
+    return "rqvae" if kind == "vqvae" and checkpoint.get("config", {}).get("stages", 1) > 1 else kind
 
 
 def save_checkpoint(path, model: VQVAE | VQVAE2, **extra) -> None:

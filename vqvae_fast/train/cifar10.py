@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
+from ..models.images import to_images
 from ..models.vqvae import ACTIVATIONS, MODELS, save_checkpoint
 from .checkpoint import parse_with_resume, rng_state, set_rng_state
 from .data import DataNotFoundError, load_cifar10
@@ -39,6 +40,8 @@ RECIPES = {
     # The classic VQ-VAE recipe, the baseline: plain cdist lookup, uniform init, codebook by gradient.
     "plain": dict(kmeans_init=False, restart_dead=False, ema=False, backend="reference"),
 }
+# --model: the checkpoints' model classes, and the residual VQ-VAE (a VQVAE with stages > 1).
+MODEL_CHOICES = {**MODELS, "rqvae": MODELS["vqvae"]}
 # Flags that only steer this invocation; on --resume every other setting comes from the checkpoint.
 RUN_CONTROL = ("data_dir", "no_download", "out", "steps", "epochs", "device", "workers", "compile", "eval_every",
                "eval_images", "log_every", "quiet", "resume", "dist_timeout")
@@ -60,6 +63,8 @@ class TrainConfig:
     lr: float = 2.35e-3
     lr_schedule: str = "constant"
     model: str = "vqvae"
+    stages: int = 4  # residual stages of --model rqvae
+    quantizer_dropout: float = 0.0
     recipe: str = "default"
     num_codes: int = 4096
     code_dim: int = 32
@@ -124,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default=DEFAULTS.lr_schedule,
                         help="'cosine': linear warm-up over the first 5%% of the steps, then cosine decay to 10%% "
                              "of --lr at the last step")
-    parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULTS.model,
-                        help="'vqvae': one 8x8 grid of codes; 'vqvae2': the two-level VQ-VAE-2 (4x4 top, 8x8 bottom)")
+    parser.add_argument("--model", choices=sorted(MODEL_CHOICES), default=DEFAULTS.model,
+                        help="'vqvae': one 8x8 grid of codes; 'vqvae2': the two-level VQ-VAE-2 (4x4 top, 8x8 bottom); "
+                             "'rqvae': the VQ-VAE with a residual quantizer of --stages codebooks (8x8 x stages codes)")
+    parser.add_argument("--stages", type=int, default=DEFAULTS.stages,
+                        help="--model rqvae: residual stages, each a codebook of --num-codes")
+    parser.add_argument("--quantizer-dropout", type=float, default=DEFAULTS.quantizer_dropout,
+                        help="--model rqvae: the share of training steps that use a random prefix of the stages")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULTS.recipe,
                         help="codebook recipe: 'default' (k-means init, dead-code restarts, EMA) or 'plain' (classic)")
     parser.add_argument("--num-codes", type=int, default=DEFAULTS.num_codes, help="codebook size")
@@ -203,6 +213,8 @@ def invalid_setting(args: TrainConfig) -> str | None:
         ("--dead-threshold", 0 <= args.dead_threshold < math.inf, "must be a finite number >= 0"),
         ("--num-codes", args.num_codes >= 1, "must be >= 1"),
         ("--code-dim", args.code_dim >= 1, "must be >= 1"),
+        ("--stages", args.stages >= 1, "must be >= 1"),
+        ("--quantizer-dropout", 0 <= args.quantizer_dropout <= 1, "must be in [0, 1]"),
         ("--val-images", args.val_images >= 0, "must be >= 0"),
         ("--eval-every", args.eval_every >= 1, "must be >= 1"),
     ]
@@ -217,11 +229,13 @@ def build_model(config: TrainConfig):
     ema = recipe.pop("ema")
     if config.ema is not None:  # --ema / --no-ema override the recipe
         ema = config.ema
-    return MODELS[config.model](num_codes=config.num_codes, code_dim=config.code_dim, beta=config.beta,
-                                channels=config.channels, res_channels=config.res_channels,
-                                num_res_blocks=config.res_blocks, ema_decay=config.ema_decay if ema else None,
-                                gradient=config.gradient, dead_threshold=config.dead_threshold,
-                                activation=config.activation, **recipe)
+    if config.model == "rqvae":
+        recipe.update(stages=config.stages, quantizer_dropout=config.quantizer_dropout)
+    return MODEL_CHOICES[config.model](num_codes=config.num_codes, code_dim=config.code_dim, beta=config.beta,
+                                       channels=config.channels, res_channels=config.res_channels,
+                                       num_res_blocks=config.res_blocks, ema_decay=config.ema_decay if ema else None,
+                                       gradient=config.gradient, dead_threshold=config.dead_threshold,
+                                       activation=config.activation, **recipe)
 
 
 def split_validation(train_uint8: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,10 +345,20 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
              f"{split}_images": held_out.shape[0], **result.metrics, "wall_s": result.wall_s,
              "images_per_s": result.items_per_s}
     model.eval()
+    final.update(code_budget(model, held_out[:1]))
     save_reconstructions(model, held_out, out_dir / "recon.png")
     save(result.step, final["wall_s"])
     (out_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
     return final
+
+
+@torch.no_grad()
+def code_budget(model, image_uint8: torch.Tensor) -> dict:
+    """{"codes": codes in all codebooks, "code_bits_per_image": the bits one image's codes take
+    (positions x log2 of their codebook's size, over every level or stage)}."""
+    levels = model.encode_levels(to_images(image_uint8))
+    bits = sum(grid[0].numel() * math.log2(quantizer.num_codes) for grid, quantizer in zip(levels, model.quantizers))
+    return {"codes": sum(q.num_codes for q in model.quantizers), "code_bits_per_image": bits}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     split = "val" if "val_psnr" in final else "test"
     print(f"{split} PSNR {final[f'{split}_psnr']:.2f} dB (MSE {final[f'{split}_mse']:.5f}), "
-          f"perplexity {final['perplexity']:.1f}, codes used {final['codes_used']}/{args.num_codes}, "
+          f"perplexity {final['perplexity']:.1f}, codes used {final['codes_used']}/{final['codes']}, "
           f"{final['wall_s']:.0f} s, {final['images_per_s']:.0f} images/s -> {args.out}")
     return 0

@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint import CheckpointError, atomic_save, read_checkpoint
 from ..models.prior import CodePrior, unigram_bits_per_code
-from ..models.vqvae import model_from_checkpoint
+from ..models.vqvae import KINDS, model_from_checkpoint, model_kind
 from .checkpoint import parse_with_resume, rng_state, set_rng_state
 from .codes import CIFAR10_CLASSES, encode_dataset, load_codes, save_codes
 from .data import DataNotFoundError, load_cifar10
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vqvae", help="checkpoint.pt of examples/train_cifar10.py (VQ-VAE or VQ-VAE-2)")
     parser.add_argument("--data-dir", help="the cifar-10-batches-py folder (or its parent) to encode")
     parser.add_argument("--codes", help="a codes file of examples/codes.py encode, instead of --vqvae/--data-dir")
-    parser.add_argument("--model", choices=("vqvae", "vqvae2"),
+    parser.add_argument("--model", choices=KINDS,
                         help="optional check: the VQ-VAE must be of this kind (the prior follows its levels anyway)")
     parser.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
     parser.add_argument("--no-flips", action="store_true", help="do not add the mirror images' codes to training")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    kind = payload["vqvae"].get("model_class", "vqvae")
+    kind = model_kind(payload["vqvae"])
     if args.model and args.model != kind:
         print(f"error: --model {args.model}, but the VQ-VAE is a {kind}", file=sys.stderr)
         return 2

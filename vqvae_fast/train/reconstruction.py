@@ -22,7 +22,8 @@ from .metrics import psnr
 def evaluate_reconstruction(model: VQVAE | VQVAE2, images_uint8: torch.Tensor, batch_size: int = 500,
                             split: str = "test") -> dict:
     """`split`_mse / `split`_psnr of the clamped reconstructions (fp32, as load_checkpoint(...).reconstruct
-    gives) and code usage per level over all of `images_uint8` (VQVAE2: `top_` fields too)."""
+    gives) and code usage per level over all of `images_uint8` (VQVAE2: `top_` fields too;
+    residual stages: `stage<s>_` fields, and the unprefixed ones over all stages)."""
     was_training = model.training
     model.eval()
     squared_error = torch.zeros((), dtype=torch.float64, device=images_uint8.device)
@@ -31,16 +32,23 @@ def evaluate_reconstruction(model: VQVAE | VQVAE2, images_uint8: torch.Tensor, b
     for chunk in images_uint8.split(batch_size):
         out = model(to_images(chunk))
         squared_error += out.mse.double() * chunk.shape[0]
-        levels = (out.top_indices, out.indices) if len(quantizers) == 2 else (out.indices,)
-        for count, indices in zip(counts, levels):
+        for count, indices in zip(counts, model.level_indices(out)):
             count += code_counts(indices, count.shape[0])
     model.train(was_training)
     mse = float(squared_error) / max(1, images_uint8.shape[0])
     metrics = {f"{split}_mse": mse, f"{split}_psnr": psnr(mse)}
-    for prefix, quantizer, count in zip(("top_", "") if len(quantizers) == 2 else ("",), quantizers, counts):
+    residual = isinstance(model, VQVAE) and model.residual
+    if isinstance(model, VQVAE2):
+        prefixes = ("top_", "")
+    else:
+        prefixes = tuple(f"stage{s}_" for s in range(len(quantizers))) if residual else ("",)
+    for prefix, quantizer, count in zip(prefixes, quantizers, counts):
         perplexity, codes_used = usage_stats(count)
         metrics.update({f"{prefix}perplexity": float(perplexity), f"{prefix}codes_used": int(codes_used),
                         f"{prefix}dead_codes": int(quantizer.dead_mask().sum())})
+    if residual:  # over the stages: their mean perplexity, the codes and dead codes of all
+        for name, combine in (("perplexity", lambda v: sum(v) / len(v)), ("codes_used", sum), ("dead_codes", sum)):
+            metrics[name] = combine([metrics[f"{prefix}{name}"] for prefix in prefixes])
     return metrics
 
 
