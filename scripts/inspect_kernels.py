@@ -45,6 +45,7 @@ from vqvae_fast.ops import triton_nearest_code as kernels
 from vqvae_fast.ops import triton_plan as plans
 from vqvae_fast.ops import triton_prepare as prepare
 from vqvae_fast.ops import triton_quantize_bwd as backward
+from vqvae_fast.ops import triton_residual as residual
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 MACHINES = {"sm_90": plans.SM90, "sm_80": plans.SM80}
@@ -259,6 +260,19 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
                                    D=256, ema_decay=0.99, stride_cn=256, stride_cd=1, **update.VECTOR_BLOCKS,
                                    EMA=True, RESTART=True, GATHER=True, NORMALIZE=normalize), 4, 1, dtype,
                               "BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D}".format(**update.VECTOR_BLOCKS)))
+    for d in (8, 64, residual.RESIDENT_MAX_D):  # the fused residual encoding (DAC's and EnCodec's code sizes)
+        meta = residual.encode_meta(d, dtype)
+        cases.append(Case("residual_encode", residual._residual_encode_kernel, dict(
+            z_ptr=dtype, books_ptr=dtype, absmax_ptr=torch.int32, indices_ptr=torch.int64, N=LARGE[0], K=1024, D=d,
+            S=8, bound_rel=1e-6, bound_abs=1e-36, stride_zn=d, stride_zd=1, stride_bs=1024 * d, stride_bk=d,
+            stride_bd=1, **meta), residual.encode_warps(d), 1, dtype,
+            "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} warps={w}; D={d}".format(d=d, w=residual.encode_warps(d), **meta),
+            needs_mma=False))
+    absmax_pad = 256
+    cases.append(Case("residual_absmax", residual._absmax_kernel, dict(
+        z_ptr=dtype, books_ptr=dtype, out_ptr=torch.int32, N=LARGE[0], R=8192, D=200, z_programs=4096,
+        BLOCK_R=residual.absmax_rows(absmax_pad), D_PAD=absmax_pad), 4, 1, dtype,
+        f"BLOCK_R={residual.absmax_rows(absmax_pad)} D_PAD={absmax_pad}"))
     return cases
 
 

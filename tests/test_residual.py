@@ -198,3 +198,109 @@ def test_module_bad_settings():
         rvq(torch.randn(4, 3), num_stages=3)
     with pytest.raises(InputError, match="dim=3"):
         rvq(torch.randn(4, 5))
+
+
+# ----------------------------------------------------------------------------- fused encoding (triton)
+
+
+def _stage_residuals(z, books, indices):
+    """The residual each stage saw, formed as the op forms it (sum in fp32/fp64, one rounding)."""
+    acc = torch.promote_types(z.dtype, torch.float32)
+    total = torch.zeros(z.shape, dtype=acc)
+    residuals = []
+    for s in range(books.shape[0]):
+        residuals.append((z.to(acc) - total).to(z.dtype))
+        total = total + books[s][indices[:, s]].to(acc)
+    return residuals
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("shape", ((53, 3, 19, 7), (70, 5, 100, 40), (33, 2, 1, 3), (20, 3, 70, 120)),
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_encoding_is_exact_stage_by_stage(shape, dtype):
+    """Every stage in one kernel: each stage's code is the exact nearest of the residual it saw
+    (fp32 and 16-bit re-scored in float64 where the fp32 bound cannot settle a row; fp64 by fp64
+    dot products), and the codes equal the per-stage loop's."""
+    n, s, k, d = shape
+    device = backend_device("triton")
+    z = torch.randn(n, d).to(dtype)
+    books = stacked_codebooks(s, k, d, dtype, "cpu")
+    fused = residual_nearest_code(z.to(device), books.to(device), backend="triton").cpu()
+    loop = residual_nearest_code(z.to(device), list(books.to(device).unbind(0)), backend="triton").cpu()
+    for stage, residual in enumerate(_stage_residuals(z, books, fused)):
+        assert_nearest(residual, books[stage], fused[:, stage], 1e-12 if dtype != torch.float64 else 1e-10)
+    assert torch.equal(fused, loop)
+
+
+def test_fused_encoding_ties_offsets_and_extreme_scales():
+    """Exact duplicates across code tiles go to the lowest index; a common offset of 1000 and
+    fp32 inputs around 1e-30 or 1e20 give the reference's codes."""
+    device = backend_device("triton")
+    base = torch.randn(3, 70, 6)
+    books = torch.cat([base, base, base[:, :10]], dim=1)  # every code twice (three times for 10), tiles apart
+    z = torch.randn(90, 6)
+    codes = residual_nearest_code(z.to(device), books.to(device), backend="triton").cpu()
+    assert bool((codes < 70).all())
+    assert torch.equal(codes, residual_nearest_code(z.double(), books.double(), backend="reference"))
+    for offset, scale in ((1000.0, 1.0), (0.0, 1e-30), (0.0, 1e20)):
+        zs, bs = (z + offset) * scale, torch.randn(3, 40, 6) * scale
+        bs[0] += offset * scale
+        fused = residual_nearest_code(zs.to(device), bs.to(device), backend="triton").cpu()
+        for stage, residual in enumerate(_stage_residuals(zs, bs, fused)):
+            assert_nearest(residual, bs[stage], fused[:, stage], 1e-12)
+
+
+def test_fused_encoding_non_finite_rows_and_codes():
+    device = backend_device("triton")
+    z, books = torch.randn(40, 5), torch.randn(2, 30, 5)
+    z[3, 1] = float("nan")
+    z[7, 0] = float("inf")
+    books[0, 4, 2] = float("nan")
+    books[1, 0] = float("inf")
+    codes = residual_nearest_code(z.to(device), books.to(device), backend="triton").cpu()
+    assert bool((codes[[3, 7]] == 0).all())  # a row with NaN/Inf takes code 0 at every stage
+    finite_rows = torch.ones(40, dtype=torch.bool)
+    finite_rows[[3, 7]] = False
+    assert bool((codes[finite_rows, 0] != 4).all()) and bool((codes[finite_rows, 1] != 0).all())
+
+
+def test_fused_encoding_is_two_launches_whatever_the_stages(monkeypatch):
+    device = backend_device("triton")
+    from vqvae_fast.ops import triton_residual
+
+    launched = []
+    cls = type(triton_residual._residual_encode_kernel)
+    run = cls.run
+    monkeypatch.setattr(cls, "run", lambda self, *a, **k: (launched.append(self.fn.__name__), run(self, *a, **k))[1])
+    for stages in (2, 8):
+        launched.clear()
+        residual_nearest_code(torch.randn(64, 8, device=device), torch.randn(stages, 32, 8, device=device),
+                              backend="triton")
+        assert launched == ["_absmax_kernel", "_residual_encode_kernel"]
+
+
+def test_what_the_fused_kernel_takes():
+    """Stacked codebooks and D <= 128 (wider rows spilled on sm_90); lists, wider rows and N = 0 take
+    the per-stage loop, with the same codes."""
+    from vqvae_fast.ops import triton_residual
+
+    z = torch.randn(10, 128)
+    assert triton_residual.supports(z, torch.randn(2, 4, 128))
+    assert not triton_residual.supports(torch.randn(10, 129), torch.randn(2, 4, 129))
+    assert not triton_residual.supports(z, [torch.randn(4, 128)] * 2)
+    assert not triton_residual.supports(z[:0], torch.randn(2, 4, 128))
+    device = backend_device("triton")
+    wide, books = torch.randn(12, 129, device=device), torch.randn(2, 9, 129, device=device)
+    assert torch.equal(residual_nearest_code(wide, books, backend="triton").cpu(),
+                       residual_nearest_code(wide.cpu().double(), books.cpu().double(), backend="reference"))
+
+
+def test_fused_encoding_op_passes_opcheck_and_compiles():
+    device = backend_device("triton")
+    import vqvae_fast.ops.triton_ops  # noqa: F401  (registers the op)
+
+    z, books = torch.randn(40, 12, device=device), torch.randn(3, 20, 12, device=device)
+    torch.library.opcheck(torch.ops.vqvae_fast.triton_residual_nearest_code, (z, books))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: residual_nearest_code(a, b, backend="triton"), fullgraph=True)
+    assert torch.equal(compiled(z, books), residual_nearest_code(z, books, backend="triton"))

@@ -10,7 +10,8 @@ and its codebook term reaches codebook s.
 
 Each stage is the single-stage op of the chosen backend (`quantize`, `nearest_code`), so every
 stage's argmin obeys that backend's precision table; the residual is formed in torch between
-stages (not yet fused into one kernel).
+stages. Encoding on triton with stacked (S, K, D) codebooks and D <= 128 is fused: every stage in
+one kernel, the residual in registers (ops/triton_residual.py), the same codes.
 """
 from __future__ import annotations
 
@@ -103,6 +104,14 @@ def residual_nearest_code(z: torch.Tensor, codebooks: Codebooks, *, backend: str
     no loss, no gradient)."""
     books = as_codebooks(z, codebooks, stages)
     backend = resolve_backend(backend, z.device)
+    if backend == "triton":
+        from .ops import triton_residual
+
+        stacked = codebooks[:len(books)] if isinstance(codebooks, torch.Tensor) else None
+        if stacked is not None and triton_residual.supports(z, stacked):
+            from .ops import triton_ops  # noqa: F401  (registers the op)
+
+            return torch.ops.vqvae_fast.triton_residual_nearest_code(z.detach(), stacked.detach())
 
     def nearest(residual, book):
         idx = nearest_code(residual, book, backend=backend)

@@ -24,6 +24,8 @@ What the arguments and outputs mean:
   l2-normalised rows of z and codes, gradients through the normalisation.
 - cpu_forward_path (C++, no tensors, so no dispatch): the CPU forward's path ("fused-amx",
   "fused-avx512" or "gemm") for rows of D elements of dtype (None: float32) and K codes.
+- triton_residual_nearest_code: the (N, S) codes of residual quantization with codebooks
+  (S, K, D), every stage in one kernel (triton_residual.py); no gradient.
 - triton_update_codebook_state: vector_quantizer.update_codebook_state in two Triton launches
   (usage, EMA, restarts, codebook, perplexity); returns (perplexity, tallies).
 
@@ -57,6 +59,7 @@ SCHEMAS = {
     "triton_quantize_bwd": "triton_quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, "
                            "Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook, "
                            "bool rotation=False, bool normalize=False) -> (Tensor grad_z, Tensor grad_codebook)",
+    "triton_residual_nearest_code": "triton_residual_nearest_code(Tensor z, Tensor codebooks) -> Tensor",
     "triton_update_codebook_state": "triton_update_codebook_state(Tensor(a0!) usage, Tensor(a1!)? ema_count, "
                                     "Tensor(a2!)? ema_sum, Tensor(a3!)? codebook, Tensor counts, Tensor sums, "
                                     "Tensor candidates, Tensor? candidate_rows, float usage_decay, float? ema_decay, "

@@ -7,6 +7,7 @@ import torch
 from . import triton_nearest_code as kernels
 from . import triton_codebook_update as codebook_update
 from . import triton_quantize_bwd as backward
+from . import triton_residual as residual
 from .registration import register_ops, schema_arguments
 
 
@@ -20,6 +21,16 @@ def _op(name: str, mutates_args=()):
 @_op("triton_nearest_code")
 def triton_nearest_code(z, codebook):
     return kernels.nearest_code(z, codebook)
+
+
+@_op("triton_residual_nearest_code")
+def triton_residual_nearest_code(z, codebooks):
+    return residual.residual_nearest_code(z, codebooks)
+
+
+@triton_residual_nearest_code.register_fake
+def _(z, codebooks):
+    return z.new_empty((z.shape[0], codebooks.shape[0]), dtype=torch.long)
 
 
 @_op("triton_quantize_fwd")
