@@ -124,6 +124,8 @@ def test_resume_continues_the_same_run_exactly(full_run, trainer, tiny_cifar, tm
     resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     uninterrupted = torch.load(full_run / "checkpoint.pt", weights_only=True)
     assert resumed["step"] == uninterrupted["step"] == 40
+    final = json.loads((tmp_path / "final.json").read_text())  # the time of both invocations, and this one's
+    assert 0 < final["this_run_s"] < final["wall_s"]
     for key, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], value), key
     states_a, states_b = resumed["optimizer"]["state"], uninterrupted["optimizer"]["state"]

@@ -46,7 +46,7 @@ def read_checkpoint(path, expected_format: str | None = None, map_location="cpu"
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, random bytes, a pickle needing arbitrary code, ...
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        reason = _first_sentence(str(error))
         if "weights_only" in reason:  # torch's advice to load it unsafely: wrong for a damaged file
             reason = "its contents are not a checkpoint's"
         raise CheckpointError(f"{path}: not a readable checkpoint, the file is damaged or of another kind "
@@ -57,3 +57,12 @@ def read_checkpoint(path, expected_format: str | None = None, map_location="cpu"
         source = f" (made by {made_by})" if made_by else ""
         raise CheckpointError(f"{path}: expected a {expected_format!r} checkpoint{source}, found {what}")
     return checkpoint
+
+
+def _first_sentence(message: str, limit: int = 200) -> str:
+    """The first sentence of an error message, whole (torch's go on with advice that does not
+    apply to a damaged file), or its first `limit` characters and an ellipsis."""
+    line = (message.strip().splitlines() or [""])[0]
+    end = line.find(". ")
+    sentence = line if end < 0 else line[:end + 1]
+    return sentence if len(sentence) <= limit else sentence[:limit].rstrip() + "..."

@@ -8,6 +8,7 @@ variables everything here is a no-op and the run is a plain single process.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,3 +65,13 @@ def mean_over_ranks(x: torch.Tensor, run: Run) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / run.world
+
+
+def ddp_without_buffer_sync() -> dict:
+    """DistributedDataParallel's keyword that stops it broadcasting buffers in forward (the
+    quantizers keep theirs in step themselves): `forward_sync_buffers=False` where torch has it
+    (2.13+, which deprecates `broadcast_buffers` with a FutureWarning on every rank), else
+    `broadcast_buffers=False`. Buffers are equal at the start on every rank (same seed), so the
+    newer keyword's sync at construction changes nothing."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}

@@ -60,10 +60,10 @@ def check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend that runs for tensors on `device`, or a clear error."""
     if backend == "cuda":
-        raise ValueError("backend='cuda' was removed: the CUDA C++ backend was retired (the Triton backend is "
+        raise InputError("backend='cuda' was removed: the CUDA C++ backend was retired (the Triton backend is "
                          "faster); use backend='triton' (or 'auto'), which runs on CUDA tensors")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        raise InputError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         if device.type == "cuda":
             backend = "triton" if triton_available() else "reference"
@@ -114,12 +114,12 @@ def check_distance(distance: str) -> None:
 
 
 def check_options(beta: float, gradient: str) -> None:
-    """Raise ValueError unless beta is a finite number >= 0 and gradient is a known estimator."""
+    """Raise InputError (a ValueError) unless beta is a finite number >= 0 and gradient is a known estimator."""
     # Comparisons, not math.isfinite: torch.compile traces them (NaN fails both).
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < math.inf:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        raise InputError(f"beta must be a finite number >= 0, got {beta!r}")
     if gradient not in reference.GRADIENTS:
-        raise ValueError(f"unknown gradient estimator {gradient!r}; choose one of {reference.GRADIENTS}")
+        raise InputError(f"unknown gradient estimator {gradient!r}; choose one of {reference.GRADIENTS}")
 
 
 def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto",

@@ -190,7 +190,8 @@ class VectorQuantizer(nn.Module):
     summed over ranks in one packed all-reduce per step; dead codes are decided from that global
     usage and refilled from vectors gathered from all ranks. Every rank issues the same
     collectives every training step whatever its data (an empty batch included), so none can
-    wait on another. Wrap the model with DistributedDataParallel(broadcast_buffers=False): the
+    wait on another. Wrap the model with DistributedDataParallel(forward_sync_buffers=False) (torch < 2.13:
+    broadcast_buffers=False; distributed.ddp_without_buffer_sync() picks): the
     buffers are kept in step here, and DDP's broadcast would overwrite them with rank 0's.
     """
 

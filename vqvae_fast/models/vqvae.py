@@ -8,6 +8,7 @@ top level (or first stage) first (`encode_levels`, `decode_levels`), which is wh
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -55,6 +56,25 @@ def check_images(x: torch.Tensor, channels: int) -> None:
     if x.dim() != 4 or x.shape[1] != channels:
         hint = " (channels last? use x.permute(0, 3, 1, 2))" if x.dim() == 4 and x.shape[-1] == channels else ""
         raise InputError(f"images must have shape (B, {channels}, H, W), got {tuple(x.shape)}{hint}")
+
+
+def warn_unless_unit_range(x: torch.Tensor) -> None:
+    """Warn when images are clearly not in [0, 1] (0..255 floats, say): they would be encoded as
+    if far too bright. A host sync, so only encode and reconstruct check, not the training forward."""
+    if x.numel() and (float(x.amax()) > 1.5 or float(x.amin()) < -0.5):
+        warnings.warn(f"images should be floats in [0, 1], these range from {float(x.amin()):.3g} to "
+                      f"{float(x.amax()):.3g} (0..255 pixels? divide by 255)", stacklevel=3)
+
+
+def check_codes(codes: torch.Tensor, num_codes: int, what: str = "codes") -> None:
+    """Raise InputError unless `codes` are integers in [0, num_codes) (a host sync: decoding only)."""
+    if not isinstance(codes, torch.Tensor):
+        raise InputError(f"{what} must be a torch.Tensor of code indices, got {type(codes).__name__}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise InputError(f"{what} must be integer code indices, got {codes.dtype}")
+    if codes.numel() and not bool(((codes >= 0) & (codes < num_codes)).all()):
+        low, high = int(codes.min()), int(codes.max())
+        raise InputError(f"{what} must be in [0, {num_codes}), got values from {low} to {high}")
 
 
 def make_encoder(in_channels: int, channels: int, res_channels: int, num_res_blocks: int, levels: int,
@@ -193,6 +213,7 @@ class VQVAE(nn.Module):
         """Codes (B, h, w) int64 ((B, h, w, S) with S stages) of images x (B, C, H, W) in [0, 1];
         never changes the model."""
         check_images(x, self.config["in_channels"])
+        warn_unless_unit_range(x)
         return self._quantize(self.encoder((x - self.mean) / self.std), update=False).indices
 
     @torch.no_grad()
@@ -200,9 +221,10 @@ class VQVAE(nn.Module):
         """Images (B, C, H, W) in [0, 1] from codes (B, h, w) int64 ((B, h, w, S') with stages,
         S' <= S: fewer stages decode a coarser image)."""
         # codebook[codes] is (B, h, w, D); as (B, D, h, w) it has the quantizer output's layout.
-        if self.residual:
+        if self.residual:  # residual_decode checks the codes (and takes -1 for a stage left out)
             quantized = self.quantizer.decode(codes).permute(0, 3, 1, 2)
         else:
+            check_codes(codes, self.quantizer.num_codes)
             quantized = self.quantizer.codebook[codes].permute(0, 3, 1, 2)
         return self._decode_quantized(quantized).clamp(0, 1)
 
@@ -210,6 +232,7 @@ class VQVAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstructions (B, C, H, W) in [0, 1] of images x in [0, 1]; equals decode(encode(x))."""
         check_images(x, self.config["in_channels"])
+        warn_unless_unit_range(x)
         vq = self._quantize(self.encoder((x - self.mean) / self.std), update=False)
         return self._decode_quantized(vq.quantized).clamp(0, 1)
 
@@ -294,6 +317,8 @@ class VQVAE2(nn.Module):
 
     def _encode(self, x: torch.Tensor, update: bool | None = None):
         check_images(x, self.config["in_channels"])
+        if update is False:  # encode_levels and reconstruct (inference): the range is worth a sync
+            warn_unless_unit_range(x)
         features = self.encoder((x - self.mean) / self.std)
         top = self._quantize(self.top_quantizer, self.top_encoder(features), update)
         bottom_in = self.bottom_in(torch.cat([features, self.top_decoder(top.quantized).to(features.dtype)], 1))
@@ -334,6 +359,8 @@ class VQVAE2(nn.Module):
     def decode_levels(self, codes: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Images (B, C, H, W) in [0, 1] from (top codes, bottom codes)."""
         top, bottom = codes
+        check_codes(top, self.top_quantizer.num_codes, "top codes")
+        check_codes(bottom, self.quantizer.num_codes, "bottom codes")
         top_quantized = self.top_quantizer.codebook[top].permute(0, 3, 1, 2)
         bottom_quantized = self.quantizer.codebook[bottom].permute(0, 3, 1, 2)
         return (self._decode_quantized(top_quantized, bottom_quantized) * self.std + self.mean).clamp(0, 1)

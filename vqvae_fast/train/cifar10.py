@@ -293,10 +293,10 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
     model = build_model(args).to(device, memory_format=torch.channels_last)
     train_model = model
     if run.distributed:
-        # broadcast_buffers off: the quantizers keep their buffers in step themselves (and rank 0's
-        # broadcast would overwrite them); parameters start equal (same seed) and DDP checks that.
+        # No buffer broadcast in forward: the quantizers keep their buffers in step themselves (and
+        # rank 0's broadcast would overwrite them); parameters start equal (same seed) and DDP checks that.
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+                                              **distributed.ddp_without_buffer_sync())
         if run.is_main:
             print(f"DDP: {run.world} processes ({torch.distributed.get_backend()}), global batch {batch_size} "
                   f"({batch_size // run.world} per process), lr {args.lr}", file=sys.stderr)
@@ -343,6 +343,7 @@ def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: to
              "seed": args.seed, "device": str(device), "amp": args.amp, "processes": run.world,
              "params": sum(p.numel() for p in model.parameters()), "train_images": train_uint8.shape[0],
              f"{split}_images": held_out.shape[0], **result.metrics, "wall_s": result.wall_s,
+             "this_run_s": result.wall_s - elapsed_before,
              "images_per_s": result.items_per_s}
     model.eval()
     final.update(code_budget(model, held_out[:1]))
@@ -361,6 +362,12 @@ def code_budget(model, image_uint8: torch.Tensor) -> dict:
     return {"codes": sum(q.num_codes for q in model.quantizers), "code_bits_per_image": bits}
 
 
+def seconds(final: dict) -> str:
+    """The run's time for the summary line: a resumed run says how much of it was this invocation's."""
+    total, this_run = final["wall_s"], final.get("this_run_s", final["wall_s"])
+    return f"{total:.0f} s" if abs(total - this_run) < 0.5 else f"{total:.0f} s in all ({this_run:.0f} s this run)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args, checkpoint = parse_args(argv)
     try:
@@ -373,5 +380,5 @@ def main(argv: list[str] | None = None) -> int:
     split = "val" if "val_psnr" in final else "test"
     print(f"{split} PSNR {final[f'{split}_psnr']:.2f} dB (MSE {final[f'{split}_mse']:.5f}), "
           f"perplexity {final['perplexity']:.1f}, codes used {final['codes_used']}/{final['codes']}, "
-          f"{final['wall_s']:.0f} s, {final['images_per_s']:.0f} images/s -> {args.out}")
+          f"{seconds(final)}, {final['images_per_s']:.0f} images/s -> {args.out}")
     return 0
