@@ -225,23 +225,31 @@ def training_step(layer: Layer, g: torch.Tensor, device: str, autocast: torch.dt
     return step
 
 
-def check_step(layer: Layer, step: Callable, z: torch.Tensor, shape: LayerShape, device: str,
-               autocast: torch.dtype | None) -> dict:
-    """One untimed step's sanity (shape, range, finiteness), and the search's exactness in eval mode."""
-    quantized, indices, loss = step(z)
+def step_problems(quantized: torch.Tensor, indices: torch.Tensor, loss: torch.Tensor, z: torch.Tensor, n: int,
+                  d: int, k: int, index_shape: tuple) -> list[str]:
+    """What is wrong with one training step's outputs: quantized (n, d) finite, integer indices of
+    index_shape in [0, k), a finite scalar loss, a finite gradient at z (empty: nothing)."""
     problems = []
-    if tuple(quantized.shape) != (shape.n, shape.d):
-        problems.append(f"quantized has shape {tuple(quantized.shape)}, expected {(shape.n, shape.d)}")
+    if tuple(quantized.shape) != (n, d):
+        problems.append(f"quantized has shape {tuple(quantized.shape)}, expected {(n, d)}")
     elif not bool(torch.isfinite(quantized).all()):
         problems.append("quantized is not finite")
-    if tuple(indices.shape) != (shape.n,) or indices.dtype.is_floating_point:
-        problems.append(f"indices have shape {tuple(indices.shape)} {indices.dtype}, expected ({shape.n},) integer")
-    elif bool(((indices < 0) | (indices >= shape.k)).any()):
-        problems.append(f"index out of range [0, {shape.k})")
+    if tuple(indices.shape) != index_shape or indices.dtype.is_floating_point:
+        problems.append(f"indices have shape {tuple(indices.shape)} {indices.dtype}, expected {index_shape} integer")
+    elif bool(((indices < 0) | (indices >= k)).any()):
+        problems.append(f"index out of range [0, {k})")
     if loss.numel() != 1 or not math.isfinite(float(loss)):
         problems.append(f"loss is not a finite scalar: {loss}")
     if z.grad is None or not bool(torch.isfinite(z.grad).all()):
         problems.append("no finite gradient reached z")
+    return problems
+
+
+def check_step(layer: Layer, step: Callable, z: torch.Tensor, shape: LayerShape, device: str,
+               autocast: torch.dtype | None) -> dict:
+    """One untimed step's sanity (shape, range, finiteness), and the search's exactness in eval mode."""
+    quantized, indices, loss = step(z)
+    problems = step_problems(quantized, indices, loss, z, shape.n, shape.d, shape.k, (shape.n,))
     found = dict(ok=not problems, problems=problems, loss=float(loss) if loss.numel() == 1 else None)
     if problems:
         return found
@@ -276,24 +284,32 @@ def prepare(provider: LayerProvider, shape: LayerShape, device: str, autocast: t
 
 # --------------------------------------------------------------------------- memory
 
-def peak_extra_bytes_cpu(name: str, layer: Layer, shape: LayerShape, args, workdir: str) -> int | None:
-    """Peak RSS growth of one step in a fresh process (see memory_probe.py for why and how),
-    starting from `layer`'s state (initialised: the probe does not run k-means again)."""
+def probe_peak_bytes(script: str, name: str, module: nn.Module, options: list[str], args, workdir: str) -> int | None:
+    """Peak RSS growth of one call in a fresh process (see memory_probe.py for why and how): runs
+    `script --memory-probe NAME STATE OPTIONS` with the run's dtype, autocast, dead-code count and
+    threads, STATE being `module`'s saved state; the probe prints {NAME: bytes} as its last line."""
     from memory_probe import MMAP_THRESHOLD
 
     state = os.path.join(workdir, "state.pt")
-    torch.save(layer.module.state_dict(), state)
+    torch.save(module.state_dict(), state)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
                GLIBC_TUNABLES=f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}")
-    command = [sys.executable, __file__, "--memory-probe", name, state, "--shape", str(shape.n), str(shape.k),
-               str(shape.d), "--dtype", args.dtype, "--autocast", args.autocast,
-               "--dead-code-count", str(args.dead_code_count)]
-    command += (["--cosine"] if shape.cosine else []) + (["--threads", str(args.threads)] if args.threads else [])
+    command = [sys.executable, script, "--memory-probe", name, state, *options, "--dtype", args.dtype,
+               "--autocast", args.autocast, "--dead-code-count", str(args.dead_code_count)]
+    command += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:  # killed for memory, say: the number is missing, not zero
-        print(f"memory probe of {name} failed ({done.returncode}): {done.stderr.strip()[-500:]}", file=sys.stderr)
+        print(f"memory probe of {name} {' '.join(options)} failed ({done.returncode}): "
+              f"{done.stderr.strip()[-500:]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])[name]
+
+
+def peak_extra_bytes_cpu(name: str, layer: Layer, shape: LayerShape, args, workdir: str) -> int | None:
+    """Peak RSS growth of one step in a fresh process, starting from `layer`'s state
+    (initialised: the probe does not run k-means again)."""
+    options = ["--shape", str(shape.n), str(shape.k), str(shape.d)] + (["--cosine"] if shape.cosine else [])
+    return probe_peak_bytes(__file__, name, layer.module, options, args, workdir)
 
 
 def memory_probe_main(name: str, state: str, shape: LayerShape, args) -> None:
@@ -415,23 +431,16 @@ def format_summary(results: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- command line
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), metavar="NAME",
-                        help=f"named shapes (default: all): {', '.join(SHAPES)}")
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "K", "D"), help="one custom shape instead")
-    parser.add_argument("--cosine", action="store_true", help="with --shape: cosine distance")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the three smaller shapes ({', '.join(QUICK_SHAPES)}), 3 rounds unless --rounds")
+def add_run_options(parser: argparse.ArgumentParser, provider_names: tuple) -> None:
+    """The options bench_layer.py and bench_residual.py share: device, precision, threads, providers,
+    the dead-code rule, memory, load, JSON output and the memory probe's (hidden) entry."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(INPUT_DTYPES), default="float32", help="z's dtype")
     parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="none",
-                        help="bf16: the step runs under torch.autocast(device, dtype=torch.bfloat16)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="timed samples per provider (default 5; 3 with --quick)")
+                        help="bf16: each timed call runs under torch.autocast(device, dtype=torch.bfloat16)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDER_NAMES, default=list(PROVIDER_NAMES),
-                        metavar="NAME", help=f"only these ({', '.join(PROVIDER_NAMES)}; default: all)")
+    parser.add_argument("--providers", nargs="+", choices=provider_names, default=list(provider_names),
+                        metavar="NAME", help=f"only these ({', '.join(provider_names)}; default: all)")
     parser.add_argument("--dead-code-count", type=float, default=DEAD_CODE_COUNT, metavar="COUNT",
                         help="a code is dead (restarted) when its EMA count of vectors per step is below this: the "
                              "peer's threshold_ema_dead_code, ours' dead_threshold = COUNT*K/N (default 2)")
@@ -441,11 +450,28 @@ def parse_args(argv=None):
                              "to 4 tries) while other processes used more than this share of the CPUs")
     parser.add_argument("--json", help="also write the results to this file (rewritten after every shape)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("PROVIDER", "STATE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def check_run_options(parser: argparse.ArgumentParser, args) -> None:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), metavar="NAME",
+                        help=f"named shapes (default: all): {', '.join(SHAPES)}")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("N", "K", "D"), help="one custom shape instead")
+    parser.add_argument("--cosine", action="store_true", help="with --shape: cosine distance")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the three smaller shapes ({', '.join(QUICK_SHAPES)}), 3 rounds unless --rounds")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed samples per provider (default 5; 3 with --quick)")
+    add_run_options(parser, PROVIDER_NAMES)
+    args = parser.parse_args(argv)
+    check_run_options(parser, args)
     if args.cosine and not args.shape:
         parser.error("--cosine goes with --shape")
     if args.shape:
@@ -456,6 +482,45 @@ def parse_args(argv=None):
     return args
 
 
+def measure_shapes(args, run_shape: Callable, format_shape: Callable, title: str, floor: str, call: str,
+                   **settings) -> list[dict]:
+    """Each selected shape: run_shape(shape, args), again while other processes disturbed it
+    (--max-other-load), printed with format_shape and written to --json after every shape with
+    the machine (its load average at the start and after the last shape) and the settings."""
+    info = machine_info(args.device)
+    info["load_average_start"] = os.getloadavg()
+    precision = args.dtype + (f", {args.autocast} autocast" if AUTOCAST[args.autocast] else "")
+    settings = dict(device=args.device, dtype=args.dtype, autocast=args.autocast, rounds=args.rounds, **settings,
+                    beta=BETA, ema_decay=EMA_DECAY, kmeans_iters=KMEANS_ITERS, dead_code_count=args.dead_code_count,
+                    memory=("off" if args.no_memory else f"peak RSS growth of one {call}, fresh process"
+                            if args.device == "cpu" else "torch.cuda.max_memory_allocated minus allocated before"))
+    print(f"{title} on {args.device} ({info.get('gpu') or info['cpu']}, {info['torch_threads']} threads), "
+          f"{precision}; median of {args.rounds} interleaved rounds")
+    results = []
+    for shape in args.selected:
+        result = measure_undisturbed(lambda: run_shape(shape, args), lambda r: r["other_processes_cpu_share"],
+                                     args.max_other_load)
+        result["device"] = args.device
+        results.append(result)
+        print(f"\n{shape.label()}: search floor {floor} = {shape.search_flops / 1e9:.1f} GFLOP at "
+              f"{result['large_gemm_gflops']:.0f} GFLOP/s ({result['floor_dtype']} large GEMM); other processes "
+              f"used {result['other_processes_cpu_share']:.0%} of the CPUs while timing; load average "
+              f"{result['load_average'][0]:.2f}")
+        print(format_shape(result), flush=True)
+        if args.json:
+            info["load_average_end"] = os.getloadavg()
+            write_json(args.json, dict(machine=info, settings=settings, results=results))
+    return results
+
+
+def exit_status(results: list[dict]) -> int:
+    """1 (with a message) if one of ours' rows failed, else 0."""
+    failed = [row for res in results for row in res["rows"] if row["kind"] == "ours" and row.get("status") == "failed"]
+    for row in failed:
+        print(f"FAILED: {row['provider']}{' ' + row['task'] if 'task' in row else ''}: {row['reason']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
@@ -463,33 +528,10 @@ def main(argv=None) -> int:
     if args.memory_probe:
         memory_probe_main(*args.memory_probe, args.selected[0], args)
         return 0
-    info = machine_info(args.device)
-    info["load_average_start"] = os.getloadavg()
-    precision = args.dtype + (f", {args.autocast} autocast" if AUTOCAST[args.autocast] else "")
-    settings = dict(device=args.device, dtype=args.dtype, autocast=args.autocast, rounds=args.rounds,
-                    beta=BETA, ema_decay=EMA_DECAY, kmeans_iters=KMEANS_ITERS, dead_code_count=args.dead_code_count,
-                    memory=("off" if args.no_memory else "peak RSS growth of one step, fresh process"
-                            if args.device == "cpu" else "torch.cuda.max_memory_allocated minus allocated before"))
-    print(f"one training step of the VQ layer on {args.device} ({info.get('gpu') or info['cpu']}, "
-          f"{info['torch_threads']} threads), {precision}; median of {args.rounds} interleaved rounds")
-    results = []
-    for shape in args.selected:
-        result = measure_undisturbed(lambda: run_shape(shape, args), lambda r: r["other_processes_cpu_share"],
-                                     args.max_other_load)
-        result["device"] = args.device
-        results.append(result)
-        print(f"\n{shape.label()}: search floor 2*N*K*D = {shape.search_flops / 1e9:.1f} GFLOP at "
-              f"{result['large_gemm_gflops']:.0f} GFLOP/s ({result['floor_dtype']} large GEMM); other processes "
-              f"used {result['other_processes_cpu_share']:.0%} of the CPUs while timing")
-        print(format_shape(result))
-        if args.json:
-            write_json(args.json, dict(machine=info, settings=settings, results=results))
+    results = measure_shapes(args, run_shape, format_shape, "one training step of the VQ layer", "2*N*K*D", "step")
     if len(results) > 1:
         print("\n" + format_summary(results))
-    failed = [row for res in results for row in res["rows"] if row["kind"] == "ours" and row.get("status") == "failed"]
-    for row in failed:
-        print(f"FAILED: {row['provider']}: {row['reason']}", file=sys.stderr)
-    return 1 if failed else 0
+    return exit_status(results)
 
 
 if __name__ == "__main__":

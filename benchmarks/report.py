@@ -5,7 +5,7 @@
     python benchmarks/report.py --write                             # regenerate benchmarks/RESULTS.md
     python benchmarks/report.py --check                             # exit 1 if RESULTS.md is stale or hand-edited
 
-Understands the files of compare.py --json, sweep.py, bench_training.py --json, bench_layer.py --json,
+Understands the files of compare.py --json, sweep.py, bench_training.py --json, bench_layer.py --json, bench_residual.py --json,
 settle_rate.py --json, scripts/inspect_kernels.py --json and pytest-benchmark's --benchmark-json.
 
 In a template, a line that is only a placeholder comment is replaced by a table; paths are relative to the
@@ -16,6 +16,7 @@ template's folder, options are key=value words:
     <!-- report: shapes FILE... -->                         one line per compare.py file (ours against the baselines)
     <!-- report: pytest_benchmark FILE rows=NxKxD:task,... -->
     <!-- report: bench_layer FP32_FILE BF16_FILE -->
+    <!-- report: bench_residual FILE -->
     <!-- report: settle_rate FILE select=D:K:codebook,... -->   (codebook: random or near, the data)
     <!-- report: inspect FILE arch=sm_90 triton=3.8.0 budget_kb=227 seconds=2 -->
 
@@ -232,6 +233,45 @@ def bench_layer_table(fp32: dict, bf16: dict) -> str:
     return "\n".join(lines)
 
 
+RESIDUAL_PROVIDERS = ("vqvae_fast", "vector-quantize-pytorch", "cdist loop", "stage loop")
+
+
+def bench_residual_table(data: dict) -> str:
+    """bench_residual.py: per shape and task, median ms of every provider, ours' speedups, peak extra memory, the
+    share of rows whose code is not the exact nearest (worst stage), and the machine with its load."""
+    names = ["ours" if n == "vqvae_fast" else "peer" if n == "vector-quantize-pytorch" else n
+             for n in RESIDUAL_PROVIDERS]
+    s = data["settings"]
+    precision = SHORT_DTYPE[s["dtype"]] + (f", {s['autocast']} autocast" if s["autocast"] != "none" else "")
+    lines = [f"**{precision}**, {s['device']}, median of {s['rounds']} interleaved rounds",
+             "",
+             "| shape (N×S×K×D) | task | " + " | ".join(f"{n} ms" for n in names)
+             + " | ours vs peer | ours vs cdist loop | ours vs stage loop | time / search floor (ours) | "
+             + " | ".join(f"{n} MiB" for n in names) + " | rows not nearest, % (worst stage: "
+             + " / ".join(names) + ") | other processes' CPU share |",
+             "|---|---|" + "---:|" * (3 * len(names)) + "---|---:|"]
+    for result in data["results"]:
+        sh = result["shape"]
+        label = f"{sh['name']} {sh['n']}×{sh['s']}×{sh['k']}×{sh['d']}" + (f" ({sh['note']})" if sh.get("note") else "")
+        for task in result["tasks"]:
+            rows = {r["provider"]: r for r in result["rows"] if r["task"] == task}
+            ok = {n: rows.get(n, {}).get("status") == "ok" for n in RESIDUAL_PROVIDERS}
+            times = [_ms(rows[n]["median_s"]) if ok[n] else rows.get(n, {}).get("status", "–")
+                     for n in RESIDUAL_PROVIDERS]
+            ratios = [f"**{_sig(rows[n]['ours_speedup'])}×**" if ok[n] and n == "vector-quantize-pytorch" else
+                      f"{_sig(rows[n]['ours_speedup'])}×" if ok[n] else "–" for n in RESIDUAL_PROVIDERS[1:]]
+            ours = rows.get("vqvae_fast", {})
+            floor = _x(ours.get("time_vs_search_floor")) if ok["vqvae_fast"] else "–"
+            mib = [_mib(rows[n].get("peak_extra_bytes")) if ok[n] else "–" for n in RESIDUAL_PROVIDERS]
+            inexact = " / ".join(f"{100 * rows[n]['check']['inexact_fraction']:.1f}" if ok[n] and rows[n].get("check")
+                                 else "–" for n in RESIDUAL_PROVIDERS)
+            lines.append(f"| {label} | {task} | " + " | ".join(times + ratios + [floor] + mib + [inexact])
+                         + f" | {result['other_processes_cpu_share']:.0%} |")
+    m = data["machine"]
+    lines += ["", f"<sub>`{m['command']}`; {_machine(m)}</sub>"]
+    return "\n".join(lines)
+
+
 SETTLE_CODEBOOKS = {"random": "random", "near": "near the data"}
 
 
@@ -307,6 +347,7 @@ RENDERERS = {"keypoint": lambda files, **_: keypoint_table(*files),
              "shapes": lambda files, **_: shapes_table(files),
              "pytest_benchmark": lambda files, **kw: pytest_benchmark_table(files[0], **kw),
              "bench_layer": lambda files, **_: bench_layer_table(*files),
+             "bench_residual": lambda files, **_: bench_residual_table(files[0]),
              "settle_rate": lambda files, select=None: settle_rate_table(files[0], select),
              "inspect": lambda files, **kw: inspect_table(files[0], **kw)}
 
