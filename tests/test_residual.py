@@ -304,3 +304,14 @@ def test_fused_encoding_op_passes_opcheck_and_compiles():
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: residual_nearest_code(a, b, backend="triton"), fullgraph=True)
     assert torch.equal(compiled(z, books), residual_nearest_code(z, books, backend="triton"))
+
+
+def test_module_encode_is_the_codes_only_path():
+    """encode: residual_nearest_code on the stacked codebooks (fused on triton), the same codes as
+    the forward, in the codebooks' precision whatever the input's, with fewer stages too."""
+    rvq = ResidualVectorQuantizer(3, 10, 5, channels_last=True, backend="cpu").eval()
+    x = torch.randn(7, 4, 5)
+    codes = rvq.encode(x)
+    assert torch.equal(codes, rvq(x).indices)
+    assert torch.equal(rvq.encode(x, num_stages=2), codes[..., :2])
+    assert torch.equal(rvq.encode(x.double()), rvq.encode(x.double().float()))

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import reference
 from .functional import InputError, check_options
-from .residual import residual_decode
+from .residual import residual_decode, residual_nearest_code
 from .vector_quantizer import VectorQuantizer, channel_dim
 
 
@@ -133,9 +133,14 @@ class ResidualVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, num_stages: int | None = None) -> torch.Tensor:
-        """Codes (input's layout without the channel dim, then num_stages) of x; no state changes."""
-        index = self.forward(x, update=False, num_stages=num_stages or self.num_stages).indices
-        return index[..., :num_stages or self.num_stages]
+        """Codes (input's layout without the channel dim, then num_stages) of x; no state changes,
+        no loss or statistics: `residual_nearest_code` (one fused kernel on triton)."""
+        stages = self._active_stages(False, num_stages)
+        moved = x.movedim(channel_dim(x, self.dim, self.channels_last), -1)
+        books = torch.stack([book.detach() for book in self.codebooks()[:stages]])
+        flat = moved.reshape(-1, self.dim).to(books.dtype)  # in the codebooks' precision, as forward
+        codes = residual_nearest_code(flat, books, backend=self.stages[0].backend)
+        return codes.reshape(*moved.shape[:-1], stages)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """(..., dim) the sum of the codes of `indices` (..., S'), S' <= num_stages (-1: no code)."""
