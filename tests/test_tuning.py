@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +12,15 @@ from vqvae_fast.train.cifar10 import TrainConfig, split_validation
 
 optuna = pytest.importorskip("optuna", reason="the search is the optional extra [tune]; CI installs it")
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--", "--batch-size", "16", "--channels", "16", "--res-channels", "8", "--res-blocks", "1"]
 SEARCH = "lr,beta,gradient,code_dim"
 
 
 def load_tuner():
-    spec = importlib.util.spec_from_file_location("tune_cifar10", REPO / "examples/tune_cifar10.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind examples/tune_cifar10.py: tests import the library."""
+    from vqvae_fast.train.cli import tune_cifar10
+
+    return tune_cifar10
 
 
 def test_the_same_command_twice_continues_one_study(toy_cifar, tmp_path):
