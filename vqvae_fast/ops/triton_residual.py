@@ -227,9 +227,9 @@ def encode_meta(d: int, dtype: torch.dtype) -> dict:
 
 
 def encode_warps(d: int) -> int:
-    """8 warps from D = 128 (the resident tiles spread over more threads: 4 spilled 88-528 bytes,
-    sm_90), else 4."""
-    return 8 if d > 64 else 4
+    """8 warps from D = 33 (the resident tiles spread over more threads: with 4, D = 128 spilled
+    88-528 bytes on sm_90 and D = 64 8 bytes on sm_80, at 255 registers), else 4."""
+    return 8 if d > 32 else 4
 
 
 def absmax_rows(d_pad: int) -> int:
