@@ -60,3 +60,53 @@ def test_a_resumed_run_says_which_time_is_its_own():
 
     assert seconds({"wall_s": 12.2, "this_run_s": 12.2}) == "12 s"
     assert seconds({"wall_s": 30.0, "this_run_s": 12.0}) == "30 s in all (12 s this run)"
+
+
+def test_every_flag_of_every_command_has_help_and_no_empty_default():
+    """--help of each command: a line for every flag, and no "(default: None)" or a default said twice."""
+    import argparse
+    import re
+
+    from vqvae_fast.train import cifar10, prior_trainer
+    from vqvae_fast.train.cli import codes, evaluate_samples, sample, train_classifier, tune_cifar10
+
+    parsers = [module.build_parser() for module in (cifar10, prior_trainer, sample, train_classifier,
+                                                     evaluate_samples, tune_cifar10, codes)]
+    for parser in list(parsers):  # codes' encode and decode
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+    for parser in parsers:
+        for action in parser._actions:
+            if action.dest != "help" and not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
+        text = parser.format_help()
+        assert "default: None" not in text, parser.prog
+        assert not re.search(r"\(default: [^)]*\)\s*\(default:", text), parser.prog
+
+
+def test_tuner_mistakes_are_one_line_and_leave_nothing(tmp_path, capsys):
+    from vqvae_fast.train.cli import tune_cifar10
+
+    out = tmp_path / "runs" / "tune"
+    for flags, message in ((["--trials", "0"], "--trials must be >= 1"), (["--search", "lr,foo"], "unknown settings"),
+                           (["--first", str(tmp_path / "none.json")], "--first")):
+        with pytest.raises(SystemExit) as exit_:
+            tune_cifar10.main(["--data-dir", str(tmp_path), "--out", str(out), *flags])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert tune_cifar10.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "the tuner never downloads" in error and "--no-download" not in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_prior_command_leaves_no_empty_folder(tmp_path, capsys):
+    from vqvae_fast.train import prior_trainer
+
+    (tmp_path / "not_a_checkpoint.pt").write_text("readme")
+    out = tmp_path / "runs" / "e6"
+    assert prior_trainer.main(["--vqvae", str(tmp_path / "not_a_checkpoint.pt"), "--data-dir", str(tmp_path),
+                               "--out", str(out)]) == 2
+    assert "--vqvae" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert prior_trainer.main(["--out", str(out)]) == 2  # neither --vqvae nor --codes
+    assert not (tmp_path / "runs").exists()

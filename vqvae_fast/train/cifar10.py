@@ -25,7 +25,7 @@ from ..models.images import to_images
 from ..models.vqvae import ACTIVATIONS, MODELS, save_checkpoint
 from .checkpoint import parse_with_resume, rng_state, set_rng_state
 from .data import DataNotFoundError, load_cifar10
-from .loop import fit, pick_device, warmup_cosine
+from .loop import HelpFormatter, fit, pick_device, warmup_cosine
 from .reconstruction import ReconstructionTask, save_reconstructions
 
 # The defaults below (lr, beta, EMA decay, dead threshold, code size and count, residual width,
@@ -114,7 +114,7 @@ DEFAULTS = TrainConfig()
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a VQ-VAE (or the two-level VQ-VAE-2, --model vqvae2) "
                                                  "on CIFAR-10.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", default=DEFAULTS.data_dir,
                         help="a cifar-10-batches-py folder or its parent; the official release is downloaded "
                              "here if absent and the network allows")

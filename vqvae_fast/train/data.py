@@ -85,7 +85,7 @@ def load_split(folder: str | Path, train: bool) -> tuple[torch.Tensor, torch.Ten
     return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
-def find_cifar10(data_dir: str | Path, download: bool = True) -> Path:
+def find_cifar10(data_dir: str | Path, download: bool = True, no_download_reason: str = "--no-download") -> Path:
     """The `cifar-10-batches-py` folder for `data_dir`, downloading the official release if needed.
 
     `data_dir` may be the `cifar-10-batches-py` folder itself or its parent. When neither holds the
@@ -96,7 +96,7 @@ def find_cifar10(data_dir: str | Path, download: bool = True) -> Path:
     for folder in (data_dir, data_dir / FOLDER_NAME):
         if is_cifar10_folder(folder):
             return folder
-    why = "downloading is disabled (--no-download)"
+    why = f"downloading is disabled ({no_download_reason})"
     if download and not data_dir.parent.is_dir():
         why = f"its parent folder {data_dir.parent} does not exist either (a typo?), so nothing was downloaded"
     elif download:

@@ -8,6 +8,7 @@ step, RNG states), bf16 autocast, and host syncs only when logging.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -47,6 +48,50 @@ class EpochOrder:
         perm, flip = self.get(epoch)
         rows = slice(position * batch_size, (position + 1) * batch_size)
         return perm[rows], flip[rows]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where there is none (None, a switch) or the help
+    already says what it is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_device_and_seed(parser: argparse.ArgumentParser, seed: str = "seed of the weights and the data order") -> None:
+    """The --device and --seed flags every command shares."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="'auto': CUDA when available")
+    parser.add_argument("--seed", type=int, default=0, help=seed)
+
+
+class NoEmptyFolderLeft:
+    """`with NoEmptyFolderLeft(out):` a command that fails (an exception, or `failed()` called)
+    removes `out` if it created it and left it empty: a mistake leaves nothing behind."""
+
+    def __init__(self, folder: Path):
+        self.created = []  # the folder and its missing parents, innermost first
+        folder = Path(folder).absolute()
+        while not folder.exists() and folder != folder.parent:
+            self.created.append(folder)
+            folder = folder.parent
+        self.ok = True
+
+    def failed(self) -> None:
+        self.ok = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None or not self.ok:
+            for folder in self.created:
+                if not folder.is_dir() or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+        return False
 
 
 def pick_device(name: str) -> torch.device:

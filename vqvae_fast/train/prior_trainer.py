@@ -30,7 +30,7 @@ from .codes import CIFAR10_CLASSES, encode_dataset, load_codes, save_codes
 from .data import DataNotFoundError, load_cifar10
 from .cifar10 import seconds
 from .generation import PRIOR_FORMAT, PriorTask, prior_payload
-from .loop import fit, pick_device, warmup_cosine
+from .loop import HelpFormatter, NoEmptyFolderLeft, add_device_and_seed, fit, pick_device, warmup_cosine
 
 RUN_CONTROL = ("vqvae", "data_dir", "codes", "model", "no_download", "out", "steps", "device", "workers", "compile",
                "eval_every", "log_every", "quiet", "resume")
@@ -39,7 +39,7 @@ RUN_CONTROL = ("vqvae", "data_dir", "codes", "model", "no_download", "out", "ste
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a class-conditional prior over the codes of a trained "
                                                  "VQ-VAE (or VQ-VAE-2).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--vqvae", help="checkpoint.pt of examples/train_cifar10.py (VQ-VAE or VQ-VAE-2)")
     parser.add_argument("--data-dir", help="the cifar-10-batches-py folder (or its parent) to encode")
     parser.add_argument("--codes", help="a codes file of examples/codes.py encode, instead of --vqvae/--data-dir")
@@ -52,18 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="code grids per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (warm-up, then cosine)")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of the weight matrices")
     parser.add_argument("--dim", type=int, default=192, help="transformer width")
     parser.add_argument("--depth", type=int, default=4, help="transformer blocks")
     parser.add_argument("--heads", type=int, default=6, help="attention heads")
-    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, default=0.1, help="dropout in the transformer blocks")
     parser.add_argument("--class-dropout", type=float, default=0.1,
                         help="share of training labels replaced by 'no class', so samples can use guidance")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance of the sample grids")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the prior's training forward")
-    parser.add_argument("--seed", type=int, default=0)
+    add_device_and_seed(parser, "seed of the prior's weights, the batch order and the class dropout")
     parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT")
     parser.add_argument("--workers", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between evaluations and checkpoints")
@@ -81,11 +80,11 @@ def load_or_encode(args: argparse.Namespace, device: torch.device, out_dir: Path
     if args.resume and cached.is_file():
         return load_codes(cached)
     if not args.vqvae or not args.data_dir:
-        raise SystemExit("error: give --vqvae CKPT and --data-dir DIR (or --codes FILE)")
+        raise ValueError("give --vqvae CKPT and --data-dir DIR (or --codes FILE)")
     try:
         vqvae = read_checkpoint(args.vqvae, "vqvae_fast/1")
     except CheckpointError as error:
-        raise SystemExit(f"error: --vqvae: {error}")
+        raise ValueError(f"--vqvae: {error}") from None
     data = load_cifar10(args.data_dir, download=not args.no_download)
     payload = encode_dataset(vqvae, {"train": (data["train"], data["train_labels"]),
                                      "test": (data["test"], data["test_labels"])},
@@ -101,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.workers)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        payload = load_or_encode(args, device, out_dir)
-    except (DataNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with NoEmptyFolderLeft(out_dir) as folder:  # a bad --vqvae or --data-dir leaves no empty OUT behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            payload = load_or_encode(args, device, out_dir)
+        except (DataNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            folder.failed()
+            return 2
 
     kind = model_kind(payload["vqvae"])
     if args.model and args.model != kind:

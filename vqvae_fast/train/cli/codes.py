@@ -38,14 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--images", help="a folder of images (sub-folders: classes): split 'images'")
     encode.add_argument("--flips", action="store_true", help="also encode the training images' mirror images")
     encode.add_argument("--out", required=True, help="the codes file to write")
-    encode.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    encode.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="'auto' (the default): CUDA when available")
     decode = commands.add_parser("decode", help="codes file -> images")
     decode.add_argument("--codes", required=True, help="a file written by `encode`")
-    decode.add_argument("--split", default="test", help="which split's grids")
-    decode.add_argument("--count", type=int, default=64, help="grids in the PNG")
+    decode.add_argument("--split", help="which split's grids (default: the file's only split, else test)")
+    decode.add_argument("--count", type=int, default=64, help="grids in the PNG (default: 64)")
     decode.add_argument("--out", required=True, help="the PNG grid to write")
     decode.add_argument("--tensor", help="also write every decoded image of the split here (uint8, torch.save)")
-    decode.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    decode.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="'auto' (the default): CUDA when available")
     return parser
 
 
@@ -71,6 +73,8 @@ def encode(args: argparse.Namespace) -> int:
 
 def decode(args: argparse.Namespace) -> int:
     payload = load_codes(args.codes)
+    if args.split is None:  # a file of one split (e.g. --images): that one
+        args.split = next(iter(payload["splits"])) if len(payload["splits"]) == 1 else "test"
     if args.split not in payload["splits"]:
         raise ValueError(f"{args.codes} has no split {args.split!r}; it has {', '.join(payload['splits'])}")
     model = model_from_checkpoint(payload["vqvae"]).to(pick_device(args.device))

@@ -25,19 +25,19 @@ from ...models.classifier import Classifier, accuracy
 from ...models.images import to_images, to_uint8
 from ...models.vqvae import model_from_checkpoint
 from ..data import DataNotFoundError, load_cifar10
-from ..loop import pick_device
+from ..loop import HelpFormatter, pick_device
 from ..metrics import MetricsUnavailable, frechet_distance, inception_features
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--samples", required=True, nargs="+", help="samples.pt files of examples/sample.py")
     parser.add_argument("--classifier", help="checkpoint.pt of examples/train_classifier.py")
     parser.add_argument("--data-dir", required=True, help="the cifar-10-batches-py folder: the real test images")
     parser.add_argument("--fid", action="store_true", help="also compute FID (needs pip install -e .[metrics])")
     parser.add_argument("--vqvae", help="a VQ-VAE checkpoint: also the FID of its test reconstructions")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="'auto': CUDA when available")
     parser.add_argument("--out", help="write the scores here as JSON")
     return parser
 

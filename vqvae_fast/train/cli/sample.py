@@ -17,26 +17,25 @@ import torch
 
 from ...models.vqvae import KINDS, model_kind
 from ..generation import class_grid_labels, generate, load_generator, save_labelled_grid
-from ..loop import pick_device
+from ..loop import HelpFormatter, add_device_and_seed, pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--prior", required=True, help="checkpoint.pt of examples/train_prior.py")
     parser.add_argument("--model", choices=KINDS,
                         help="optional check: the prior's VQ-VAE must be of this kind")
     parser.add_argument("--per-class", type=int, default=10, help="samples of each class")
     parser.add_argument("--classes", nargs="+", help="class names or numbers (default: every class)")
     parser.add_argument("--out", default="runs/samples", help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (< 1: safer samples)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely codes of each step")
     parser.add_argument("--guidance", type=float, default=3.0,
                         help="classifier-free guidance (1: the plain conditional model; higher: the class shows "
                              "more clearly, with less variety)")
     parser.add_argument("--batch-size", type=int, default=256, help="samples drawn at once")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_and_seed(parser, "seed of the samples (the same seed and settings give the same images)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -21,22 +21,21 @@ from ...models.classifier import Classifier
 from ..checkpoint import rng_state
 from ..classification import ClassifierTask
 from ..data import DataNotFoundError, load_cifar10
-from ..loop import fit, pick_device, warmup_cosine
+from ..loop import HelpFormatter, add_device_and_seed, fit, pick_device, warmup_cosine
 
 FORMAT = "vqvae_fast/classifier/1"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", required=True, help="a cifar-10-batches-py folder (or its parent)")
     parser.add_argument("--out", default="runs/classifier", help="output folder")
     parser.add_argument("--steps", type=int, default=3000, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warm-up, then cosine)")
     parser.add_argument("--width", type=int, default=32, help="channels of the first stage")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    add_device_and_seed(parser, "seed of the weights, the data order and the augmentation")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations and checkpoints")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

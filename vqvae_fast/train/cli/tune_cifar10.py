@@ -17,13 +17,14 @@ import json
 import sys
 from pathlib import Path
 
-from ..data import DataNotFoundError
+from ..data import DataNotFoundError, find_cifar10
+from ..loop import HelpFormatter, NoEmptyFolderLeft
 from ..tuning import SEARCH_SPACE, TuningUnavailable, run_study
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", required=True, help="a cifar-10-batches-py folder or its parent")
     parser.add_argument("--out", required=True, help="output folder (and the default storage's home)")
     parser.add_argument("--trials", type=int, default=20, help="trials to add to the study in this run")
@@ -45,16 +46,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     fixed = args.trainer_flags[1:] if args.trainer_flags[:1] == ["--"] else args.trainer_flags
-    try:
-        run_study(args.data_dir, Path(args.out), trials=args.trials, steps=args.steps, timeout=args.timeout,
-                  storage=args.storage, study_name=args.study_name, val_images=args.val_images,
-                  searched=[name for name in args.search.split(",") if name], fixed_flags=fixed,
-                  sampler_seed=args.seed, first=json.loads(Path(args.first).read_text()) if args.first else None)
-    except (TuningUnavailable, DataNotFoundError) as error:
+    searched = [name for name in args.search.split(",") if name]
+    for flag, ok, rule in (("--trials", args.trials >= 1, "must be >= 1"), ("--steps", args.steps >= 1, "must be >= 1"),
+                           ("--val-images", args.val_images >= 1, "must be >= 1")):
+        if not ok:
+            parser.error(f"{flag} {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    unknown = sorted(set(searched) - set(SEARCH_SPACE))
+    if unknown or not searched:
+        parser.error(f"--search: unknown settings {unknown}; choose from {', '.join(SEARCH_SPACE)}" if unknown
+                     else "--search names no setting")
+    first = None
+    if args.first:
+        try:
+            first = json.loads(Path(args.first).read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--first {args.first}: {error}")
+    try:  # the trials never download: say where the images should be before a study is made
+        find_cifar10(args.data_dir, download=False, no_download_reason="the tuner never downloads")
+    except DataNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    with NoEmptyFolderLeft(Path(args.out)):
+        try:
+            run_study(args.data_dir, Path(args.out), trials=args.trials, steps=args.steps, timeout=args.timeout,
+                      storage=args.storage, study_name=args.study_name, val_images=args.val_images,
+                      searched=searched, fixed_flags=fixed, sampler_seed=args.seed, first=first)
+        except (TuningUnavailable, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 
