@@ -110,3 +110,29 @@ def test_a_failed_prior_command_leaves_no_empty_folder(tmp_path, capsys):
     assert "--vqvae" in capsys.readouterr().err and not (tmp_path / "runs").exists()
     assert prior_trainer.main(["--out", str(out)]) == 2  # neither --vqvae nor --codes
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (dict(data=lambda d: d.astype("int64") + 44), "pixel values must be in 0..255"),
+    (dict(data=lambda d: d.astype("int64") - 300), "pixel values must be in 0..255"),
+    (dict(labels=lambda l: [99] + l[1:]), "labels must be classes 0..9"),
+    (dict(labels=lambda l: [-1] + l[1:]), "labels must be classes 0..9"),
+    (dict(labels=lambda l: [l]), "n labels"),
+    (dict(data=lambda d: d.astype("float32")), "integers"),
+])
+def test_damaged_cifar_batches_are_named(tmp_path, damage, message):
+    """A batch whose pixels would wrap (300 -> 44), whose labels are not classes or are nested is
+    named in the error, not loaded."""
+    import pickle
+
+    import numpy as np
+
+    from vqvae_fast.train.data import load_split
+
+    data = np.random.default_rng(0).integers(0, 256, (20, 3072)).astype(np.uint8)
+    labels = list(range(10)) * 2
+    batch = {b"data": damage.get("data", lambda d: d)(data), b"labels": damage.get("labels", lambda l: l)(labels)}
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(ValueError, match=message):
+        load_split(tmp_path, train=False)

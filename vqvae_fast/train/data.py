@@ -46,15 +46,29 @@ def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(f"a {type(batch).__name__}, not a dict")
         # The official release has bytes keys (b"data"); re-packed copies often have str keys.
         batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
-        data = torch.as_tensor(batch["data"], dtype=torch.uint8)
-        labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, AttributeError) as error:
+        pixels = torch.as_tensor(batch["data"])  # as stored: checked before it becomes uint8
+        labels = torch.as_tensor(list(batch["labels"]))
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
         what = "the file is empty" if path.stat().st_size == 0 else f"{type(error).__name__}: {error}"
         raise ValueError(f"{path}: not a CIFAR-10 python-pickle batch ({what})") from None
-    if data.dim() != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
-        raise ValueError(f"{path}: expected 'data' of shape (n, 3072) and n labels, "
-                         f"got {tuple(data.shape)} and {tuple(labels.shape)}")
-    return data.reshape(-1, 3, 32, 32), labels
+    problem = _batch_problem(pixels, labels)
+    if problem:
+        raise ValueError(f"{path}: not a CIFAR-10 batch: {problem}")
+    return pixels.to(torch.uint8).reshape(-1, 3, 32, 32), labels.to(torch.int64)
+
+
+def _batch_problem(pixels: torch.Tensor, labels: torch.Tensor) -> str | None:
+    """What is wrong with a batch's arrays (a damaged or foreign file), or None: pixels (n, 3072)
+    integers in 0..255 (a wider type must not wrap: 300 is not 44), n labels, integers in 0..9."""
+    if pixels.dim() != 2 or pixels.shape[1] != 3 * 32 * 32 or labels.dim() != 1 or pixels.shape[0] != labels.shape[0]:
+        return f"expected 'data' of shape (n, 3072) and n labels, got {tuple(pixels.shape)} and {tuple(labels.shape)}"
+    if pixels.is_floating_point() or pixels.dtype == torch.bool or labels.is_floating_point():
+        return f"pixels and labels must be integers, got {pixels.dtype} and {labels.dtype}"
+    if pixels.numel() and (int(pixels.min()) < 0 or int(pixels.max()) > 255):
+        return f"pixel values must be in 0..255, got {int(pixels.min())}..{int(pixels.max())}"
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        return f"labels must be classes 0..9, got {int(labels.min())}..{int(labels.max())}"
+    return None
 
 
 def is_cifar10_folder(folder: Path) -> bool:
