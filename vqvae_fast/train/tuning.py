@@ -20,7 +20,8 @@ from typing import Callable
 
 from .cifar10 import TrainConfig, parse_args, train
 
-INSTALL_HINT = "the search needs Optuna: pip install -e .[tune]  (or: pip install optuna)"
+INSTALL_HINT = ("the search needs Optuna: pip install optuna matplotlib  (the extra .[tune] names the same two, "
+                "but pip install -e .[tune] also recompiles vqvae_fast's C++ library)")
 
 # name: (trainer flag, how to draw it). Floats on a log scale where their effect is multiplicative.
 SEARCH_SPACE: dict[str, tuple[str, Callable]] = {

