@@ -136,3 +136,38 @@ def test_damaged_cifar_batches_are_named(tmp_path, damage, message):
         pickle.dump(batch, f)
     with pytest.raises(ValueError, match=message):
         load_split(tmp_path, train=False)
+
+
+def test_a_changed_or_inconsistent_checkpoint_is_named(tmp_path):
+    """Every checkpoint carries a checksum of its contents: one changed weight is an error naming
+    the file; a config that does not fit the weights, an unknown key, a non-dict config or another
+    model class are CheckpointErrors naming it too, not bare RuntimeError/TypeError."""
+    from vqvae_fast import load_checkpoint
+    from vqvae_fast.checkpoint import CHECKSUM_KEY, content_digest
+    from vqvae_fast.models.vqvae import save_checkpoint
+
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, VQVAE(**TINY))
+    assert isinstance(load_checkpoint(path), VQVAE)
+    raw = torch.load(path, weights_only=True)
+    raw["model"]["quantizer.codebook"][0, 0] += 1e-3  # one weight changed after writing
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match="model.pt: its contents do not match its checksum"):
+        load_checkpoint(path)
+
+    def resigned(change):  # a consistent checksum over a changed payload: the model checks must hold
+        payload = torch.load(tmp_path / "good.pt", weights_only=True)
+        payload.pop(CHECKSUM_KEY)
+        change(payload)
+        payload[CHECKSUM_KEY] = content_digest(payload)
+        torch.save(payload, path)
+
+    save_checkpoint(tmp_path / "good.pt", VQVAE(**TINY))
+    for change, match in ((lambda p: p["config"].update(num_codes=32), "do not make a vqvae"),
+                          (lambda p: p["model"].pop("quantizer.codebook"), "do not make a vqvae"),
+                          (lambda p: p["config"].update(colour="red"), "do not make a vqvae"),
+                          (lambda p: p.update(config=[1, 2]), "not a dict"),
+                          (lambda p: p.update(model_class="vqvae3"), "unknown model class")):
+        resigned(change)
+        with pytest.raises(CheckpointError, match=f"model.pt: .*{match}"):
+            load_checkpoint(path)

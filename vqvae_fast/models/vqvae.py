@@ -397,8 +397,16 @@ def model_from_checkpoint(checkpoint: dict, source: str = "the checkpoint") -> V
     kind = checkpoint.get("model_class", "vqvae")
     if kind not in MODELS:
         raise CheckpointError(f"{source}: unknown model class {kind!r}; this version knows {sorted(MODELS)}")
-    model = MODELS[kind](**checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
+    config = checkpoint["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: its 'config' is a {type(config).__name__}, not a dict of {kind} settings")
+    try:
+        model = MODELS[kind](**config)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:  # unknown settings, weights of other shapes or names
+        reason = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{source}: its config and weights do not make a {kind} of this version "
+                              f"({type(error).__name__}: {reason})") from None
     return model.eval()
 
 
