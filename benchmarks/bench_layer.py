@@ -14,6 +14,9 @@ Providers, each a layer built once and called the way a user's training step cal
                               straight-through gradient (rotation_trick=False: its default for
                               dim > 1 is the rotation trick). Optional: `pip install
                               vector-quantize-pytorch`, skipped with that hint when absent
+    vqvae_fast.compat         the drop-in vqvae_fast.compat.VectorQuantize, built with exactly the
+                              peer's arguments (rotation_trick=False included) and called as the
+                              peer is: what a user gets by switching the import line
     cdist layer               the hand-rolled layer: torch.cdist(z, E).argmin(1), gather,
                               straight-through, codebook + commitment loss, the codebook learned
                               by gradient (no EMA, no init, no restarts)
@@ -66,7 +69,7 @@ import vqvae_fast
 from harness import (OtherLoad, _mib, _ratio, _short_error, _summary, available_memory_bytes, gemm_rate,
                      machine_info, measure_undisturbed, run_measuring_peak_cuda, time_interleaved, write_json)
 
-OURS, PEER, CDIST_LAYER = "vqvae_fast", "vector-quantize-pytorch", "cdist layer"
+OURS, COMPAT, PEER, CDIST_LAYER = "vqvae_fast", "vqvae_fast.compat", "vector-quantize-pytorch", "cdist layer"
 BETA, EMA_DECAY, KMEANS_ITERS = 0.25, 0.99, 10
 DEAD_CODE_COUNT = 2  # a code is dead below this EMA count of vectors per step (the peer's threshold_ema_dead_code)
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}
@@ -145,18 +148,31 @@ def build_ours(shape: LayerShape, device: str, dead_code_count: float) -> Layer:
     return Layer(layer, lambda z: tuple(layer(z))[:3], lambda: layer.codebook)
 
 
-def build_peer(shape: LayerShape, device: str, dead_code_count: float) -> Layer:
-    from vector_quantize_pytorch import VectorQuantize
+def peer_options(shape: LayerShape, dead_code_count: float) -> dict:
+    """The peer's VectorQuantize arguments, also the drop-in's (vqvae_fast.compat takes the same)."""
+    return dict(dim=shape.d, codebook_size=shape.k, decay=EMA_DECAY, kmeans_init=True, kmeans_iters=KMEANS_ITERS,
+                threshold_ema_dead_code=dead_code_count, commitment_weight=BETA, use_cosine_sim=shape.cosine,
+                rotation_trick=False)
 
-    layer = VectorQuantize(dim=shape.d, codebook_size=shape.k, decay=EMA_DECAY, kmeans_init=True,
-                           kmeans_iters=KMEANS_ITERS, threshold_ema_dead_code=dead_code_count,
-                           commitment_weight=BETA, use_cosine_sim=shape.cosine, rotation_trick=False).to(device)
 
+def _peer_layer(layer: nn.Module) -> Layer:
     def call(z):
         quantized, indices, loss = layer(z[None])  # it takes (batch, tokens, dim)
         return quantized[0], indices[0], loss
 
     return Layer(layer, call, lambda: layer.codebook)
+
+
+def build_peer(shape: LayerShape, device: str, dead_code_count: float) -> Layer:
+    from vector_quantize_pytorch import VectorQuantize
+
+    return _peer_layer(VectorQuantize(**peer_options(shape, dead_code_count)).to(device))
+
+
+def build_compat(shape: LayerShape, device: str, dead_code_count: float) -> Layer:
+    from vqvae_fast.compat import VectorQuantize
+
+    return _peer_layer(VectorQuantize(**peer_options(shape, dead_code_count)).to(device))
 
 
 def build_cdist(shape: LayerShape, device: str, dead_code_count: float) -> Layer:
@@ -181,7 +197,7 @@ def peer_unavailable(shape: LayerShape) -> str | None:
 @dataclass(frozen=True)
 class LayerProvider:
     name: str
-    kind: str  # "ours", "peer" or "baseline"
+    kind: str  # "ours", "compat" (our drop-in for the peer), "peer" or "baseline"
     build: Callable[[LayerShape, str, float], Layer]  # (shape, device, dead-code count) -> Layer
     unavailable: Callable[[LayerShape], str | None] = lambda shape: None
     # Bytes of N x K temporaries per element of the N x K matrix (0: none), so that a shape whose
@@ -191,6 +207,7 @@ class LayerProvider:
 
 PROVIDERS = (
     LayerProvider(OURS, "ours", build_ours, ours_unavailable),
+    LayerProvider(COMPAT, "compat", build_compat),  # the fused op: no N x K temporaries
     # Measured peak of a step (memory probe, fp32, N=8192 K=4096): 24 bytes per N x K element
     # for the peer's Euclidean step (its distance chain, the int64 one-hot and its float copy;
     # 16 for cosine), 4 for the cdist layer (the distances).
@@ -371,10 +388,12 @@ def run_shape(shape: LayerShape, args) -> dict:
         with tempfile.TemporaryDirectory() as workdir:
             for name in times:
                 rows[name]["peak_extra_bytes"] = peak_extra_bytes_cpu(name, layers[name], shape, args, workdir)
-    ours = rows.get(OURS, {})
+    ours, peer = rows.get(OURS, {}), rows.get(PEER, {})
     for row in rows.values():  # ours is X times faster than this one (>1: ours faster)
         both = row.get("status") == "ok" and ours.get("status") == "ok"
         row["ours_speedup"] = row["median_s"] / ours["median_s"] if both else None
+        both = row.get("status") == "ok" and peer.get("status") == "ok"  # this one is X times faster than the peer
+        row["vs_peer_speedup"] = peer["median_s"] / row["median_s"] if both else None
     return dict(shape=shape.__dict__, search_flops=shape.search_flops, rounds=args.rounds,
                 floor_dtype=floor_dtype, large_gemm_gflops=rate / 1e9, load_average=os.getloadavg(),
                 other_processes_cpu_share=other_load.share, rows=list(rows.values()))
@@ -411,6 +430,11 @@ def format_shape(result: dict) -> str:
     words = [_speedup_words(row) for row in result["rows"] if row["kind"] != "ours" and row.get("ours_speedup")]
     if words:
         lines.append("ours is " + ", ".join(words))
+    compat = next((row for row in result["rows"] if row["kind"] == "compat" and row.get("vs_peer_speedup")), None)
+    if compat:
+        ratio = compat["vs_peer_speedup"]
+        lines.append(f"the drop-in {compat['provider']} is " + (f"{ratio:.2f}x faster" if ratio >= 1
+                     else f"{1 / ratio:.2f}x slower") + f" than {PEER}")
     return "\n".join(lines)
 
 
@@ -514,8 +538,9 @@ def measure_shapes(args, run_shape: Callable, format_shape: Callable, title: str
 
 
 def exit_status(results: list[dict]) -> int:
-    """1 (with a message) if one of ours' rows failed, else 0."""
-    failed = [row for res in results for row in res["rows"] if row["kind"] == "ours" and row.get("status") == "failed"]
+    """1 (with a message) if one of ours' rows (the drop-in's included) failed, else 0."""
+    failed = [row for res in results for row in res["rows"]
+              if row["kind"] in ("ours", "compat") and row.get("status") == "failed"]
     for row in failed:
         print(f"FAILED: {row['provider']}{' ' + row['task'] if 'task' in row else ''}: {row['reason']}", file=sys.stderr)
     return 1 if failed else 0

@@ -16,6 +16,7 @@ template's folder, options are key=value words:
     <!-- report: shapes FILE... -->                         one line per compare.py file (ours against the baselines)
     <!-- report: pytest_benchmark FILE rows=NxKxD:task,... -->
     <!-- report: bench_layer FP32_FILE BF16_FILE -->
+    <!-- report: bench_layer_compat FILE... -->            the drop-in vqvae_fast.compat against the peer, one table per file
     <!-- report: bench_residual FILE -->
     <!-- report: settle_rate FILE select=D:K:codebook,... -->   (codebook: random or near, the data)
     <!-- report: inspect FILE arch=sm_90 triton=3.8.0 budget_kb=227 seconds=2 -->
@@ -233,6 +234,42 @@ def bench_layer_table(fp32: dict, bf16: dict) -> str:
     return "\n".join(lines)
 
 
+LAYER_KINDS = (("ours", "ours"), ("compat", "compat"), ("peer", "peer"), ("baseline", "cdist layer"))
+
+
+def bench_layer_compat_table(data: dict) -> str:
+    """bench_layer.py with the drop-in (provider vqvae_fast.compat): per shape, median ms of ours, the drop-in, the peer
+    (and the cdist layer where it ran), the drop-in's and ours' speedups over the peer, peak extra memory, the share
+    of rows whose code is not the exact nearest, and the load while timing; the command and machine below."""
+    s, m = data["settings"], data["machine"]
+    present = [(kind, name) for kind, name in LAYER_KINDS
+               if any(r["kind"] == kind for res in data["results"] for r in res["rows"])]
+    precision = SHORT_DTYPE[s["dtype"]] + (f", {s['autocast']} autocast" if s["autocast"] != "none" else "")
+    names = " / ".join(name for _, name in present)
+    lines = [f"**{precision}**, {s['device']}, median of {s['rounds']} interleaved rounds",
+             "",
+             "| shape (N×K×D) | " + " | ".join(f"{name} ms" for _, name in present)
+             + " | **compat vs peer** | ours vs peer | peak extra MiB (" + names + ") | rows not nearest, % ("
+             + names + ") | load average (1 min) | other processes' CPU share |",
+             "|---|" + "---:|" * (len(present) + 3) + "---|---:|---:|"]
+    for result in data["results"]:
+        sh = result["shape"]
+        rows = {r["kind"]: r for r in result["rows"]}
+        ok = {kind: rows.get(kind, {}).get("status") == "ok" for kind, _ in present}
+        times = [_ms(rows[k]["median_s"]) if ok[k] else rows.get(k, {}).get("status", "–") for k, _ in present]
+        ratio = lambda kind: (f"{rows[kind]['vs_peer_speedup']:.1f}×" if ok.get(kind) and ok.get("peer")
+                              and rows[kind].get("vs_peer_speedup") else "–")
+        memory = " / ".join(_mib(rows[k].get("peak_extra_bytes")) if ok[k] else "–" for k, _ in present)
+        inexact = " / ".join(f"{100 * rows[k]['check']['inexact_fraction']:.1f}"
+                             if ok[k] and "inexact_fraction" in (rows[k].get("check") or {}) else "–"
+                             for k, _ in present)
+        lines.append(f"| {sh['name']} {sh['n']}×{sh['k']}×{sh['d']}{', cosine' if sh.get('cosine') else ''} | "
+                     + " | ".join(times) + f" | **{ratio('compat')}** | {ratio('ours')} | {memory} | {inexact} | "
+                     f"{result['load_average'][0]:.2f} | {result['other_processes_cpu_share']:.0%} |")
+    lines += ["", f"<sub>`{m['command']}`; {_machine(m)}</sub>"]
+    return "\n".join(lines)
+
+
 RESIDUAL_PROVIDERS = ("vqvae_fast", "vector-quantize-pytorch", "cdist loop", "stage loop")
 
 
@@ -347,6 +384,7 @@ RENDERERS = {"keypoint": lambda files, **_: keypoint_table(*files),
              "shapes": lambda files, **_: shapes_table(files),
              "pytest_benchmark": lambda files, **kw: pytest_benchmark_table(files[0], **kw),
              "bench_layer": lambda files, **_: bench_layer_table(*files),
+             "bench_layer_compat": lambda files, **_: "\n\n".join(bench_layer_compat_table(f) for f in files),
              "bench_residual": lambda files, **_: bench_residual_table(files[0]),
              "settle_rate": lambda files, select=None: settle_rate_table(files[0], select),
              "inspect": lambda files, **kw: inspect_table(files[0], **kw)}
