@@ -171,3 +171,13 @@ def test_a_changed_or_inconsistent_checkpoint_is_named(tmp_path):
         resigned(change)
         with pytest.raises(CheckpointError, match=f"model.pt: .*{match}"):
             load_checkpoint(path)
+
+
+def test_sparse_and_mkldnn_inputs_are_input_errors():
+    z, codebook = torch.randn(5, 3), torch.randn(4, 3)
+    with pytest.raises(InputError, match="dense.*sparse_coo.*to_dense"):
+        quantize(z.to_sparse(), codebook)
+    with pytest.raises(InputError, match="codebook must be a dense"):
+        quantize(z, codebook.to_sparse())
+    with pytest.raises(InputError, match="mkldnn"):
+        quantize(z.to_mkldnn(), codebook)

@@ -43,6 +43,9 @@ def check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
     for name, t in (("z", z), ("codebook", codebook)):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_mkldnn:
+            raise InputError(f"{name} must be a dense (strided) tensor, got layout {t.layout}"
+                             f"{' (mkldnn)' if t.is_mkldnn else ''}: use .to_dense()")
         if t.dim() != 2:
             raise InputError(f"{name} must be 2-D ({'N' if name == 'z' else 'K'}, D), got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
