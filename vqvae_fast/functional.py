@@ -125,6 +125,14 @@ def check_options(beta: float, gradient: str) -> None:
         raise InputError(f"unknown gradient estimator {gradient!r}; choose one of {reference.GRADIENTS}")
 
 
+def _checked_backend(z, codebook, beta, gradient: str, distance: str, backend: str) -> str:
+    """The backend that runs `quantize`-like ops on these arguments, after checking all of them."""
+    check_inputs(z, codebook)
+    check_options(beta, gradient)
+    check_distance(distance)
+    return resolve_backend(backend, z.device)
+
+
 def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, backend: str = "auto",
              gradient: str = "ste", distance: str = "euclidean") -> QuantizeOutput:
     """Nearest-code quantization with a straight-through gradient and the VQ-VAE losses.
@@ -151,10 +159,7 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, *, beta: float = 0.25, bac
         loss () = mean((codebook[indices] - sg[z])**2) + beta * mean((z - sg[codebook[indices]])**2),
         differentiable w.r.t. z and codebook.
     """
-    check_inputs(z, codebook)
-    check_options(beta, gradient)
-    check_distance(distance)
-    backend = resolve_backend(backend, z.device)
+    backend = _checked_backend(z, codebook, beta, gradient, distance, backend)
     if backend == "triton":
         return QuantizeOutput(*_op(backend, "quantize_fwd")(z, codebook, float(beta), gradient == "rotation",
                                                             distance == "cosine"))
@@ -202,10 +207,7 @@ def quantize_with_code_stats(z: torch.Tensor, codebook: torch.Tensor, *, beta: f
     extra launch; fixed-order sums under torch.use_deterministic_algorithms), elsewhere they
     are summed after it.
     """
-    check_inputs(z, codebook)
-    check_options(beta, gradient)
-    check_distance(distance)
-    backend = resolve_backend(backend, z.device)
+    backend = _checked_backend(z, codebook, beta, gradient, distance, backend)
     if backend == "triton":
         return QuantizeStats(*_op(backend, "quantize_stats_fwd")(z, codebook, float(beta), gradient == "rotation",
                                                                  bool(with_sums), distance == "cosine"))

@@ -113,9 +113,8 @@ def _grad_z_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (d < D)[None, :]
-            g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
-            z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
-            e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
+            g, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd,
+                                  stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
             zz += tl.sum(z * z, axis=1)
             ee += tl.sum(e * e, axis=1)
             gz += tl.sum(g * z, axis=1)
@@ -129,8 +128,8 @@ def _grad_z_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (d < D)[None, :]
-            z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
-            e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
+            _, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd,
+                                  stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
             s = z / nz[:, None] + e / ne[:, None]
             ss += tl.sum(s * s, axis=1)
         ns = tl.sqrt(ss)
@@ -144,17 +143,15 @@ def _grad_z_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (d < D)[None, :]
-            z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
-            e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
-            g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
+            g, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd,
+                                  stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
             out = _grad_to_unit(g, z, e, coef, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION)
             dot += tl.sum(z * out, axis=1)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
-        z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
-        e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
+        g, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd,
+                              stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
         out = _grad_to_unit(g, z, e, coef, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION)
         if NORMALIZE:
             out = _normalization_grad(out, z, dot, z_inv)
@@ -162,6 +159,16 @@ def _grad_z_kernel(
         if out_dtype != tl.float64:
             out = out.to(tl.float32)  # fp64 to 16 bits through fp32, as on a GPU (the interpreter's direct one is wrong)
         tl.store(grad_z_ptr + rows64[:, None] * D + d[None, :], out.to(out_dtype), mask=mask)
+
+
+@triton.jit
+def _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd, stride_cn, stride_cd,
+                z_inv, e_inv, ACC_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr):
+    """Columns d of the rows' incoming gradient, z and chosen code (normalised for cosine), in ACC_DTYPE."""
+    g = tl.load(g_rows + d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC_DTYPE)
+    z = _unit_chunk(z_ptr, rows64, stride_zn, stride_zd, d, mask, z_inv, ACC_DTYPE, NORMALIZE)
+    e = _unit_chunk(codebook_ptr, idx, stride_cn, stride_cd, d, mask, e_inv, ACC_DTYPE, NORMALIZE)
+    return g, z, e
 
 
 @triton.jit
