@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, required=True, help="results (kept and extended across invocations)")
     parser.add_argument("--plot", type=Path, help="PSNR against bits per image (PNG)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--workers", type=int, default=0, help="CPU threads (0: the cores other processes leave free)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.points.split(",") if n.strip()]
     unknown = sorted(set(names) - set(POINTS))

@@ -25,7 +25,7 @@ from ..models.images import to_images
 from ..models.vqvae import ACTIVATIONS, MODELS, save_checkpoint
 from .checkpoint import parse_with_resume, rng_state, set_rng_state
 from .data import DataNotFoundError, load_cifar10
-from .loop import HelpFormatter, fit, pick_device, warmup_cosine
+from .loop import HelpFormatter, fit, pick_device, set_cpu_threads, warmup_cosine
 from .reconstruction import ReconstructionTask, save_reconstructions
 
 # The defaults below (lr, beta, EMA decay, dead threshold, code size and count, residual width,
@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the weights and the data order")
     parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT")
     parser.add_argument("--workers", type=int, default=DEFAULTS.workers,
-                        help="CPU threads for torch (0: torch's default); data needs no loader processes "
-                             "since it lives on the device")
+                        help="CPU threads for torch (0: the cores other processes leave free, said in one line "
+                             "when fewer than all); data needs no loader processes since it lives on the device")
     parser.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every, help="steps between evaluations and checkpoints")
     parser.add_argument("--eval-images", type=int, default=DEFAULTS.eval_images,
                         help="held-out images for the periodic evaluations (the final one uses all)")
@@ -272,8 +272,7 @@ def train(args: TrainConfig, checkpoint: dict | None = None,
 
 
 def _train(args, checkpoint, report, on_finish, run: distributed.Run, device: torch.device) -> dict:
-    if args.workers > 0:
-        torch.set_num_threads(args.workers)
+    set_cpu_threads(args.workers)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

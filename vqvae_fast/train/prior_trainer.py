@@ -30,7 +30,8 @@ from .codes import CIFAR10_CLASSES, encode_dataset, load_codes, save_codes
 from .data import DataNotFoundError, load_cifar10
 from .cifar10 import seconds
 from .generation import PRIOR_FORMAT, PriorTask, prior_payload
-from .loop import HelpFormatter, NoEmptyFolderLeft, add_device_and_seed, fit, pick_device, warmup_cosine
+from .loop import (HelpFormatter, NoEmptyFolderLeft, add_device_and_seed, fit, pick_device, set_cpu_threads,
+                   warmup_cosine)
 
 RUN_CONTROL = ("vqvae", "data_dir", "codes", "model", "no_download", "out", "steps", "device", "workers", "compile",
                "eval_every", "log_every", "quiet", "resume")
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the prior's training forward")
     add_device_and_seed(parser, "seed of the prior's weights, the batch order and the class dropout")
     parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT")
-    parser.add_argument("--workers", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="CPU threads for torch (0: the cores other processes leave free, said in one line "
+                             "when fewer than all)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between evaluations and checkpoints")
     parser.add_argument("--log-every", type=int, default=10, help="steps between progress-bar updates")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,8 +99,7 @@ def load_or_encode(args: argparse.Namespace, device: torch.device, out_dir: Path
 def main(argv: list[str] | None = None) -> int:
     args, checkpoint = parse_with_resume(build_parser, argv, RUN_CONTROL, PRIOR_FORMAT)
     device = pick_device(args.device)
-    if args.workers > 0:
-        torch.set_num_threads(args.workers)
+    set_cpu_threads(args.workers)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out)
     with NoEmptyFolderLeft(out_dir) as folder:  # a bad --vqvae or --data-dir leaves no empty OUT behind
