@@ -169,3 +169,31 @@ def test_without_the_bound_a_one_pass_score_picks_wrong_codes(monkeypatch):
     monkeypatch.setattr(kernels, "settle_bound", lambda mode, d_pad: (0.0, 0.0, 0.0))
     with pytest.raises(AssertionError, match="farther than the nearest"):
         assert_nearest(zs, cs, nearest_code(zs, cs, backend="triton"), 1e-12)
+
+
+@pytest.fixture
+def flushed_denormals():
+    """torch.set_flush_denormal(True) (FTZ/DAZ) on one thread, so that every operation flushes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("path", ("gemm", "avx512", "amx"))
+def test_cpu_rows_with_distances_below_fp32_normals_under_flush_denormal(path, monkeypatch, flushed_denormals):
+    """fp32 rows ~1e-19.5 have float scores ~1e-39, below 2^-126: with denormals flushed each
+    operation can lose up to 2^-126, which the scans' bound must cover (it assumed gradual underflow)."""
+    monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", path)  # an unavailable path falls back to one that is
+    h = float.fromhex
+    z = torch.tensor([[h("-0x1.f276a8p-64")]])
+    codebook = torch.tensor([[h("-0x1.35281ap-63")], [h("-0x1.1dbecap-63")], [h("0x1.55c5bep-63")]])
+    assert nearest_code(z, codebook, backend="cpu").tolist() == [1]
+    for d, k in ((1, 3), (4, 10), (16, 40)):
+        z, codebook = torch.randn(256, d) * 3e-20, torch.randn(k, d) * 3e-20
+        expected = nearest_code(z, codebook, backend="reference")  # float64 squares of 1e-20: normal
+        assert torch.equal(nearest_code(z, codebook, backend="cpu"), expected), (d, k)
+

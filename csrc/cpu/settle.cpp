@@ -98,7 +98,7 @@ struct Avx512Scan {
     std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
   }
 
-  double threshold(float best, double bound, double /*zc_norm2*/) const { return settler.threshold(best, bound); }
+  double threshold(float best, double bound, double zc_norm2) const { return settler.threshold(best, bound, zc_norm2); }
 
   // One thread's block of packed panels (D x kScanRows floats each).
   struct Panels {
@@ -346,7 +346,7 @@ void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>&
           settler.settle(i, [](int64_t) { return true; });
           continue;
         }
-        const double threshold = settler.threshold(min_score(row, cb.e_norm.data(), K), bound);
+        const double threshold = settler.threshold(min_score(row, cb.e_norm.data(), K), bound, zc_norm2[t]);
         settler.settle(i, [&](int64_t k) { return static_cast<double>(cb.e_norm[k] + row[k]) <= threshold; });
       }
     }

@@ -155,22 +155,23 @@ struct RowSettler {
   std::vector<double>& row_err;
   // Float score error (one code) <= ~(D + 2) * u * (M2 + 2 ||zc|| M) from the dot product (any
   // order, FMA or not), the norms and the centring; two codes and a factor 2 of safety give
-  // the tolerance below. Underflow adds at most (D + 1) * 2^-149 per score.
-  double rel_tol, abs_tol;
+  // the tolerance below. Underflow adds at most (2 D + 8) 2^-126 (1 + ||zc|| + 2M) per score,
+  // also with denormals flushed to zero (torch.set_flush_denormal: each operation, input or result, can lose 2^-126).
+  double rel_tol, abs_scale;
   static constexpr double kOverflowGuard = 1e38;  // < FLT_MAX / 3: no float score can overflow
 
   RowSettler(const PreparedCodebook& cb, const at::Tensor& z, const at::Tensor& codebook, int64_t* indices,
              scalar_t* quantized, std::vector<double>& row_err)
       : cb(cb), Z(z), E(codebook), indices(indices), quantized(quantized), row_err(row_err),
         rel_tol(4.0 * static_cast<double>(cb.D + 4) * std::ldexp(1.0, -24)),
-        abs_tol(static_cast<double>(cb.D + 4) * std::ldexp(1.0, -147)) {}
+        abs_scale(4.0 * static_cast<double>(2 * cb.D + 8) * std::ldexp(1.0, -126)) {}
 
   // Largest float score error of row i's codes, up to the tolerance factors; not below the
   // overflow guard (or NaN) when the row's float scores cannot be trusted at all.
   double bound(double zc_norm2) const { return cb.M2 + 2.0 * std::sqrt(zc_norm2) * cb.M; }
   bool scores_usable(double bound) const { return bound < kOverflowGuard; }  // false for NaN/Inf
-  double threshold(float best_score, double bound) const {
-    return static_cast<double>(best_score) + rel_tol * bound + abs_tol;
+  double threshold(float best_score, double bound, double zc_norm2) const {
+    return static_cast<double>(best_score) + rel_tol * bound + abs_scale * (1.0 + std::sqrt(zc_norm2) + 2.0 * cb.M);
   }
 
   const void* row_ptr(int64_t i) const {
