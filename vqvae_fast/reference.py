@@ -30,9 +30,15 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     rows = max(1, _CHUNK_ELEMENTS // max(1, codebook.shape[0]))
     bad_codes = ~torch.isfinite(codebook).all(1)
 
+    def distances(chunk, codes):
+        d = exact_sq_distances(chunk, codes)
+        return torch.where(torch.isnan(d) | bad_codes, torch.inf, d)  # torch.argmin would pick a NaN
+
     def argmin(chunk):
-        d = exact_sq_distances(chunk, codebook)
-        d = torch.where(torch.isnan(d) | bad_codes, torch.inf, d)  # torch.argmin would pick a NaN
+        d = distances(chunk, codebook)
+        beyond = (d == torch.inf).all(1, keepdim=True)
+        if bool(beyond.any()):  # float64 distances beyond its range compare at 2^-600 (exact: a power of two)
+            d = torch.where(beyond, distances(chunk.double() * 2.0 ** -600, codebook.double() * 2.0 ** -600), d)
         return d.argmin(1)
 
     out = [argmin(chunk) for chunk in z.split(rows)]

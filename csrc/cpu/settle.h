@@ -197,10 +197,30 @@ struct RowSettler {
     return (s[0] + s[1]) + (s[2] + s[3]);
   }
 
+  // Row i's nearest code when every distance from it is NaN or +inf, 0 if none compares smaller
+  // than +inf. Float64 distances beyond its range (|z - e|^2 > 1.8e308) compare at 2^-600: a
+  // power of two, so exact; each is still above 2^-176 there, far from underflow.
+  int64_t nearest_beyond_range(int64_t i) const {
+    int64_t best = 0;
+    double best_dist = std::numeric_limits<double>::infinity();
+    for (int64_t k = 0; k < cb.K; ++k) {
+      double s = 0.0;
+      for (int64_t d = 0; d < cb.D; ++d) {
+        const double t = std::ldexp(to_double(Z(i, d)), -600) - std::ldexp(to_double(E(k, d)), -600);
+        s += t * t;
+      }
+      if (s < best_dist) {
+        best_dist = s;
+        best = k;
+      }
+    }
+    return best;
+  }
+
   void finish(int64_t i, int64_t best, double best_dist) {
     if (best < 0) {  // every distance NaN or +inf
-      best = 0;
-      best_dist = exact_dist(i, 0);
+      best = std::is_same_v<scalar_t, double> ? nearest_beyond_range(i) : 0;
+      best_dist = exact_dist(i, best);
     }
     indices[i] = best;
     row_err[i] = best_dist;
