@@ -213,3 +213,40 @@ def test_fp64_distances_beyond_the_range_still_give_the_nearest_code(backend):
     if backend != "triton":  # the triton backend's loss is NaN here (its kernels are not changed by this test)
         assert loss.item() == float("inf")
 
+
+def _rotation_cases():
+    """(z, codebook, grad) at float64 scales whose squared norms underflow or overflow, at D = 1 and 16."""
+    cases = []
+    for d in (1, 16):
+        for scale in (1e-170, 1e-300, 1e160, 1e300):
+            z, codebook = torch.rand(8, d, dtype=torch.float64) + 0.5, torch.rand(5, d, dtype=torch.float64) + 0.5
+            cases.append((z * scale, codebook * scale, torch.randn(8, d, dtype=torch.float64)))
+    return cases
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_rotation_gradient_at_fp64_extremes(backend):
+    """The rotation depends only on the directions and the ratio of the norms: at 1e-170 or 1e300
+    it is the gradient of the same inputs scaled to 1 by a power of two (not straight-through, not NaN)."""
+    for z, codebook, grad in _rotation_cases():
+        z.requires_grad_()
+        quantized, indices, _ = quantize(z, codebook, backend=backend, gradient="rotation")
+        (got,) = torch.autograd.grad(quantized, z, grad)
+        peak = 2.0 ** torch.frexp(z.detach().abs().max()).exponent.item()
+        expected = rotation_gradient(grad, z.detach() / peak, codebook[indices] / peak)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(got, grad), "fell back to straight-through"
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+@pytest.mark.parametrize("gradient", ("ste", "rotation"))
+def test_the_gradient_through_a_code_with_a_nan_entry_is_straight_through(backend, gradient):
+    """A code with a NaN entry is chosen only when every code has one; its norm is NaN, so the
+    rotation falls back to the straight-through gradient, as for a code beyond [1e-6, 1e6] of |z|;
+    the loss, unused, adds nothing (not 0 * NaN)."""
+    z = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    codebook = torch.tensor([[float("nan"), 1.0], [2.0, float("inf")]], dtype=torch.float64)
+    grad = torch.tensor([[0.5, -2.0], [1.0, 3.0]], dtype=torch.float64)
+    quantized = quantize(z, codebook, backend=backend, gradient=gradient).quantized
+    (got,) = torch.autograd.grad(quantized, z, grad)
+    assert torch.equal(got, grad)

@@ -75,6 +75,12 @@ def rotation_gradient(grad: torch.Tensor, z: torch.Tensor, chosen: torch.Tensor)
     lam * R^T g = lam * (g - 2 w (w . g) + 2 u (q . g)).
     """
     g, z64, e64 = grad.double(), z.detach().double(), chosen.detach().double()
+    # Each row pair scaled by a power of two, its largest finite entry to [0.5, 1) (exact): the
+    # norms of float64 rows underflow below ~1e-162 and overflow beyond ~1e154.
+    both = torch.cat([z64, e64], 1).abs()
+    peak = torch.where(torch.isfinite(both), both, 0.0).amax(1, keepdim=True)
+    exponent = -torch.frexp(peak).exponent.clamp(-1000, 1000)  # 2^1074 would overflow
+    z64, e64 = torch.ldexp(z64, exponent), torch.ldexp(e64, exponent)
     nz, ne = z64.norm(dim=1, keepdim=True), e64.norm(dim=1, keepdim=True)
     regular = (nz * ROTATION_MAX_SCALE >= ne) & (ne * ROTATION_MAX_SCALE >= nz) & (nz > 0)
     nz_safe, ne_safe = torch.where(regular, nz, 1.0), torch.where(regular, ne, 1.0)

@@ -21,32 +21,45 @@ namespace {
 // The rotation trick (Fifty et al., 2024) applied to one row's incoming gradient g, in place:
 // g <- lam * (g - 2 w (w . g) + 2 u (q . g)) with u = z / |z|, q = e / |e|, lam = |e| / |z|,
 // w = (u + q) / |u + q|. Guards as in vqvae_fast/reference.py: g is left as it is (straight
-// through) when lam is outside [1e-6, 1e6], and w = 0 (a reflection) when |u + q| <= 1e-6.
+// through) when lam is outside [1e-6, 1e6] or NaN (a NaN entry), and w = 0 (a reflection) when
+// |u + q| <= 1e-6.
 constexpr double kRotationMaxScale = 1e6;
 constexpr double kRotationMinSum = 1e-6;
 
 void rotate_gradient(double* g, const double* z, const double* e, int64_t D) {
+  // z and e are read scaled by one power of two, their largest finite entry to [0.5, 1)
+  // (exact): the result depends only on their directions and norms' ratio, but |z|^2 would
+  // underflow below ~1e-162 and overflow beyond ~1e154. Clamped: 2^1074 would overflow.
+  double peak = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    if (std::isfinite(z[d])) peak = std::max(peak, std::abs(z[d]));
+    if (std::isfinite(e[d])) peak = std::max(peak, std::abs(e[d]));
+  }
+  int exponent = 0;
+  std::frexp(peak, &exponent);
+  const double s = std::ldexp(1.0, -std::clamp(exponent, -1000, 1000));
   double zz = 0.0, ee = 0.0, gz = 0.0, ge = 0.0;
   for (int64_t d = 0; d < D; ++d) {
-    zz += z[d] * z[d];
-    ee += e[d] * e[d];
-    gz += g[d] * z[d];
-    ge += g[d] * e[d];
+    const double zd = z[d] * s, ed = e[d] * s;
+    zz += zd * zd;
+    ee += ed * ed;
+    gz += g[d] * zd;
+    ge += g[d] * ed;
   }
   const double nz = std::sqrt(zz), ne = std::sqrt(ee);
-  if (!(nz > 0.0) || nz * kRotationMaxScale < ne || ne * kRotationMaxScale < nz) return;
+  if (!(nz > 0.0 && nz * kRotationMaxScale >= ne && ne * kRotationMaxScale >= nz)) return;
   double ss = 0.0;  // |u + q|^2, summed directly: 2 + 2 u.q cancels when z points away from e
   for (int64_t d = 0; d < D; ++d) {
-    const double s = z[d] / nz + e[d] / ne;
-    ss += s * s;
+    const double v = z[d] * s / nz + e[d] * s / ne;
+    ss += v * v;
   }
   const double ns = std::sqrt(ss);
   const bool reflect = !(ns > kRotationMinSum);
   const double wg = reflect ? 0.0 : (gz / nz + ge / ne) / ns;  // w . g
   const double qg = ge / ne, lam = ne / nz;
   for (int64_t d = 0; d < D; ++d) {
-    const double u = z[d] / nz;
-    const double w = reflect ? 0.0 : (u + e[d] / ne) / ns;
+    const double u = z[d] * s / nz;
+    const double w = reflect ? 0.0 : (u + e[d] * s / ne) / ns;
     g[d] = lam * (g[d] - 2.0 * w * wg + 2.0 * u * qg);
   }
 }
@@ -78,11 +91,13 @@ void quantize_bwd_kernel(const Tensor& grad_quantized, double g, const Tensor& z
           e[d] = to_double(E(k, d));
         }
         if (rotation) rotate_gradient(g.data(), zi.data(), e.data(), D);
-        for (int64_t d = 0; d < D; ++d) grad_z[i * D + d] = from_double<scalar_t>(g[d] + scale_z * (zi[d] - e[d]));
+        for (int64_t d = 0; d < D; ++d) {  // scale_z = 0 (an unused loss) adds nothing, not 0 * NaN
+          grad_z[i * D + d] = from_double<scalar_t>(scale_z == 0.0 ? g[d] : g[d] + scale_z * (zi[d] - e[d]));
+        }
       }
     });
   }
-  if (grad_codebook == nullptr) return;
+  if (grad_codebook == nullptr || scale == 0.0) return;  // zeros, not 0 * NaN for a code with a NaN entry
 
   // grad_codebook[k] = scale * sum_{i: idx_i = k} (codebook[k] - z_i). Each thread owns a
   // range of codes and scans all rows in order: the result does not depend on threading.
