@@ -74,11 +74,12 @@ void check_z_codebook(const char* op, const Tensor& z, const Tensor& codebook) {
 namespace {
 
 // Which forward the CPU kernels run. Where the CPU has AVX-512F, a fused scan: its AMX form
-// (CPUs with AMX-BF16, from D = kAmxMinD on; float32, bf16 and fp16 rows) or its float form,
-// whose scan state indexes codes with int32 (so K <= INT32_MAX). Otherwise one BLAS GEMM per
-// block of rows. VQVAE_FAST_CPU_SCAN=gemm | avx512 | amx forces a path where the CPU and the
-// inputs allow it (tests, comparisons); it is read on every call.
-enum class ForwardPath { kGemm, kFusedAvx512, kFusedAmx };
+// (CPUs with AMX-BF16, from D = kAmxMinD on; float32, bf16 and fp16 rows) or its float form;
+// where it has AVX2 and FMA but not AVX-512F, the float form with AVX2 instructions. Scan states
+// index codes with int32 (so K <= INT32_MAX). Otherwise (other CPUs, other ISAs) one BLAS GEMM
+// per block of rows. VQVAE_FAST_CPU_SCAN=gemm | avx2 | avx512 | amx forces a path where the CPU
+// and the inputs allow it (tests, comparisons); it is read on every call.
+enum class ForwardPath { kGemm, kFusedAvx2, kFusedAvx512, kFusedAmx };
 
 // Below, storing and folding the score tiles costs more than the tiles save: measured 0.5-0.7x the
 // AVX-512 scan's speed at D = 8 (Intel Xeon with AMX, 2026-11-26; benchmarks/RESULTS.md "CPU: the
@@ -94,6 +95,8 @@ const char* path_name(ForwardPath path) {
       return "fused-amx";
     case ForwardPath::kFusedAvx512:
       return "fused-avx512";
+    case ForwardPath::kFusedAvx2:
+      return "fused-avx2";
     case ForwardPath::kGemm:
       break;
   }
@@ -104,7 +107,10 @@ const char* path_name(ForwardPath path) {
 ForwardPath choose_forward_path(at::ScalarType dtype, int64_t D, int64_t K) {
   const char* env = std::getenv("VQVAE_FAST_CPU_SCAN");
   const std::string forced = env == nullptr ? "" : env;
-  if (forced == "gemm" || !scan_available() || K > std::numeric_limits<int32_t>::max()) return ForwardPath::kGemm;
+  if (forced == "gemm" || K > std::numeric_limits<int32_t>::max()) return ForwardPath::kGemm;
+  if (forced == "avx2" || !scan_available(ScanIsa::kAvx512)) {
+    return scan_available(ScanIsa::kAvx2) ? ForwardPath::kFusedAvx2 : ForwardPath::kGemm;
+  }
   // The AMX scan reads float32, bf16 and fp16 rows; float64 rows are centred in double by the float scan.
   if (dtype == at::kDouble || forced == "avx512" || !amx_scan_available()) return ForwardPath::kFusedAvx512;
   return forced == "amx" || D >= kAmxMinD ? ForwardPath::kFusedAmx : ForwardPath::kFusedAvx512;
@@ -122,6 +128,7 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
   std::vector<int64_t> rows;
   Tensor z_rows, e_rows;  // outlive every stage: settler.z_rows and e_rows point into them
   const ForwardPath path = choose_forward_path(z.scalar_type(), cb.D, cb.K);
+  settler.isa = path == ForwardPath::kFusedAvx2 ? ScanIsa::kAvx2 : ScanIsa::kAvx512;
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (path != ForwardPath::kGemm) {  // the scans read rows of contiguous elements directly
       z_rows = z.stride(1) == 1 ? z : z.contiguous();
@@ -141,12 +148,13 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
         // The AMX scan's looser bound hands back more rows (a few percent): the float scan
         // settles most of them before the GEMM path sees the rest.
         const std::vector<int64_t> near_ties = settle_rows_amx(settler, N);
-        if (!near_ties.empty()) rows = settle_rows_avx512(settler, static_cast<int64_t>(near_ties.size()), &near_ties);
+        if (!near_ties.empty()) rows = settle_rows_float(settler, static_cast<int64_t>(near_ties.size()), &near_ties);
         break;
       }
       TORCH_INTERNAL_ASSERT(false, "choose_forward_path chose the AMX scan for float64");
     case ForwardPath::kFusedAvx512:
-      rows = settle_rows_avx512(settler, N);
+    case ForwardPath::kFusedAvx2:
+      rows = settle_rows_float(settler, N);
       break;
     case ForwardPath::kGemm:
       rows.resize(N);
@@ -194,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor> quantize_fwd_cpu(const Tensor& z, const Tenso
 }
 
 // The path the forward takes on this machine for rows of D elements of `dtype` (default float32)
-// and a codebook of K codes: "fused-amx", "fused-avx512" or "gemm".
+// and a codebook of K codes: "fused-amx", "fused-avx512", "fused-avx2" or "gemm".
 std::string cpu_forward_path(int64_t D, std::optional<at::ScalarType> dtype, int64_t K) {
   const at::ScalarType t = dtype.value_or(at::kFloat);
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,

@@ -1,9 +1,11 @@
-// The fused nearest-code scan of the CPU forward (AVX-512): scores of a panel of 32 rows
-// against groups of 12 codes are accumulated in registers and folded straight into a running
-// best / second-best / index per row, so no score is ever written to memory.
+// The fused nearest-code scan of the CPU forward: scores of a panel of 32 rows against groups
+// of 12 codes are accumulated in registers and folded straight into a running best /
+// second-best / index per row, so no score is ever written to memory. Two instruction sets run
+// it, chosen at run time (scan.cpp): AVX-512F (scan_avx512.cpp) and AVX2 + FMA (scan_avx2.cpp).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace vqvae_fast {
 
@@ -22,8 +24,14 @@ struct ScanState {
   alignas(64) int32_t index[kScanRows];
 };
 
-// True when this CPU can run scan_panel (AVX-512F; checked once).
-bool scan_available();
+// The instruction set a float scan and its helpers run with. Every score is the same chain of
+// fused multiply-adds (the norm, then one FMA per coordinate in order), so both give the same
+// scores bit for bit; they differ in speed only.
+enum class ScanIsa { kAvx512, kAvx2 };
+
+// True when this CPU can run the scan with `isa` (AVX-512F; AVX2 and FMA; checked once). Always
+// false on CPUs other than x86-64, where the forward takes the GEMM path.
+bool scan_available(ScanIsa isa);
 
 // Folds the scores of code groups [g0, g1) into `state`, for one panel of rows:
 //   zt     D x kScanRows floats, zt[d * kScanRows + r] = coordinate d of row r
@@ -33,29 +41,54 @@ bool scan_available();
 // score(r, k) = norms[k] + sum_d zt[d][r] * codes[k][d], accumulated in float with FMAs.
 // With group_index, state.index holds the group of the best code rather than the code (cheaper
 // per code, which matters at small D; the caller then finds the code among the group's).
-void scan_panel(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0,
+void scan_panel(ScanIsa isa, const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0,
                 int64_t g1, ScanState& state, bool group_index);
 
 // After a scan with group_index: the code of group g whose score for panel row `row` is `best`
 // (the scores recomputed exactly as the scan computed them), or -1 if none is.
-int64_t code_in_group(const float* zt, int64_t row, const float* codes, const float* norms, int64_t D,
-                      int64_t g, float best);
+int64_t code_in_group(ScanIsa isa, const float* zt, int64_t row, const float* codes, const float* norms,
+                      int64_t D, int64_t g, float best);
 
 // Element types the packing and the exact distances read directly (16-bit ones widen exactly).
 enum class Elem { kFloat, kBFloat16, kHalf };
 
 // Packs n <= kScanRows rows of z (row i at element i * ld) minus `centre` into zt (D x
 // kScanRows, zero rows after n) and their squared norms, summed in float, into norms[0..n).
-void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
-                float* norms);
-
-// As pack_panel, but rows stay rows: out (kScanRows x D) holds z[t] - centre, zero rows past n.
-void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* out,
-                       float* norms);
+void pack_panel(ScanIsa isa, const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D,
+                float* zt, float* norms);
 
 // sum_d (z[d] - e[d])^2 in double for a row of z and a code (both of `type`): exact products
 // and sums of the widened values up to double rounding, in a fixed order.
-double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D);
+double exact_sq_dist(ScanIsa isa, const void* z, const void* e, Elem type, int64_t D);
+
+// The body of each instruction set (scan_avx512.cpp, scan_avx2.cpp; x86-64 only): the functions
+// above, which dispatch to ScanBody<isa> (scan.cpp).
+template <ScanIsa isa>
+struct ScanBody {
+  static void scan_panel(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0, int64_t g1,
+                         ScanState& state, bool group_index);
+  static int64_t code_in_group(const float* zt, int64_t row, const float* codes, const float* norms, int64_t D,
+                               int64_t g, float best);
+  static void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
+                         float* norms);
+  static double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D);
+};
+
+// f(std::integral_constant<Elem, T>{}) for the element type named at run time.
+template <typename F>
+auto with_elem(Elem type, F&& f) {
+  switch (type) {
+    case Elem::kBFloat16: return f(std::integral_constant<Elem, Elem::kBFloat16>{});
+    case Elem::kHalf: return f(std::integral_constant<Elem, Elem::kHalf>{});
+    case Elem::kFloat: break;
+  }
+  return f(std::integral_constant<Elem, Elem::kFloat>{});
+}
+
+// As pack_panel, but rows stay rows: out (kScanRows x D) holds z[t] - centre, zero rows past n
+// (AVX-512F; the AMX scan's).
+void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* out,
+                       float* norms);
 
 // The AMX variant (D >= 16 where the CPU has AMX-BF16). Scores come from split operands: the
 // centred row x and code y (float) are each split into bf16 parts, x = xh + xl + rx with |rx| <=

@@ -1,7 +1,9 @@
 // AMX body of the CPU scan (see scan.h): bf16 tile products of split operands, each code's
 // scores for a panel folded into the rows' best / second-best score as the AVX-512 scan folds
 // them. Compiled through function attributes and called only after amx_scan_available(), so
-// the library loads everywhere.
+// the library loads everywhere; x86-64 only (scan.cpp has the other CPUs' stubs).
+
+#if defined(__x86_64__)
 
 #include "scan.h"
 #include "scan_fold.h"
@@ -173,3 +175,5 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void amx_scan_panel(const u
 }
 
 }  // namespace vqvae_fast
+
+#endif  // __x86_64__

@@ -1,5 +1,8 @@
 // AVX-512 body of the fused CPU scan (see scan.h). Compiled for AVX-512F through function
-// attributes and called only after scan_available(), so the library still loads everywhere.
+// attributes and called only after scan_available(ScanIsa::kAvx512), so the library still loads
+// everywhere; x86-64 only (other CPUs compile none of it).
+
+#if defined(__x86_64__)
 
 #include "scan.h"
 #include "scan_fold.h"
@@ -11,12 +14,6 @@
 #include <type_traits>
 
 namespace vqvae_fast {
-
-bool scan_available() {
-  static const bool available = __builtin_cpu_supports("avx512f");
-  return available;
-}
-
 namespace {
 
 // kGroupIndex: record the group of the best code (two operations per group instead of two per
@@ -74,8 +71,9 @@ __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes
 
 // The scores of group g's codes for one row, lane j = code j, with the scan's operations in the
 // scan's order (norm, then one FMA per coordinate): bit for bit the scan's scores.
-__attribute__((target("avx512f"))) int64_t code_in_group(const float* zt, int64_t row, const float* codes,
-                                                       const float* norms, int64_t D, int64_t g, float best) {
+template <>
+__attribute__((target("avx512f"))) int64_t ScanBody<ScanIsa::kAvx512>::code_in_group(
+    const float* zt, int64_t row, const float* codes, const float* norms, int64_t D, int64_t g, float best) {
   constexpr __mmask16 lanes = (1u << kScanCodes) - 1;
   const float* group = codes + g * D * kScanCodes;
   __m512 acc = _mm512_maskz_loadu_ps(lanes, norms + g * kScanCodes);
@@ -87,8 +85,9 @@ __attribute__((target("avx512f"))) int64_t code_in_group(const float* zt, int64_
   return hit == 0 ? -1 : __builtin_ctz(hit);
 }
 
-void scan_panel(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0, int64_t g1,
-                ScanState& state, bool group_index) {
+template <>
+void ScanBody<ScanIsa::kAvx512>::scan_panel(const float* zt, const float* codes, const float* norms,
+    int64_t D, int64_t g0, int64_t g1, ScanState& state, bool group_index) {
   if (group_index) {
     scan<true>(zt, codes, norms, D, g0, g1, state);
   } else {
@@ -238,24 +237,15 @@ __attribute__((target("avx512f"))) void transpose_words16(const uint32_t* src, i
   for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * 16, _mm512_castps_si512(r[p]));
 }
 
-namespace {
-
-// f(std::integral_constant<Elem, T>{}) for the element type named at run time.
-template <typename F>
-auto with_elem(Elem type, F&& f) {
-  switch (type) {
-    case Elem::kBFloat16: return f(std::integral_constant<Elem, Elem::kBFloat16>{});
-    case Elem::kHalf: return f(std::integral_constant<Elem, Elem::kHalf>{});
-    case Elem::kFloat: break;
-  }
-  return f(std::integral_constant<Elem, Elem::kFloat>{});
+template <>
+void ScanBody<ScanIsa::kAvx512>::pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre,
+    int64_t D, float* zt, float* norms) {
+  with_elem(type, [&](auto t) { pack<decltype(t)::value>(z, ld, n, centre, D, zt, norms); });
 }
 
-}  // namespace
-
-void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
-                float* norms) {
-  with_elem(type, [&](auto t) { pack<decltype(t)::value>(z, ld, n, centre, D, zt, norms); });
+template <>
+double ScanBody<ScanIsa::kAvx512>::exact_sq_dist(const void* z, const void* e, Elem type, int64_t D) {
+  return with_elem(type, [&](auto t) { return exact<decltype(t)::value>(z, e, D); });
 }
 
 void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* out,
@@ -263,8 +253,6 @@ void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const fl
   with_elem(type, [&](auto t) { centre_rows<decltype(t)::value>(z, ld, n, centre, D, out, norms); });
 }
 
-double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D) {
-  return with_elem(type, [&](auto t) { return exact<decltype(t)::value>(z, e, D); });
-}
-
 }  // namespace vqvae_fast
+
+#endif  // __x86_64__

@@ -1,4 +1,4 @@
-// The stages of the CPU forward that settle rows (settle.h): the fused scans, AVX-512 and AMX,
+// The stages of the CPU forward that settle rows (settle.h): the fused scans, float and AMX,
 // one driver over both, and the GEMM path that settles whatever they hand back.
 
 #include <ATen/ATen.h>
@@ -64,12 +64,14 @@ struct RowMap {
   int64_t operator()(int64_t j) const { return subset != nullptr ? (*subset)[j] : j; }
 };
 
-// The float scan (scan.h, scan_panel), as settle_rows_scan drives it. The codebook goes in
-// groups of kScanCodes codes, coordinate-major inside a group; padding codes score +inf.
-// Its tolerance is RowSettler's (the float score error).
+// The float scan (scan.h, scan_panel, with settler.isa's instructions), as settle_rows_scan
+// drives it. The codebook goes in groups of kScanCodes codes, coordinate-major inside a group;
+// padding codes score +inf. Its tolerance is RowSettler's (the float score error).
 template <typename scalar_t>
-struct Avx512Scan {
-  static constexpr const char* kEvent = "vqvae_fast::cpu_scan_avx512";  // profiler event of a call
+struct FloatScan {
+  static const char* event(const RowSettler<scalar_t>& settler) {  // profiler event of a call
+    return settler.isa == ScanIsa::kAvx512 ? "vqvae_fast::cpu_scan_avx512" : "vqvae_fast::cpu_scan_avx2";
+  }
   const RowSettler<scalar_t>& settler;
   int64_t D, groups;
   std::vector<float> codes, norms;
@@ -78,7 +80,7 @@ struct Avx512Scan {
   bool group_index;
   int64_t panel_bytes, group_bytes;
 
-  explicit Avx512Scan(const RowSettler<scalar_t>& settler)
+  explicit FloatScan(const RowSettler<scalar_t>& settler)
       : settler(settler), D(settler.cb.D), groups(ceil_div(settler.cb.K, kScanCodes)),
         codes(groups * D * kScanCodes), norms(groups * kScanCodes, std::numeric_limits<float>::infinity()),
         group_index(D <= kGroupIndexMaxD), panel_bytes(kScanRows * D * 4), group_bytes(D * kScanCodes * 4) {
@@ -102,12 +104,12 @@ struct Avx512Scan {
 
   // One thread's block of packed panels (D x kScanRows floats each).
   struct Panels {
-    const Avx512Scan& scan;
+    const FloatScan& scan;
     RowMap row_of;
     std::vector<float> zt;
     std::vector<char> gathered;  // a panel's rows, gathered from a subset
 
-    Panels(const Avx512Scan& scan, int64_t block, RowMap row_of)
+    Panels(const FloatScan& scan, int64_t block, RowMap row_of)
         : scan(scan), row_of(row_of), zt(block * scan.D * kScanRows),
           gathered(row_of.subset != nullptr ? kScanRows * scan.D * RowSettler<scalar_t>::elem_bytes : 0) {}
     float* panel(int64_t p) { return zt.data() + p * scan.D * kScanRows; }
@@ -127,7 +129,7 @@ struct Avx512Scan {
           z_first = gathered.data();
           ld = D;
         }
-        pack_panel(z_first, settler.z_type, ld, rows, centre.data(), D, panel(p), zc_norm2);
+        pack_panel(settler.isa, z_first, settler.z_type, ld, rows, centre.data(), D, panel(p), zc_norm2);
       } else {  // double: centred in double, then rounded
         float* out = panel(p);
         for (int64_t t = 0; t < kScanRows; ++t) {
@@ -143,7 +145,7 @@ struct Avx512Scan {
     }
 
     void scan_groups(int64_t p, int64_t g0, int64_t g1, ScanState& state) {
-      scan_panel(panel(p), scan.codes.data(), scan.norms.data(), scan.D, g0, g1, state, scan.group_index);
+      scan_panel(scan.settler.isa, panel(p), scan.codes.data(), scan.norms.data(), scan.D, g0, g1, state, scan.group_index);
     }
 
     // Row t of panel p (row i of z) has one candidate: its best code.
@@ -153,7 +155,7 @@ struct Avx512Scan {
         return;
       }
       const int64_t K = settler.cb.K, g = s.index[t];
-      const int64_t j = code_in_group(panel(p), t, scan.codes.data(), scan.norms.data(), scan.D, g, s.best[t]);
+      const int64_t j = code_in_group(settler.isa, panel(p), t, scan.codes.data(), scan.norms.data(), scan.D, g, s.best[t]);
       if (j >= 0 && g * kScanCodes + j < K) {
         settler.finish(i, g * kScanCodes + j, settler.exact_dist(i, g * kScanCodes + j));
       } else {  // not expected: the one candidate is in the group, and is its exactly nearest code
@@ -172,7 +174,7 @@ struct Avx512Scan {
 // the tolerance of `threshold`.
 template <typename scalar_t>
 struct AmxScan {
-  static constexpr const char* kEvent = "vqvae_fast::cpu_scan_amx";  // profiler event of a call
+  static const char* event(const RowSettler<scalar_t>&) { return "vqvae_fast::cpu_scan_amx"; }  // profiler event
   const RowSettler<scalar_t>& settler;
   int64_t D, groups, length, group_elems, panel_elems;
   at::Tensor codes_buffer;  // tile rows are 64 bytes: 64-byte aligned buffers keep each in one cache line
@@ -240,7 +242,7 @@ struct AmxScan {
 // exactly; the others (near-ties, rows that could overflow) are returned.
 template <typename Scan, typename scalar_t>
 std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, RowMap row_of) {
-  RECORD_USER_SCOPE(Scan::kEvent);
+  RECORD_USER_SCOPE(Scan::event(settler));
   static_assert(kAmxRows == kScanRows, "both scans fill ScanState's panels");
   const Scan scan(settler);
   const int64_t panels = ceil_div(N, kScanRows);
@@ -291,8 +293,8 @@ std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, 
 }  // namespace
 
 template <typename scalar_t>
-std::vector<int64_t> settle_rows_avx512(RowSettler<scalar_t>& settler, int64_t N, const std::vector<int64_t>* subset) {
-  return settle_rows_scan<Avx512Scan<scalar_t>>(settler, N, RowMap{subset});
+std::vector<int64_t> settle_rows_float(RowSettler<scalar_t>& settler, int64_t N, const std::vector<int64_t>* subset) {
+  return settle_rows_scan<FloatScan<scalar_t>>(settler, N, RowMap{subset});
 }
 
 template <typename scalar_t>
@@ -354,7 +356,7 @@ void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>&
 }
 
 #define VQVAE_FAST_SETTLE_STAGES(T)                                                                        \
-  template std::vector<int64_t> settle_rows_avx512<T>(RowSettler<T>&, int64_t, const std::vector<int64_t>*); \
+  template std::vector<int64_t> settle_rows_float<T>(RowSettler<T>&, int64_t, const std::vector<int64_t>*); \
   template void settle_rows_gemm<T>(RowSettler<T>&, const std::vector<int64_t>&);
 VQVAE_FAST_SETTLE_STAGES(float)
 VQVAE_FAST_SETTLE_STAGES(double)

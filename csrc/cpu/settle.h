@@ -1,6 +1,6 @@
 // The forward's second half, shared by its files: the codebook as the scans read it (centred,
 // usable codes marked), and RowSettler, which turns a row's float scores into its code and exact
-// distance. The stages that settle rows (settle.cpp): the fused scans (AVX-512, AMX) and the GEMM path.
+// distance. The stages that settle rows (settle.cpp): the fused scans (float: AVX-512 or AVX2; AMX) and the GEMM path.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -142,9 +142,10 @@ template <typename scalar_t>
 struct RowSettler {
   const PreparedCodebook& cb;
   View2D<scalar_t> Z, E;
-  // Rows of z the AVX-512 helpers read directly (fused path, every dtype but double): row i
-  // starts at element i * z_ld of z_rows.
+  // Rows of z the scan helpers read directly (fused path, every dtype but double): row i
+  // starts at element i * z_ld of z_rows; `isa` names the helpers' instruction set.
   const void* z_rows = nullptr;
+  ScanIsa isa = ScanIsa::kAvx512;
   Elem z_type = Elem::kFloat;
   int64_t z_ld = 0;
   const void* e_rows = nullptr;  // the codebook's rows, the same way (element e_ld * k starts code k)
@@ -180,7 +181,7 @@ struct RowSettler {
 
   double exact_dist(int64_t i, int64_t k) const {
     if (z_rows != nullptr) {
-      return exact_sq_dist(row_ptr(i), static_cast<const char*>(e_rows) + k * e_ld * elem_bytes, z_type, cb.D);
+      return exact_sq_dist(isa, row_ptr(i), static_cast<const char*>(e_rows) + k * e_ld * elem_bytes, z_type, cb.D);
     }
     double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
     int64_t d = 0;
@@ -254,11 +255,11 @@ struct RowSettler {
 // The stages (settle.cpp, instantiated for float, double, BFloat16 and Half). Each scan settles
 // the rows whose best code it can vouch for and returns the others (near-ties, rows whose float
 // scores cannot be trusted), in no particular order.
-//   settle_rows_avx512  the float scan (scan_panel) over rows [0, N), or over subset[0, N) if given
+//   settle_rows_float   the float scan (scan_panel, settler.isa) over rows [0, N), or over subset[0, N) if given
 //   settle_rows_amx     the bf16 tile scan (amx_scan_panel; not double) over rows [0, N)
 //   settle_rows_gemm    settles every row it is given: one float GEMM per block of rows
 template <typename scalar_t>
-std::vector<int64_t> settle_rows_avx512(RowSettler<scalar_t>& settler, int64_t N,
+std::vector<int64_t> settle_rows_float(RowSettler<scalar_t>& settler, int64_t N,
                                         const std::vector<int64_t>* subset = nullptr);
 template <typename scalar_t>
 std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N);

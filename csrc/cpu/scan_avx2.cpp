@@ -1,0 +1,193 @@
+// AVX2 + FMA body of the fused CPU scan (see scan.h), for x86-64 CPUs without AVX-512 (laptops,
+// older servers). Compiled through function attributes and called only after
+// scan_available(ScanIsa::kAvx2); x86-64 only. Same layouts and the same scores, bit for bit, as
+// the AVX-512 body: each score is the norm, then one FMA per coordinate in order.
+//
+// Register arithmetic: 16 ymm registers hold 2 vectors of 8 rows x 6 codes = 12 accumulators, 2
+// row vectors and a broadcast code coordinate, so a panel (32 rows) x group (12 codes) runs as 4
+// passes of 16 rows x 6 codes; between passes the running best / second / index of the pass's 16
+// rows are folded in memory (L1).
+
+#if defined(__x86_64__)
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "scan.h"
+
+namespace vqvae_fast {
+namespace {
+
+constexpr int kPassRows = 16;              // two vectors of 8 rows
+constexpr int kPassCodes = kScanCodes / 2;  // 6 codes: 12 accumulators
+
+#define VQVAE_FAST_AVX2 __attribute__((target("avx2,fma")))
+
+// Folds 8 scores s into the running best and second-best of 8 rows (scan_fold.h's fold).
+VQVAE_FAST_AVX2 inline void fold(__m256 s, __m256& best, __m256& second) {
+  second = _mm256_min_ps(second, _mm256_max_ps(best, s));
+  best = _mm256_min_ps(best, s);
+}
+
+// One pass: codes [c0, c0 + kPassCodes) of group g against rows [r0, r0 + kPassRows) of the panel.
+template <bool kGroupIndex>
+VQVAE_FAST_AVX2 inline void pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g,
+                                 int c0, int r0, ScanState& state) {
+  __m256 acc0[kPassCodes], acc1[kPassCodes];
+#pragma GCC unroll 6
+  for (int j = 0; j < kPassCodes; ++j) acc0[j] = acc1[j] = _mm256_broadcast_ss(norm + c0 + j);
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 row0 = _mm256_loadu_ps(zt + d * kScanRows + r0);
+    const __m256 row1 = _mm256_loadu_ps(zt + d * kScanRows + r0 + 8);
+    const float* c = group + d * kScanCodes + c0;
+#pragma GCC unroll 6
+    for (int j = 0; j < kPassCodes; ++j) {
+      const __m256 cj = _mm256_broadcast_ss(c + j);
+      acc0[j] = _mm256_fmadd_ps(row0, cj, acc0[j]);
+      acc1[j] = _mm256_fmadd_ps(row1, cj, acc1[j]);
+    }
+  }
+  __m256 best0 = _mm256_load_ps(state.best + r0), best1 = _mm256_load_ps(state.best + r0 + 8);
+  __m256 second0 = _mm256_load_ps(state.second + r0), second1 = _mm256_load_ps(state.second + r0 + 8);
+  __m256 index0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0)));
+  __m256 index1 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0 + 8)));
+  if constexpr (kGroupIndex) {
+    const __m256 before0 = best0, before1 = best1;
+#pragma GCC unroll 6
+    for (int j = 0; j < kPassCodes; ++j) {
+      fold(acc0[j], best0, second0);
+      fold(acc1[j], best1, second1);
+    }
+    const __m256 here = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(g)));
+    index0 = _mm256_blendv_ps(index0, here, _mm256_cmp_ps(best0, before0, _CMP_LT_OQ));
+    index1 = _mm256_blendv_ps(index1, here, _mm256_cmp_ps(best1, before1, _CMP_LT_OQ));
+  } else {
+#pragma GCC unroll 6
+    for (int j = 0; j < kPassCodes; ++j) {
+      const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(g * kScanCodes + c0 + j)));
+      index0 = _mm256_blendv_ps(index0, k, _mm256_cmp_ps(acc0[j], best0, _CMP_LT_OQ));
+      index1 = _mm256_blendv_ps(index1, k, _mm256_cmp_ps(acc1[j], best1, _CMP_LT_OQ));
+      fold(acc0[j], best0, second0);
+      fold(acc1[j], best1, second1);
+    }
+  }
+  _mm256_store_ps(state.best + r0, best0);
+  _mm256_store_ps(state.best + r0 + 8, best1);
+  _mm256_store_ps(state.second + r0, second0);
+  _mm256_store_ps(state.second + r0 + 8, second1);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(state.index + r0), _mm256_castps_si256(index0));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(state.index + r0 + 8), _mm256_castps_si256(index1));
+}
+
+// Each row sees a group's codes in index order (both passes of its rows, in code order), so
+// ties keep the lower index as in the AVX-512 scan.
+template <bool kGroupIndex>
+VQVAE_FAST_AVX2 void scan(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0, int64_t g1,
+                          ScanState& state) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* group = codes + g * D * kScanCodes;
+    const float* norm = norms + g * kScanCodes;
+    for (int r0 = 0; r0 < kScanRows; r0 += kPassRows) {
+      for (int c0 = 0; c0 < kScanCodes; c0 += kPassCodes) pass<kGroupIndex>(zt, group, norm, D, g, c0, r0, state);
+    }
+  }
+}
+
+// Element i of z as a float (16-bit floats widen exactly).
+template <Elem T>
+inline float element(const void* z, int64_t i) {
+  if constexpr (T == Elem::kFloat) {
+    return static_cast<const float*>(z)[i];
+  } else if constexpr (T == Elem::kBFloat16) {
+    return static_cast<float>(static_cast<const c10::BFloat16*>(z)[i]);
+  } else {
+    return static_cast<float>(static_cast<const c10::Half*>(z)[i]);
+  }
+}
+
+template <Elem T>
+VQVAE_FAST_AVX2 void pack(const void* z, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
+                          float* norms) {
+  std::fill(zt, zt + D * kScanRows, 0.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    float norm = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float c = element<T>(z, t * ld + d) - centre[d];
+      zt[d * kScanRows + t] = c;
+      norm = std::fma(c, c, norm);
+    }
+    norms[t] = norm;
+  }
+}
+
+template <Elem T>
+VQVAE_FAST_AVX2 double exact(const void* z, const void* e, int64_t D) {
+  double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const double t = static_cast<double>(element<T>(z, d + j)) - static_cast<double>(element<T>(e, d + j));
+      s[j] = std::fma(t, t, s[j]);
+    }
+  }
+  for (; d < D; ++d) {
+    const double t = static_cast<double>(element<T>(z, d)) - static_cast<double>(element<T>(e, d));
+    s[0] = std::fma(t, t, s[0]);
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+}  // namespace
+
+template <>
+void ScanBody<ScanIsa::kAvx2>::scan_panel(const float* zt, const float* codes, const float* norms,
+    int64_t D, int64_t g0, int64_t g1, ScanState& state, bool group_index) {
+  if (group_index) {
+    scan<true>(zt, codes, norms, D, g0, g1, state);
+  } else {
+    scan<false>(zt, codes, norms, D, g0, g1, state);
+  }
+}
+
+// Group g's 12 scores for one row, lanes 0-7 and 8-11 (12-15 masked off), with the scan's
+// operations in the scan's order: bit for bit the scan's scores.
+template <>
+VQVAE_FAST_AVX2 int64_t ScanBody<ScanIsa::kAvx2>::code_in_group(
+    const float* zt, int64_t row, const float* codes, const float* norms, int64_t D, int64_t g, float best) {
+  const __m256i high_lanes = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);  // codes 8-11
+  const float* group = codes + g * D * kScanCodes;
+  __m256 acc_low = _mm256_loadu_ps(norms + g * kScanCodes);
+  __m256 acc_high = _mm256_maskload_ps(norms + g * kScanCodes + 8, high_lanes);
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 x = _mm256_broadcast_ss(zt + d * kScanRows + row);
+    acc_low = _mm256_fmadd_ps(x, _mm256_loadu_ps(group + d * kScanCodes), acc_low);
+    acc_high = _mm256_fmadd_ps(x, _mm256_maskload_ps(group + d * kScanCodes + 8, high_lanes), acc_high);
+  }
+  const __m256 target = _mm256_set1_ps(best);
+  const int low = _mm256_movemask_ps(_mm256_cmp_ps(acc_low, target, _CMP_EQ_OQ));
+  const int high = _mm256_movemask_ps(_mm256_cmp_ps(acc_high, target, _CMP_EQ_OQ)) & 0xF;
+  const int hit = low | (high << 8);
+  return hit == 0 ? -1 : __builtin_ctz(hit);
+}
+
+template <>
+void ScanBody<ScanIsa::kAvx2>::pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre,
+    int64_t D, float* zt, float* norms) {
+  with_elem(type, [&](auto t) { pack<decltype(t)::value>(z, ld, n, centre, D, zt, norms); });
+}
+
+template <>
+double ScanBody<ScanIsa::kAvx2>::exact_sq_dist(const void* z, const void* e, Elem type, int64_t D) {
+  return with_elem(type, [&](auto t) { return exact<decltype(t)::value>(z, e, D); });
+}
+
+#undef VQVAE_FAST_AVX2
+
+}  // namespace vqvae_fast
+
+#endif  // __x86_64__
