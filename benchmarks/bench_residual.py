@@ -4,6 +4,7 @@
     python benchmarks/bench_residual.py --threads 2 --rounds 3 --json benchmarks/results/bench_residual_cpu_2t.json
     python benchmarks/bench_residual.py --autocast bf16 --shapes dac encodec-8
     python benchmarks/bench_residual.py --quick                        # two tiny shapes, 1 round (the test's)
+    python benchmarks/bench_residual.py --shape 16384 9 1024 8 --cosine
     python benchmarks/bench_residual.py --device cuda --rounds 5
 
 Two tasks per shape, each provider built once (k-means init in the untimed warm-up step):
@@ -37,8 +38,13 @@ stage (its quantized output is the sum of per-stage straight-through outputs). D
 peer retires a code whose EMA count per step falls below 2; ours compares usage scaled so that
 uniform use is 1, so the same rule is dead_threshold = 2*K/N.
 
-The DAC shape is run with Euclidean distance: ResidualVectorQuantizer has no cosine distance
-yet (DAC's codes are l2-normalised behind a projection), and the peers run Euclidean there too.
+Cosine shapes (dac, quick-b, --cosine) run every provider with cosine distance: ours with
+distance="cosine", the peer with use_cosine_sim=True, the loops on the l2-normalised residual
+and codes. Each stage adds the unit code nearest to its unit residual and the next residual
+subtracts it (the peer's rule; DAC picks codes the same way, but adds the raw codebook row
+through a per-stage projection, which no provider here has). The check compares the unit
+residual with the unit codes. Ours encodes cosine stage by stage (the fused triton encoder is
+Euclidean only).
 
 Timing, load recording and memory are bench_layer.py's (harness.py): providers interleaved round
 by round, median with quartiles; on CPU the peak RSS growth of one call in a fresh process
@@ -81,6 +87,7 @@ class ResidualShape:
     s: int  # stages
     k: int  # codes per stage
     d: int  # code dimension
+    cosine: bool = False  # cosine distance: l2-normalised residuals and codes
     name: str = "custom"
     note: str = ""
 
@@ -89,18 +96,19 @@ class ResidualShape:
         return 2 * self.n * self.k * self.d * self.s  # z @ E_s^T per stage: any exhaustive quantizer does this
 
     def label(self) -> str:
-        return f"{self.name} (N={self.n} S={self.s} K={self.k} D={self.d}{', ' + self.note if self.note else ''})"
+        extras = (", cosine" if self.cosine else "") + (", " + self.note if self.note else "")
+        return f"{self.name} (N={self.n} S={self.s} K={self.k} D={self.d}{extras})"
 
 
 SHAPES = {shape.name: shape for shape in (
-    ResidualShape(16384, 9, 1024, 8, name="dac", note="Euclidean: DAC's is cosine, ours has none yet"),
+    ResidualShape(16384, 9, 1024, 8, cosine=True, name="dac"),
     ResidualShape(16384, 8, 1024, 128, name="encodec-8"),
     ResidualShape(8192, 8, 2048, 256, name="mimi"),
     ResidualShape(16384, 32, 1024, 128, name="encodec-32"),
 )}
 QUICK_SHAPES = {shape.name: shape for shape in (
     ResidualShape(256, 3, 32, 16, name="quick-a"),
-    ResidualShape(128, 2, 64, 8, name="quick-b"),
+    ResidualShape(128, 2, 64, 8, cosine=True, name="quick-b"),
 )}
 
 
@@ -109,12 +117,13 @@ QUICK_SHAPES = {shape.name: shape for shape in (
 class LoopQuantizer(nn.Module):
     """The residual loop as users hand-roll it: per stage the nearest code of the residual
     (torch.cdist + argmin, or our single-stage op), the VQ-VAE loss of the stage, the residual
-    minus the detached code; the sum passed straight through to z. Codebooks learned by gradient."""
+    minus the detached code; the sum passed straight through to z. Codebooks learned by gradient.
+    cosine: the stage compares the l2-normalised residual and codes, and adds the unit code."""
 
-    def __init__(self, stages: int, num_codes: int, dim: int, beta: float, use_ours: bool):
+    def __init__(self, stages: int, num_codes: int, dim: int, beta: float, use_ours: bool, cosine: bool):
         super().__init__()
         self.codebooks = nn.Parameter(torch.empty(stages, num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes))
-        self.beta, self.use_ours = beta, use_ours
+        self.beta, self.use_ours, self.cosine = beta, use_ours, cosine
 
     def forward(self, z: torch.Tensor):
         books = self.codebooks
@@ -124,8 +133,11 @@ class LoopQuantizer(nn.Module):
         for book in books.unbind(0):
             residual = z_in - total
             if self.use_ours:
-                chosen, idx, stage_loss = vqvae_fast.quantize(residual, book, beta=self.beta)
+                chosen, idx, stage_loss = vqvae_fast.quantize(residual, book, beta=self.beta,
+                                                              distance="cosine" if self.cosine else "euclidean")
             else:
+                if self.cosine:
+                    residual, book = F.normalize(residual, dim=1), F.normalize(book, dim=1)
                 idx = torch.cdist(residual, book).argmin(1)
                 code = book[idx]
                 stage_loss = F.mse_loss(code, residual.detach()) + self.beta * F.mse_loss(residual, code.detach())
@@ -144,6 +156,8 @@ class LoopQuantizer(nn.Module):
         indices = []
         for book in books.unbind(0):
             residual = z_in - total
+            if self.cosine:
+                residual, book = F.normalize(residual, dim=1), F.normalize(book, dim=1)
             idx = vqvae_fast.nearest_code(residual, book) if self.use_ours else torch.cdist(residual, book).argmin(1)
             total = total + book[idx]
             indices.append(idx)
@@ -163,7 +177,8 @@ class Quantizer:
 def build_ours(shape: ResidualShape, device: str, dead_code_count: float) -> Quantizer:
     layer = vqvae_fast.ResidualVectorQuantizer(
         shape.s, shape.k, shape.d, BETA, channels_last=True, ema_decay=EMA_DECAY, kmeans_init=True,
-        kmeans_iters=KMEANS_ITERS, restart_dead=True, dead_threshold=dead_code_count * shape.k / shape.n).to(device)
+        kmeans_iters=KMEANS_ITERS, restart_dead=True, dead_threshold=dead_code_count * shape.k / shape.n,
+        distance="cosine" if shape.cosine else "euclidean").to(device)
     return Quantizer(layer, lambda z: tuple(layer(z))[:3], layer.encode, layer.codebooks)
 
 
@@ -172,7 +187,7 @@ def build_peer(shape: ResidualShape, device: str, dead_code_count: float) -> Qua
 
     layer = ResidualVQ(dim=shape.d, num_quantizers=shape.s, codebook_size=shape.k, decay=EMA_DECAY, kmeans_init=True,
                        kmeans_iters=KMEANS_ITERS, threshold_ema_dead_code=dead_code_count, commitment_weight=BETA,
-                       rotation_trick=False).to(device)
+                       rotation_trick=False, use_cosine_sim=shape.cosine).to(device)
 
     def call(z):
         quantized, indices, losses = layer(z[None])  # (batch, tokens, dim); losses (S,) or (1, S)
@@ -187,7 +202,7 @@ def build_peer(shape: ResidualShape, device: str, dead_code_count: float) -> Qua
 
 def build_loop(use_ours: bool):
     def build(shape: ResidualShape, device: str, dead_code_count: float) -> Quantizer:
-        layer = LoopQuantizer(shape.s, shape.k, shape.d, BETA, use_ours).to(device)
+        layer = LoopQuantizer(shape.s, shape.k, shape.d, BETA, use_ours, shape.cosine).to(device)
         return Quantizer(layer, layer, layer.encode, lambda: list(layer.codebooks.unbind(0)))
     return build
 
@@ -236,16 +251,24 @@ def set_mode(quantizer: Quantizer, task: str) -> None:
     quantizer.module.train(task == "train")
 
 
-def stage_check(z: torch.Tensor, books: list, indices: torch.Tensor) -> dict:
+def stage_check(z: torch.Tensor, books: list, indices: torch.Tensor, cosine: bool) -> dict:
     """Stage by stage: the share of rows whose code is not the exact nearest to the residual the
-    earlier stages' codes left (float64); the worst stage's share and every stage's."""
+    earlier stages' codes left (float64); the worst stage's share and every stage's. Cosine: of
+    the unit residual among the unit codes, normalised in float32 and the residual formed from
+    their float32 sum, as our quantizer forms them."""
     residual = z.detach().double()
+    total = torch.zeros(z.shape, device=z.device)  # cosine: the sum of the unit codes so far
     shares, worst = [], 0.0
     for s, book in enumerate(books):
-        found = correctness.check_indices(residual, book.detach().float(), indices[:, s].long())
+        codes, idx = book.detach().float(), indices[:, s].long()
+        if cosine:
+            codes, residual = F.normalize(codes, dim=1), F.normalize(z.detach().float() - total, dim=1)
+            total = total + codes[idx]
+        found = correctness.check_indices(residual, codes, idx)
         shares.append(found.inexact_fraction)
         worst = max(worst, found.worst_excess)
-        residual = residual - book.detach().double()[indices[:, s].long()]
+        if not cosine:
+            residual = residual - codes.double()[idx]
     return dict(inexact_fraction=max(shares), stage_inexact_fractions=shares, worst_excess=worst,
                 rows_checked=found.rows)
 
@@ -264,7 +287,7 @@ def check_quantizer(quantizer: Quantizer, train: Callable, encode: Callable, z: 
         if tuple(codes.shape) != (shape.n, shape.s):
             found.update(ok=False, problems=[f"encode gave shape {tuple(codes.shape)}, expected {(shape.n, shape.s)}"])
             return found
-        found.update(stage_check(z, quantizer.codebooks(), codes))
+        found.update(stage_check(z, quantizer.codebooks(), codes, shape.cosine))
     finally:
         quantizer.module.train()
     return found
@@ -283,6 +306,7 @@ def peak_extra_bytes_cpu(name: str, task: str, quantizer: Quantizer, shape: Resi
                          workdir: str) -> int | None:
     """Peak RSS growth of one call of `task` in a fresh process, from `quantizer`'s state (initialised)."""
     options = ["--shape", str(shape.n), str(shape.s), str(shape.k), str(shape.d), "--tasks", task]
+    options += ["--cosine"] if shape.cosine else []
     return probe_peak_bytes(__file__, name, quantizer.module, options, args, workdir)
 
 
@@ -397,15 +421,18 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), metavar="NAME",
                         help=f"named shapes (default: all, in this order): {', '.join(SHAPES)}")
     parser.add_argument("--shape", type=int, nargs=4, metavar=("N", "S", "K", "D"), help="one custom shape instead")
+    parser.add_argument("--cosine", action="store_true", help="with --shape: cosine distance")
     parser.add_argument("--quick", action="store_true",
-                        help="two tiny shapes (N=256 S=3 K=32 D=16, N=128 S=2 K=64 D=8), 1 round unless --rounds")
+                        help="two tiny shapes (256x3x32x16; 128x2x64x8, cosine), 1 round unless --rounds")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="train, encode (default both)")
     parser.add_argument("--rounds", type=int, default=None, help="timed samples per provider (default 3; 1 with --quick)")
     add_run_options(parser, PROVIDER_NAMES)
     args = parser.parse_args(argv)
     check_run_options(parser, args)
+    if args.cosine and not args.shape:
+        parser.error("--cosine goes with --shape")
     if args.shape:
-        args.selected = [ResidualShape(*args.shape)]
+        args.selected = [ResidualShape(*args.shape, cosine=args.cosine)]
     elif args.quick and not args.shapes:
         args.selected = list(QUICK_SHAPES.values())
     else:

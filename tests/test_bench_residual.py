@@ -53,9 +53,10 @@ def test_quick_mode_writes_json(bench, tmp_path, capsys):
     assert data["machine"]["cpu"] and data["machine"]["torch_threads"] >= 1 and "load_average_end" in data["machine"]
     assert data["settings"]["tasks"] == ["train", "encode"] and data["settings"]["rounds"] == 1
     assert [r["shape"]["name"] for r in data["results"]] == list(bench.QUICK_SHAPES)
+    assert [r["shape"]["cosine"] for r in data["results"]] == [False, True]  # quick-b: cosine, as DAC's
     for result in data["results"]:
         shape = result["shape"]
-        assert set(shape) == {"n", "s", "k", "d", "name", "note"}
+        assert set(shape) == {"n", "s", "k", "d", "cosine", "name", "note"}
         assert result["search_flops"] == 2 * shape["n"] * shape["k"] * shape["d"] * shape["s"]
         assert result["tasks"] == ["train", "encode"] and 0 <= result["other_processes_cpu_share"]
         rows = {(r["task"], r["provider"]): r for r in result["rows"]}

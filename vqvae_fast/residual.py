@@ -8,10 +8,26 @@ passes it once per stage); stage s's loss is mean((e_s - sg[r_s])^2) + beta * me
 sg[e_s])^2), with r_s = z - sg[e_0 + ... + e_{s-1}], so every stage's commitment term reaches z
 and its codebook term reaches codebook s.
 
-Each stage is the single-stage op of the chosen backend (`quantize`, `nearest_code`), so every
-stage's argmin obeys that backend's precision table; the residual is formed in torch between
-stages. Encoding on triton with stacked (S, K, D) codebooks and D <= 128 is fused: every stage in
-one kernel, the residual in registers (ops/triton_residual.py), the same codes.
+distance="cosine" (the l2-normalised codes of DAC and of vector-quantize-pytorch's
+ResidualVQ(use_cosine_sim=True)): with unit(x) = x / max(|x|, 1e-12) (a zero residual stays zero,
+as in the single-stage op), e_s = unit(c) for the code c of highest cosine similarity with r_s
+(the nearest unit code to unit(r_s)), r_{s+1} = r_s - e_s, `quantized` is the sum of the unit
+codes, and stage s's loss is the single-stage cosine loss, between unit vectors:
+mean((e_s - sg[unit(r_s)])^2) + beta * mean((unit(r_s) - sg[e_s])^2).
+This is vector-quantize-pytorch's ResidualVQ with use_cosine_sim=True (each stage outputs the
+unit code, the residual subtracts it, the commitment loss compares unit vectors; it normalises
+with eps 1e-6, so rows of norm below 1e-6 differ; its gradient: each stage's output passes it
+to that stage's residual through the normalisation, ours passes the sum's to z once, unchanged,
+which the sum of unit codes approximates). DAC picks the code the same way but adds the
+raw codebook row, through a per-stage projection back to the input's width, and its losses
+compare raw vectors: the same as ours only for unit-norm rows and identity projections.
+
+Each stage is the single-stage op of the chosen backend (`quantize`, `nearest_code`; with cosine
+`quantize(..., distance="cosine")` in encoding too, so codes and unit codes are the forward's),
+so every stage's argmin obeys that backend's precision table; the residual is formed in torch
+between stages. Euclidean encoding on triton with stacked (S, K, D) codebooks and D <= 128 is
+fused: every stage in one kernel, the residual in registers (ops/triton_residual.py), the same
+codes (cosine takes the per-stage loop: the fused kernel does not normalise).
 """
 from __future__ import annotations
 
@@ -20,7 +36,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import reference
-from .functional import InputError, check_inputs, check_options, nearest_code, quantize, resolve_backend
+from .functional import (InputError, check_distance, check_inputs, check_options, l2_normalize, nearest_code,
+                         quantize, resolve_backend)
 
 
 class ResidualQuantizeOutput(NamedTuple):
@@ -76,7 +93,8 @@ def _stages(z: torch.Tensor, books: list[torch.Tensor], quantize_stage):
 
 
 def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.25, backend: str = "auto",
-                      gradient: str = "ste", stages: int | None = None) -> ResidualQuantizeOutput:
+                      gradient: str = "ste", stages: int | None = None,
+                      distance: str = "euclidean") -> ResidualQuantizeOutput:
     """Residual quantization of z (N, D) with codebooks (S, K, D), or a list of (K_s, D).
 
     Args:
@@ -84,14 +102,18 @@ def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.
         backend: as `quantize` ("auto", "triton", "cpu", "reference").
         gradient: "ste", or "rotation" (the rotation trick from z to the sum of the codes).
         stages: use only the first `stages` codebooks (bitrate scalability); all by default.
+        distance: "euclidean", or "cosine": every stage adds the l2-normalised code of highest
+            cosine similarity with its residual (see the module docstring).
 
     Returns ResidualQuantizeOutput(quantized (N, D), indices (N, S), loss (), stage_losses (S,)):
     see the module docstring for the formulas.
     """
     check_options(beta, gradient)
+    check_distance(distance)
     books = as_codebooks(z, codebooks, stages)
     backend = resolve_backend(backend, z.device)
-    total, indices, losses = _stages(z, books, lambda r, book: quantize(r, book, beta=beta, backend=backend))
+    total, indices, losses = _stages(
+        z, books, lambda r, book: quantize(r, book, beta=beta, backend=backend, distance=distance))
     straight = reference._Rotation if gradient == "rotation" else reference._StraightThrough
     quantized = straight.apply(z, total)  # bit for bit the sum; its gradient goes to z
     stage_losses = torch.stack(losses)
@@ -99,11 +121,17 @@ def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.
 
 
 def residual_nearest_code(z: torch.Tensor, codebooks: Codebooks, *, backend: str = "auto",
-                          stages: int | None = None) -> torch.Tensor:
+                          stages: int | None = None, distance: str = "euclidean") -> torch.Tensor:
     """(N, S) int64 codes of z, stage by stage, as `residual_quantize` finds them (encoding only:
-    no loss, no gradient)."""
+    no gradient)."""
+    check_distance(distance)
     books = as_codebooks(z, codebooks, stages)
     backend = resolve_backend(backend, z.device)
+    if distance == "cosine":  # the forward's own op: the same codes and unit codes, bit for bit
+        with torch.no_grad():
+            _, indices, _ = _stages(z.detach(), [book.detach() for book in books],
+                                    lambda r, book: quantize(r, book, backend=backend, distance="cosine"))
+        return torch.stack(indices, dim=1)
     if backend == "triton":
         from .ops import triton_residual
 
@@ -122,9 +150,13 @@ def residual_nearest_code(z: torch.Tensor, codebooks: Codebooks, *, backend: str
     return torch.stack(indices, dim=1)
 
 
-def residual_decode(indices: torch.Tensor, codebooks: Codebooks) -> torch.Tensor:
+def residual_decode(indices: torch.Tensor, codebooks: Codebooks, *, distance: str = "euclidean") -> torch.Tensor:
     """(N, D) the sum of the codes `indices` (N, S') picks, S' <= S (the first S' stages); an
-    index of -1 (a stage left out, e.g. by quantizer dropout) adds nothing."""
+    index of -1 (a stage left out, e.g. by quantizer dropout) adds nothing. distance="cosine":
+    the sum of the l2-normalised codes, as `residual_quantize(..., distance="cosine")` adds them
+    (bit for bit on cpu and reference; the triton kernels normalise with a float64 norm, so
+    theirs may differ in the last bit)."""
+    check_distance(distance)
     books = list(codebooks.unbind(0)) if isinstance(codebooks, torch.Tensor) else list(codebooks)
     if indices.dim() != 2 or indices.shape[1] > len(books):
         raise InputError(f"indices must be (N, S') with S' <= {len(books)} stages, got shape {tuple(indices.shape)}")
@@ -138,5 +170,6 @@ def residual_decode(indices: torch.Tensor, codebooks: Codebooks) -> torch.Tensor
         if bool(((idx < -1) | (idx >= k)).any()):
             raise InputError(f"stage {s}: indices must be in [0, {k}) (or -1 for a stage left out)")
         used = idx >= 0
-        out = out + torch.where(used[:, None], books[s][idx.clamp_min(0)], 0.0)
+        book = l2_normalize(books[s]) if distance == "cosine" else books[s]  # as `quantize` normalises it
+        out = out + torch.where(used[:, None], book[idx.clamp_min(0)], 0.0)
     return out.to(books[0].dtype)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .functional import InputError, check_options
+from .functional import InputError, check_distance, check_options
 from .residual import residual_decode, residual_nearest_code
 from .vector_quantizer import VectorQuantizer, channel_dim
 
@@ -49,6 +49,11 @@ class ResidualVectorQuantizer(nn.Module):
         The draws are a function of the module's step count (kept in its state dict), so every
         torch.distributed rank draws the same prefix.
     num_stages (forward, encode): quantize with the first stages only, at inference.
+    distance: "euclidean", or "cosine" (DAC's l2-normalised codes; vector-quantize-pytorch's
+        ResidualVQ(use_cosine_sim=True)): every stage is a cosine VectorQuantizer, so it adds the
+        unit code of highest cosine similarity with its residual, the next residual subtracts
+        that unit code, the losses compare unit vectors, k-means init is spherical k-means of the
+        stage's residuals; `decode` sums the unit codes (see `residual_quantize`).
 
     Input layout as VectorQuantizer: (B, dim, H, W) unless channels_last=True, else (..., dim).
     """
@@ -57,26 +62,28 @@ class ResidualVectorQuantizer(nn.Module):
                  channels_last: bool | None = None, quantizer_dropout: float = 0.0, ema_decay: float | None = None,
                  kmeans_init: bool = False, kmeans_iters: int = 10, restart_dead: bool = False,
                  dead_threshold: float = 0.1, usage_decay: float = 0.9, gradient: str = "ste",
-                 sync: bool | None = None, seed: int = 0):
+                 sync: bool | None = None, seed: int = 0, distance: str = "euclidean"):
         super().__init__()
         check_options(beta, gradient)
+        check_distance(distance)
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
         if not 0.0 <= quantizer_dropout <= 1.0:
             raise ValueError(f"quantizer_dropout must be in [0, 1], got {quantizer_dropout}")
         self.num_stages, self.num_codes, self.dim, self.beta = num_stages, num_codes, dim, beta
-        self.channels_last, self.gradient = channels_last, gradient
+        self.channels_last, self.gradient, self.distance = channels_last, gradient, distance
         self.quantizer_dropout, self.seed = quantizer_dropout, seed
         self.stages = nn.ModuleList(
             VectorQuantizer(num_codes, dim, beta, backend=backend, channels_last=True, ema_decay=ema_decay,
                             kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, restart_dead=restart_dead,
-                            dead_threshold=dead_threshold, usage_decay=usage_decay, sync=sync)
+                            dead_threshold=dead_threshold, usage_decay=usage_decay, sync=sync, distance=distance)
             for _ in range(num_stages))
         self._dropout_draws = 0  # training steps that drew a prefix (extra state: resuming keeps the draws)
 
     def extra_repr(self) -> str:
         extras = f", quantizer_dropout={self.quantizer_dropout}" if self.quantizer_dropout else ""
         extras += f", gradient={self.gradient!r}" if self.gradient != "ste" else ""
+        extras += f", distance={self.distance!r}" if self.distance != "euclidean" else ""
         return f"num_stages={self.num_stages}, num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}{extras}"
 
     def get_extra_state(self) -> dict:
@@ -139,10 +146,11 @@ class ResidualVectorQuantizer(nn.Module):
         moved = x.movedim(channel_dim(x, self.dim, self.channels_last), -1)
         books = torch.stack([book.detach() for book in self.codebooks()[:stages]])
         flat = moved.reshape(-1, self.dim).to(books.dtype)  # in the codebooks' precision, as forward
-        codes = residual_nearest_code(flat, books, backend=self.stages[0].backend)
+        codes = residual_nearest_code(flat, books, backend=self.stages[0].backend, distance=self.distance)
         return codes.reshape(*moved.shape[:-1], stages)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """(..., dim) the sum of the codes of `indices` (..., S'), S' <= num_stages (-1: no code)."""
+        """(..., dim) the sum of the codes of `indices` (..., S'), S' <= num_stages (-1: no code;
+        cosine: of the unit codes)."""
         flat = indices.reshape(-1, indices.shape[-1])
-        return residual_decode(flat, self.codebooks()).reshape(*indices.shape[:-1], self.dim)
+        return residual_decode(flat, self.codebooks(), distance=self.distance).reshape(*indices.shape[:-1], self.dim)
