@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -12,6 +13,18 @@
 namespace vqvae_fast {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The least work (elements touched) worth a task of at::parallel_for; less runs inline. A
+// parallel region wakes every thread and joins them all: on a busy machine a woken thread can
+// wait a scheduler time slice for its core, so each region of a call can cost milliseconds
+// whatever its size (2 threads, another process busy: 4-6 regions per forward made it 3-4x
+// slower than 1 thread at N = 8192, K = 4096, D = 64; benchmarks/RESULTS.md, "Threads on a busy machine").
+constexpr int64_t kMinParallelWork = int64_t{1} << 20;
+
+// Grain of an at::parallel_for over items of `work_per_item` elements each.
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+}
 
 inline std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
 

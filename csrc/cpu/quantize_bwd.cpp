@@ -81,7 +81,7 @@ void quantize_bwd_kernel(const Tensor& grad_quantized, double g, const Tensor& z
   const double scale_z = scale * beta;
   if (grad_z != nullptr) {
     const View2D<scalar_t> GQ(grad_quantized);
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / D), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, N, grain_for(D), [&](int64_t i0, int64_t i1) {
       std::vector<double> g(D), zi(D), e(D);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t k = idx[i];
@@ -102,7 +102,8 @@ void quantize_bwd_kernel(const Tensor& grad_quantized, double g, const Tensor& z
   // grad_codebook[k] = scale * sum_{i: idx_i = k} (codebook[k] - z_i). Each thread owns a
   // range of codes and scans all rows in order: the result does not depend on threading.
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  at::parallel_for(0, K, ceil_div(K, nthreads), [&](int64_t k0, int64_t k1) {
+  // Every task reads all N rows: one task (inline) unless that is real work.
+  at::parallel_for(0, K, N * D < kMinParallelWork ? K : ceil_div(K, nthreads), [&](int64_t k0, int64_t k1) {
     std::vector<double> acc((k1 - k0) * D, 0.0);
     for (int64_t i = 0; i < N; ++i) {
       const int64_t k = idx[i];

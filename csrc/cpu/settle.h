@@ -78,7 +78,7 @@ struct PreparedCodebook {
   // value is computed as a serial pass would, so the result does not depend on the threads.
   template <typename scalar_t>
   PreparedCodebook(const at::Tensor& codebook, const View2D<scalar_t>& E) : K(codebook.size(0)), D(codebook.size(1)) {
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
+    const int64_t grain = grain_for(D);
     std::vector<char> usable(K, 1);
     std::vector<uint64_t> row_hash(K, 0);
     at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
@@ -97,7 +97,7 @@ struct PreparedCodebook {
     // with a NaN/Inf entry takes no part, not even through its finite entries (a [1e30, NaN]
     // code would move the centre by 5e29 and leave every float score to the fallbacks).
     std::vector<double> mu(D, 0.0), count(D, 0.0);
-    at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+    at::parallel_for(0, D, grain_for(K), [&](int64_t d0, int64_t d1) {
       for (int64_t k = 0; k < K; ++k) {
         if (!usable[k]) continue;
         for (int64_t d = d0; d < d1; ++d) {
