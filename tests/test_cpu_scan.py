@@ -166,3 +166,17 @@ def test_forced_path_passes_the_forward_suite(path, monkeypatch):
         env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("d", (2, 8, 32))
+def test_near_ties_inside_and_across_code_groups(scan, d):
+    """At small D the scans fold each group of 12 codes as its minimum and find the group's second
+    best afterwards: rows a hair from the midpoint of two codes of one group (k, k + 1) and of two
+    groups (k, k + 12) must still reach the exact re-check."""
+    codebook = torch.randn(120, d)
+    pairs = [(k, k + 1) for k in range(0, 108, 12)] + [(k, k + 12) for k in range(3, 100, 12)]
+    a, b = codebook[[p[0] for p in pairs]], codebook[[p[1] for p in pairs]]
+    mid, step = (a + b) / 2, (b - a) / (b - a).norm(dim=1, keepdim=True)
+    z = torch.cat([mid + eps * step for eps in (1e-7, -1e-7, 1e-5, -1e-5, 1e-3)] + [torch.randn(100, d)])
+    indices = nearest_code(z, codebook, backend="cpu")
+    assert_nearest(z, codebook, indices, 1e-12)

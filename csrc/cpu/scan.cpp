@@ -26,9 +26,9 @@ void scan_panel(ScanIsa isa, const float* zt, const float* codes, const float* n
 }
 
 int64_t code_in_group(ScanIsa isa, const float* zt, int64_t row, const float* codes, const float* norms,
-                      int64_t D, int64_t g, float best) {
-  if (isa == ScanIsa::kAvx512) return Avx512::code_in_group(zt, row, codes, norms, D, g, best);
-  return Avx2::code_in_group(zt, row, codes, norms, D, g, best);
+                      int64_t D, int64_t g, float best, float* second) {
+  if (isa == ScanIsa::kAvx512) return Avx512::code_in_group(zt, row, codes, norms, D, g, best, second);
+  return Avx2::code_in_group(zt, row, codes, norms, D, g, best, second);
 }
 
 void pack_panel(ScanIsa isa, const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D,
@@ -53,7 +53,7 @@ namespace {
 void scan_panel(ScanIsa, const float*, const float*, const float*, int64_t, int64_t, int64_t, ScanState&, bool) {
   no_scan();
 }
-int64_t code_in_group(ScanIsa, const float*, int64_t, const float*, const float*, int64_t, int64_t, float) {
+int64_t code_in_group(ScanIsa, const float*, int64_t, const float*, const float*, int64_t, int64_t, float, float*) {
   no_scan();
 }
 void pack_panel(ScanIsa, const void*, Elem, int64_t, int64_t, const float*, int64_t, float*, float*) { no_scan(); }

@@ -17,7 +17,9 @@ constexpr int64_t kScanRows = 32;   // rows per panel: the lanes of two 512-bit 
 constexpr int64_t kScanCodes = 12;  // codes per group: 24 accumulators, the rest of the registers for operands
 
 // What a scan has seen so far, per row of a panel: the smallest float score, the second
-// smallest (over all other codes, ties included) and the index of the smallest (or of its group).
+// smallest (over all other codes, ties included) and the index of the smallest. With a group
+// index: the group of the smallest, and as `second` the smallest score of the other groups (the
+// best group's own second comes from code_in_group).
 struct ScanState {
   alignas(64) float best[kScanRows];
   alignas(64) float second[kScanRows];
@@ -39,15 +41,17 @@ bool scan_available(ScanIsa isa);
 //          code g * kScanCodes + j, already multiplied by the factor the score needs (-2)
 //   norms  per code, the score's constant term (||e||^2, +inf for a code that must never win)
 // score(r, k) = norms[k] + sum_d zt[d][r] * codes[k][d], accumulated in float with FMAs.
-// With group_index, state.index holds the group of the best code rather than the code (cheaper
-// per code, which matters at small D; the caller then finds the code among the group's).
+// With group_index, state.index holds the group of the best code rather than the code, and each
+// group is folded as its minimum (one operation per code instead of three, which matters at
+// small D; the caller then finds the code and the group's second among the group's scores).
 void scan_panel(ScanIsa isa, const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0,
                 int64_t g1, ScanState& state, bool group_index);
 
 // After a scan with group_index: the code of group g whose score for panel row `row` is `best`
-// (the scores recomputed exactly as the scan computed them), or -1 if none is.
+// (the scores recomputed exactly as the scan computed them), or -1 if none is; *second gets the
+// smallest score of the group's other codes (+inf past K).
 int64_t code_in_group(ScanIsa isa, const float* zt, int64_t row, const float* codes, const float* norms,
-                      int64_t D, int64_t g, float best);
+                      int64_t D, int64_t g, float best, float* second);
 
 // Element types the packing and the exact distances read directly (16-bit ones widen exactly).
 enum class Elem { kFloat, kBFloat16, kHalf };
@@ -68,7 +72,7 @@ struct ScanBody {
   static void scan_panel(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0, int64_t g1,
                          ScanState& state, bool group_index);
   static int64_t code_in_group(const float* zt, int64_t row, const float* codes, const float* norms, int64_t D,
-                               int64_t g, float best);
+                               int64_t g, float best, float* second);
   static void pack_panel(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
                          float* norms);
   static double exact_sq_dist(const void* z, const void* e, Elem type, int64_t D);

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "scan.h"
 
@@ -56,13 +57,16 @@ VQVAE_FAST_AVX2 inline void pass(const float* zt, const float* group, const floa
   __m256 second0 = _mm256_load_ps(state.second + r0), second1 = _mm256_load_ps(state.second + r0 + 8);
   __m256 index0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0)));
   __m256 index1 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0 + 8)));
-  if constexpr (kGroupIndex) {
+  if constexpr (kGroupIndex) {  // the pass's 6 codes folded as their minimum (scan.h)
     const __m256 before0 = best0, before1 = best1;
+    __m256 min0 = acc0[0], min1 = acc1[0];
 #pragma GCC unroll 6
-    for (int j = 0; j < kPassCodes; ++j) {
-      fold(acc0[j], best0, second0);
-      fold(acc1[j], best1, second1);
+    for (int j = 1; j < kPassCodes; ++j) {
+      min0 = _mm256_min_ps(min0, acc0[j]);
+      min1 = _mm256_min_ps(min1, acc1[j]);
     }
+    fold(min0, best0, second0);
+    fold(min1, best1, second1);
     const __m256 here = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(g)));
     index0 = _mm256_blendv_ps(index0, here, _mm256_cmp_ps(best0, before0, _CMP_LT_OQ));
     index1 = _mm256_blendv_ps(index1, here, _mm256_cmp_ps(best1, before1, _CMP_LT_OQ));
@@ -158,7 +162,8 @@ void ScanBody<ScanIsa::kAvx2>::scan_panel(const float* zt, const float* codes, c
 // operations in the scan's order: bit for bit the scan's scores.
 template <>
 VQVAE_FAST_AVX2 int64_t ScanBody<ScanIsa::kAvx2>::code_in_group(
-    const float* zt, int64_t row, const float* codes, const float* norms, int64_t D, int64_t g, float best) {
+    const float* zt, int64_t row, const float* codes, const float* norms, int64_t D, int64_t g, float best,
+    float* second) {
   const __m256i high_lanes = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);  // codes 8-11
   const float* group = codes + g * D * kScanCodes;
   __m256 acc_low = _mm256_loadu_ps(norms + g * kScanCodes);
@@ -168,11 +173,15 @@ VQVAE_FAST_AVX2 int64_t ScanBody<ScanIsa::kAvx2>::code_in_group(
     acc_low = _mm256_fmadd_ps(x, _mm256_loadu_ps(group + d * kScanCodes), acc_low);
     acc_high = _mm256_fmadd_ps(x, _mm256_maskload_ps(group + d * kScanCodes + 8, high_lanes), acc_high);
   }
-  const __m256 target = _mm256_set1_ps(best);
-  const int low = _mm256_movemask_ps(_mm256_cmp_ps(acc_low, target, _CMP_EQ_OQ));
-  const int high = _mm256_movemask_ps(_mm256_cmp_ps(acc_high, target, _CMP_EQ_OQ)) & 0xF;
-  const int hit = low | (high << 8);
-  return hit == 0 ? -1 : __builtin_ctz(hit);
+  alignas(32) float scores[16];
+  _mm256_store_ps(scores, acc_low);
+  _mm256_store_ps(scores + 8, acc_high);
+  const float* found = std::find(scores, scores + kScanCodes, best);
+  if (found == scores + kScanCodes) return -1;
+  const int64_t j = found - scores;
+  *second = std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < kScanCodes; ++k) *second = k == j ? *second : std::min(*second, scores[k]);
+  return j;
 }
 
 template <>

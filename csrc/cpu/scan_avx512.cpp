@@ -16,6 +16,15 @@
 namespace vqvae_fast {
 namespace {
 
+// The smallest of a group's scores, lane by lane: a tree, 11 operations of depth 4 (written
+// out: an array updated in place made GCC keep the accumulators on the stack).
+__attribute__((target("avx512f"), always_inline)) inline __m512 min_of(const __m512 (&a)[kScanCodes]) {
+  static_assert(kScanCodes == 12, "the tree below takes 12 scores");
+  const __m512 b0 = _mm512_min_ps(a[0], a[1]), b1 = _mm512_min_ps(a[2], a[3]), b2 = _mm512_min_ps(a[4], a[5]);
+  const __m512 b3 = _mm512_min_ps(a[6], a[7]), b4 = _mm512_min_ps(a[8], a[9]), b5 = _mm512_min_ps(a[10], a[11]);
+  return _mm512_min_ps(_mm512_min_ps(_mm512_min_ps(b0, b1), _mm512_min_ps(b2, b3)), _mm512_min_ps(b4, b5));
+}
+
 // kGroupIndex: record the group of the best code (two operations per group instead of two per
 // code; the caller finds the code inside the group), else the code itself.
 template <bool kGroupIndex>
@@ -44,11 +53,8 @@ __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes
     }
     if constexpr (kGroupIndex) {
       const __m512 before0 = best0, before1 = best1;
-#pragma GCC unroll 12
-      for (int j = 0; j < kScanCodes; ++j) {
-        fold(acc0[j], best0, second0);
-        fold(acc1[j], best1, second1);
-      }
+      fold(min_of(acc0), best0, second0);
+      fold(min_of(acc1), best1, second1);
       const __m512i here = _mm512_set1_epi32(static_cast<int>(g));
       index0 = _mm512_mask_mov_epi32(index0, _mm512_cmp_ps_mask(best0, before0, _CMP_LT_OQ), here);
       index1 = _mm512_mask_mov_epi32(index1, _mm512_cmp_ps_mask(best1, before1, _CMP_LT_OQ), here);
@@ -73,7 +79,8 @@ __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes
 // scan's order (norm, then one FMA per coordinate): bit for bit the scan's scores.
 template <>
 __attribute__((target("avx512f"))) int64_t ScanBody<ScanIsa::kAvx512>::code_in_group(
-    const float* zt, int64_t row, const float* codes, const float* norms, int64_t D, int64_t g, float best) {
+    const float* zt, int64_t row, const float* codes, const float* norms, int64_t D, int64_t g, float best,
+    float* second) {
   constexpr __mmask16 lanes = (1u << kScanCodes) - 1;
   const float* group = codes + g * D * kScanCodes;
   __m512 acc = _mm512_maskz_loadu_ps(lanes, norms + g * kScanCodes);
@@ -82,7 +89,10 @@ __attribute__((target("avx512f"))) int64_t ScanBody<ScanIsa::kAvx512>::code_in_g
                           acc);
   }
   const __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes, acc, _mm512_set1_ps(best), _CMP_EQ_OQ);
-  return hit == 0 ? -1 : __builtin_ctz(hit);
+  if (hit == 0) return -1;
+  const int j = __builtin_ctz(hit);
+  *second = _mm512_mask_reduce_min_ps(static_cast<__mmask16>(lanes & ~(1u << j)), acc);
+  return j;
 }
 
 template <>

@@ -6,6 +6,7 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -29,6 +30,11 @@ constexpr int64_t kGroupIndexMaxD = 32;
 // Xeon of benchmarks/RESULTS.md); from commit 60dbde2, no sweep of either size.
 constexpr int64_t kBlockBytes = 512 * 1024;
 constexpr int64_t kChunkBytes = 256 * 1024;
+// Blocks per thread, at least, where the rows allow: shared out dynamically (settle_rows_scan),
+// so a thread slowed by another process on its core holds up one small block, not its half.
+// Not tuned: 1, 4, 8 and 16 timed alike (N = 8192, K = 4096, D = 64, 2 threads, one core busy
+// with another process: medians 16-21 ms, 1 thread 17.5 ms; RESULTS.md "Threads on a busy machine").
+constexpr int64_t kBlocksPerThread = 4;
 
 // min_k (e_norm[k] + dot[k]); only called on rows whose scores are all finite.
 inline float min_score(const float* dot, const float* e_norm, int64_t K) {
@@ -87,7 +93,7 @@ struct FloatScan {
     const PreparedCodebook& cb = settler.cb;
     const int64_t K = cb.K;
     const float* ecp = cb.ec_m2.const_data_ptr<float>();
-    at::parallel_for(0, groups, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, D)), [&](int64_t g0, int64_t g1) {
+    at::parallel_for(0, groups, grain_for(D * kScanCodes), [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         for (int64_t d = 0; d < D; ++d) {
           for (int64_t j = 0; j < kScanCodes; ++j) {
@@ -148,19 +154,27 @@ struct FloatScan {
       scan_panel(scan.settler.isa, panel(p), scan.codes.data(), scan.norms.data(), scan.D, g0, g1, state, scan.group_index);
     }
 
-    // Row t of panel p (row i of z) has one candidate: its best code.
-    void finish(int64_t p, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler) {
+    // Settles row t of panel p (row i of z) if its best code is its one candidate (no other
+    // score within `threshold`); false for a near-tie, left to the caller.
+    bool settle(int64_t p, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler,
+                double threshold) {
       if (!scan.group_index) {
+        if (!(static_cast<double>(s.second[t]) > threshold)) return false;
         settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
-        return;
+        return true;
       }
-      const int64_t K = settler.cb.K, g = s.index[t];
-      const int64_t j = code_in_group(settler.isa, panel(p), t, scan.codes.data(), scan.norms.data(), scan.D, g, s.best[t]);
-      if (j >= 0 && g * kScanCodes + j < K) {
-        settler.finish(i, g * kScanCodes + j, settler.exact_dist(i, g * kScanCodes + j));
-      } else {  // not expected: the one candidate is in the group, and is its exactly nearest code
-        settler.settle_range(i, g * kScanCodes, std::min(K, (g + 1) * kScanCodes));
+      // s.second is the best of the other groups; the group's own second comes with its code.
+      const int64_t g = s.index[t];
+      float second = s.second[t];
+      const int64_t j = code_in_group(settler.isa, panel(p), t, scan.codes.data(), scan.norms.data(), scan.D, g,
+                                      s.best[t], &second);
+      const int64_t code = g * kScanCodes + j;
+      // j < 0 is not expected (the best score is the group's); the GEMM path would settle the row.
+      if (j < 0 || code >= settler.cb.K || !(static_cast<double>(std::min(second, s.second[t])) > threshold)) {
+        return false;
       }
+      settler.finish(i, code, settler.exact_dist(i, code));
+      return true;
     }
   };
 };
@@ -195,7 +209,7 @@ struct AmxScan {
     const PreparedCodebook& cb = settler.cb;
     uint16_t* packed = reinterpret_cast<uint16_t*>(codes_buffer.data_ptr());
     const float* ecp = cb.ec_m2.const_data_ptr<float>();
-    at::parallel_for(0, groups, std::max<int64_t>(1, 256 / std::max<int64_t>(1, D)), [&](int64_t g0, int64_t g1) {
+    at::parallel_for(0, groups, grain_for(length * kAmxCodes), [&](int64_t g0, int64_t g1) {
       amx_pack_codes(ecp, cb.K, D, g0, g1, packed);
     });
     std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
@@ -230,14 +244,18 @@ struct AmxScan {
       amx_scan_panel(a + p * scan.panel_elems, scan.codes, scan.norms.data(), scan.D, g0, g1, state);
     }
 
-    void finish(int64_t /*p*/, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler) {
+    bool settle(int64_t /*p*/, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler,
+                double threshold) {
+      if (!(static_cast<double>(s.second[t]) > threshold)) return false;
       settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
+      return true;
     }
   };
 };
 
 // The fused path, for either scan: for panels of kScanRows rows the scan keeps each row's best
-// and second-best score over all codes. A row whose second-best is beyond the scan's error bound
+// and second-best score over all codes (with a group index: with the group's own second from
+// Panels::settle). A row whose second-best is beyond the scan's error bound
 // of its best has exactly one candidate, the best, and only that code's distance is computed
 // exactly; the others (near-ties, rows that could overflow) are returned.
 template <typename Scan, typename scalar_t>
@@ -247,18 +265,25 @@ std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, 
   const Scan scan(settler);
   const int64_t panels = ceil_div(N, kScanRows);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block =
-      std::clamp<int64_t>(std::min<int64_t>(kBlockBytes / scan.panel_bytes, ceil_div(panels, nthreads)), 1, panels);
+  // Blocks go to whichever thread is free (a shared counter), at least kBlocksPerThread per
+  // thread: on a busy machine a thread that shares its core with another process then delays
+  // the call by a block, not by its share of the rows.
+  const int64_t block = std::clamp<int64_t>(
+      std::min<int64_t>(kBlockBytes / scan.panel_bytes, ceil_div(panels, nthreads == 1 ? 1 : nthreads * kBlocksPerThread)), 1, panels);
+  const int64_t blocks = ceil_div(panels, block);
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / scan.group_bytes);
   std::vector<int64_t> unsettled;
   std::mutex unsettled_mutex;
+  std::atomic<int64_t> next_block{0};
 
-  at::parallel_for(0, ceil_div(panels, block), 1, [&](int64_t b0, int64_t b1) {
+  // One task per thread, each taking blocks until none is left; a small scan runs inline.
+  const bool small = N * settler.cb.K * scan.D < kMinParallelWork;
+  at::parallel_for(0, small ? 1 : std::min(nthreads, blocks), 1, [&](int64_t, int64_t) {
     typename Scan::Panels work(scan, block, row_of);
     std::vector<float> zc_norm2(block * kScanRows);
     std::vector<ScanState> states(block);
     std::vector<int64_t> mine;
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = next_block++; b < blocks; b = next_block++) {
       const int64_t p0 = b * block, np = std::min(block, panels - p0);
       for (int64_t p = 0; p < np; ++p) {
         const int64_t first = (p0 + p) * kScanRows, rows = std::min(kScanRows, N - first);
@@ -276,11 +301,9 @@ std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, 
           const int64_t i = row_of((p0 + p) * kScanRows + t);
           const double zc2 = zc_norm2[p * kScanRows + t];
           const double bound = settler.bound(zc2);
-          if (!settler.scores_usable(bound) || !(static_cast<double>(s.second[t]) > scan.threshold(s.best[t], bound, zc2))) {
+          if (!settler.scores_usable(bound) || !work.settle(p, t, s, i, settler, scan.threshold(s.best[t], bound, zc2))) {
             mine.push_back(i);  // near-tie, or no trustworthy scores
-            continue;
           }
-          work.finish(p, t, s, i, settler);
         }
       }
     }
@@ -319,7 +342,7 @@ void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>&
   int64_t R = std::clamp<int64_t>(kTileFloats / (K + D), 16, 4096);
   R = std::max<int64_t>(1, std::min(R, ceil_div(n, nthreads)));
 
-  at::parallel_for(0, ceil_div(n, R), 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, ceil_div(n, R), grain_for(R * K * D), [&](int64_t b0, int64_t b1) {
     at::Tensor zc = at::empty({R, D}, cb.ec_m2.options());
     at::Tensor dots = at::empty({R, K}, cb.ec_m2.options());
     float* zcp = zc.data_ptr<float>();
