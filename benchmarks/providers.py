@@ -28,6 +28,7 @@ Providers, all implementing every task:
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from typing import Callable
 
 import torch
@@ -86,6 +87,9 @@ def faiss_indices():
         import faiss
     except ImportError:
         return None
+    level = os.environ.get("VQVAE_FAST_BENCH_FAISS_SIMD")  # e.g. AVX2: as on a CPU without AVX-512 (cpu_paths.py)
+    if level:
+        faiss.SIMDConfig.set_level(getattr(faiss, f"SIMDLevel_{level}"))
 
     def indices(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         faiss.omp_set_num_threads(torch.get_num_threads())

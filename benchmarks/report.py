@@ -5,7 +5,7 @@
     python benchmarks/report.py --write                             # regenerate benchmarks/RESULTS.md
     python benchmarks/report.py --check                             # exit 1 if RESULTS.md is stale or hand-edited
 
-Understands the files of compare.py --json, sweep.py, bench_training.py --json, bench_layer.py --json, bench_residual.py --json,
+Understands the files of compare.py --json, sweep.py, bench_training.py --json, bench_layer.py --json, bench_residual.py --json, cpu_paths.py,
 settle_rate.py --json, scripts/inspect_kernels.py --json and pytest-benchmark's --benchmark-json.
 
 In a template, a line that is only a placeholder comment is replaced by a table; paths are relative to the
@@ -18,6 +18,7 @@ template's folder, options are key=value words:
     <!-- report: bench_layer FP32_FILE BF16_FILE -->
     <!-- report: bench_layer_compat FILE... -->            the drop-in vqvae_fast.compat against the peer, one table per file
     <!-- report: bench_residual FILE -->
+    <!-- report: cpu_paths FILE -->                         cpu_paths.py: each CPU path forced, against cdist and FAISS
     <!-- report: settle_rate FILE select=D:K:codebook,... -->   (codebook: random or near, the data)
     <!-- report: inspect FILE arch=sm_90 triton=3.8.0 budget_kb=227 seconds=2 -->
 
@@ -309,6 +310,33 @@ def bench_residual_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_paths_table(data: dict) -> str:
+    """cpu_paths.py: per forced path, threads, dtype and shape, the medians of cdist, FAISS and ours, our speedups
+    (bold below the issue-23 bar: 3x cdist, 1.2x FAISS), the path that ran and the other processes' CPU share."""
+    lines = ["| emulated CPU (forced path) | threads | dtype | N×K×D | cdist ms | FAISS ms | ours ms | ours vs cdist "
+             "| ours vs FAISS | our path (D = 8 / 256) | other processes' CPU share |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for run in data["runs"]:
+        ms = {r["provider"]: r["median_s"] * 1e3 for r in run["rows"] if r.get("status") == "ok"}
+        ours, cdist, faiss = ms.get("vqvae_fast[cpu]"), ms.get("cdist"), ms.get("faiss")
+
+        def ratio(theirs, bar):
+            if theirs is None or ours is None:
+                return "–"
+            text = f"{_sig(theirs / ours)}×"
+            return text if theirs / ours >= bar else f"**{text}**"
+        taken = run["machine"].get("cpu_forward_path", {})
+        lines.append(f"| {run['path']} | {run['threads']} | {SHORT_DTYPE[run['point']['dtype']]} | "
+                     f"{'×'.join(map(str, run['shape']))} | "
+                     + " | ".join("–" if v is None else _sig(v) for v in (cdist, faiss, ours))
+                     + f" | {ratio(cdist, 3.0)} | {ratio(faiss, 1.2)} | {taken.get('8')} / {taken.get('256')} | "
+                     f"{run['other_processes_cpu_share']:.0%} |")
+    first = data["runs"][0]["machine"]
+    lines += ["", f"<sub>`{data['command']}`; each row one `benchmarks/compare.py` process: {_machine(first)} "
+              "(first row)</sub>"]
+    return "\n".join(lines)
+
+
 SETTLE_CODEBOOKS = {"random": "random", "near": "near the data"}
 
 
@@ -386,6 +414,7 @@ RENDERERS = {"keypoint": lambda files, **_: keypoint_table(*files),
              "bench_layer": lambda files, **_: bench_layer_table(*files),
              "bench_layer_compat": lambda files, **_: "\n\n".join(bench_layer_compat_table(f) for f in files),
              "bench_residual": lambda files, **_: bench_residual_table(files[0]),
+             "cpu_paths": lambda files, **_: cpu_paths_table(files[0]),
              "settle_rate": lambda files, select=None: settle_rate_table(files[0], select),
              "inspect": lambda files, **kw: inspect_table(files[0], **kw)}
 
