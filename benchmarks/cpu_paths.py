@@ -36,10 +36,10 @@ PATH_ENV = {
 }
 
 
-def run_one(path: str, threads: int, dtype: str, shape, rounds: int, out: Path) -> dict:
+def run_one(path: str, threads: int, dtype: str, shape, rounds: int, out: Path, providers=PROVIDERS) -> dict:
     env = dict(os.environ, **PATH_ENV[path])
     command = [sys.executable, str(HERE / "compare.py"), "--shape", *map(str, shape), "--dtype", dtype,
-               "--threads", str(threads), "--rounds", str(rounds), "--no-memory", "--providers", *PROVIDERS,
+               "--threads", str(threads), "--rounds", str(rounds), "--no-memory", "--providers", *providers,
                "--json", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0 or not out.exists():
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--rounds", type=int, default=7, help="timed samples per provider (median reported)")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS,
+                        help="a subset (cdist in bf16 without AVX-512 BF16 takes minutes per call)")
     parser.add_argument("--json", default=str(HERE / "results" / "cpu_paths.json"))
     args = parser.parse_args(argv)
 
@@ -68,15 +70,17 @@ def main(argv=None) -> int:
             for threads in args.threads:
                 for dtype in args.dtypes:
                     for shape in SHAPES:
-                        run = run_one(path, threads, dtype, shape, args.rounds, Path(tmp) / "run.json")
+                        run = run_one(path, threads, dtype, shape, args.rounds, Path(tmp) / "run.json",
+                                      args.providers)
                         run.update(path=path, env=PATH_ENV[path], threads=threads, shape=list(shape))
                         runs.append(run)
                         m = medians(run)
                         ours, cdist, faiss = m["vqvae_fast[cpu]"], m.get("cdist"), m.get("faiss")
+                        vs_cdist = "-" if cdist is None else f"{cdist / ours:.2f}x"
                         taken = run["machine"].get("cpu_forward_path", {})
                         print(f"| {path} | {threads} | {dtype} | {'x'.join(map(str, shape))} | "
-                              f"{taken.get('8')}/{taken.get('256')} | {cdist:.1f} | "
-                              f"{faiss if faiss is None else f'{faiss:.1f}'} | {ours:.1f} | {cdist / ours:.2f}x | "
+                              f"{taken.get('8')}/{taken.get('256')} | {cdist if cdist is None else f'{cdist:.1f}'} | "
+                              f"{faiss if faiss is None else f'{faiss:.1f}'} | {ours:.1f} | {vs_cdist} | "
                               f"{'-' if faiss is None else f'{faiss / ours:.2f}x'} |", flush=True)
                         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                         Path(args.json).write_text(json.dumps(dict(command=" ".join(["python", *sys.argv]),

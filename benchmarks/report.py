@@ -312,10 +312,20 @@ def bench_residual_table(data: dict) -> str:
 
 def cpu_paths_table(data: dict) -> str:
     """cpu_paths.py: per forced path, threads, dtype and shape, the medians of cdist, FAISS and ours, our speedups
-    (bold below the issue-23 bar: 3x cdist, 1.2x FAISS), the path that ran and the other processes' CPU share."""
+    (bold below the issue-23 bar: 3x cdist, 1.2x FAISS), our time over the flop floor (2NKD flops at the rate of a
+    large fp32 GEMM measured in the fp32 process of the same path and threads, at the emulated instruction set), the path that ran and the other
+    processes' CPU share."""
+
+    # The fp32 GEMM rate of each (path, threads): our scans compute in fp32 whatever the input dtype.
+    fp32_rate = {(r["path"], r["threads"]): r["large_gemm_gflops"] for r in data["runs"]
+                 if r["point"]["dtype"] == "float32"}
+
+    def floor(run, ours):
+        rate = fp32_rate.get((run["path"], run["threads"]))
+        return "–" if ours is None or not rate else f"{_sig(ours / (run['flops'] / rate / 1e6))}×"
     lines = ["| emulated CPU (forced path) | threads | dtype | N×K×D | cdist ms | FAISS ms | ours ms | ours vs cdist "
-             "| ours vs FAISS | our path (D = 8 / 256) | other processes' CPU share |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "| ours vs FAISS | ours / flop floor | our path (D = 8 / 256) | other processes' CPU share |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for run in data["runs"]:
         ms = {r["provider"]: r["median_s"] * 1e3 for r in run["rows"] if r.get("status") == "ok"}
         ours, cdist, faiss = ms.get("vqvae_fast[cpu]"), ms.get("cdist"), ms.get("faiss")
@@ -329,7 +339,8 @@ def cpu_paths_table(data: dict) -> str:
         lines.append(f"| {run['path']} | {run['threads']} | {SHORT_DTYPE[run['point']['dtype']]} | "
                      f"{'×'.join(map(str, run['shape']))} | "
                      + " | ".join("–" if v is None else _sig(v) for v in (cdist, faiss, ours))
-                     + f" | {ratio(cdist, 3.0)} | {ratio(faiss, 1.2)} | {taken.get('8')} / {taken.get('256')} | "
+                     + f" | {ratio(cdist, 3.0)} | {ratio(faiss, 1.2)} | {floor(run, ours)} | "
+                     f"{taken.get('8')} / {taken.get('256')} | "
                      f"{run['other_processes_cpu_share']:.0%} |")
     first = data["runs"][0]["machine"]
     lines += ["", f"<sub>`{data['command']}`; each row one `benchmarks/compare.py` process: {_machine(first)} "
