@@ -1,6 +1,7 @@
 """Shared test helpers: which backends can run here, on which device, and the nearest-code check."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
@@ -46,6 +47,19 @@ def distance_rtol(backend: str, dtype: torch.dtype) -> float:
     return 2e-5
 
 
+def power_of_two_scaled(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The float64 tensors times one power of two that brings their largest finite magnitude to
+    [0.5, 1): exact (short of underflow), so that squared distances of inputs near 1e300 or
+    1e-300 neither overflow nor underflow, and which code is nearer does not change."""
+    finite = [t[torch.isfinite(t)].abs() for t in tensors if t.numel()]
+    top = max((float(f.max()) for f in finite if f.numel()), default=0.0)
+    if top == 0.0:
+        return tensors
+    exponent = math.frexp(top)[1]  # top = m * 2**exponent, 0.5 <= m < 1
+    half = exponent // 2  # two normal factors: 2**-exponent alone is subnormal past 2**-1022
+    return tuple(t * 2.0 ** -half * 2.0 ** (half - exponent) for t in tensors)
+
+
 def assert_nearest(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, rtol: float) -> None:
     """The chosen code's exact (float64) distance is the true minimum, within rtol of the scale."""
     n, k = z.shape[0], codebook.shape[0]
@@ -55,7 +69,7 @@ def assert_nearest(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tenso
     assert bool(((indices >= 0) & (indices < k)).all()), f"index out of range [0, {k}): {indices}"
     if n == 0:
         return
-    z64, e64 = z.detach().cpu().double(), codebook.detach().cpu().double()
+    z64, e64 = power_of_two_scaled(z.detach().cpu().double(), codebook.detach().cpu().double())
     d = exact_sq_distances(z64, e64)
     chosen, best = d.gather(1, indices[:, None])[:, 0], d.min(1).values
     centre = e64.mean(0)

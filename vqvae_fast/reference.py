@@ -39,6 +39,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         beyond = (d == torch.inf).all(1, keepdim=True)
         if bool(beyond.any()):  # float64 distances beyond its range compare at 2^-600 (exact: a power of two)
             d = torch.where(beyond, distances(chunk.double() * 2.0 ** -600, codebook.double() * 2.0 ** -600), d)
+        tiny = d.min(1, keepdim=True).values < 2.0 ** -900  # may have lost bits to underflow: compare at 2^600
+        if bool(tiny.any()):
+            d = torch.where(tiny, distances(chunk.double() * 2.0 ** 600, codebook.double() * 2.0 ** 600), d)
         return d.argmin(1)
 
     out = [argmin(chunk) for chunk in z.split(rows)]

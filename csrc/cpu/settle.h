@@ -198,16 +198,20 @@ struct RowSettler {
     return (s[0] + s[1]) + (s[2] + s[3]);
   }
 
-  // Row i's nearest code when every distance from it is NaN or +inf, 0 if none compares smaller
-  // than +inf. Float64 distances beyond its range (|z - e|^2 > 1.8e308) compare at 2^-600: a
-  // power of two, so exact; each is still above 2^-176 there, far from underflow.
-  int64_t nearest_beyond_range(int64_t i) const {
-    int64_t best = 0;
+  // Row i's nearest code among the codes of [k0, k1) that `is_candidate` admits, from float64
+  // distances of z and the codes scaled by 2^exponent (a power of two, so exact): for distances
+  // beyond float64's range (exponent -600: each is still above 2^-176 there) and below it (+600:
+  // rows and codes of magnitude 2^-300 and less, whose squares lose bits to underflow). -1 if
+  // none compares smaller than +inf.
+  template <typename Pred>
+  int64_t nearest_at_scale(int64_t i, int exponent, Pred is_candidate, int64_t k0, int64_t k1) const {
+    int64_t best = -1;
     double best_dist = std::numeric_limits<double>::infinity();
-    for (int64_t k = 0; k < cb.K; ++k) {
+    for (int64_t k = k0; k < k1; ++k) {
+      if (!is_candidate(k)) continue;
       double s = 0.0;
       for (int64_t d = 0; d < cb.D; ++d) {
-        const double t = std::ldexp(to_double(Z(i, d)), -600) - std::ldexp(to_double(E(k, d)), -600);
+        const double t = std::ldexp(to_double(Z(i, d)), exponent) - std::ldexp(to_double(E(k, d)), exponent);
         s += t * t;
       }
       if (s < best_dist) {
@@ -217,10 +221,13 @@ struct RowSettler {
     }
     return best;
   }
+  // Float64 distances below this may have lost bits to underflow (a term under 2^-1022).
+  static constexpr double kUnderflowDistance = 0x1p-900;
 
   void finish(int64_t i, int64_t best, double best_dist) {
     if (best < 0) {  // every distance NaN or +inf
-      best = std::is_same_v<scalar_t, double> ? nearest_beyond_range(i) : 0;
+      const auto all = [](int64_t) { return true; };
+      best = std::is_same_v<scalar_t, double> ? std::max<int64_t>(0, nearest_at_scale(i, -600, all, 0, cb.K)) : 0;
       best_dist = exact_dist(i, best);
     }
     indices[i] = best;
@@ -237,12 +244,19 @@ struct RowSettler {
   void settle(int64_t i, Pred is_candidate, int64_t k0 = 0, int64_t k1 = -1) {
     int64_t best = -1;
     double best_dist = std::numeric_limits<double>::infinity();
-    for (int64_t k = k0; k < (k1 < 0 ? cb.K : k1); ++k) {
+    if (k1 < 0) k1 = cb.K;
+    for (int64_t k = k0; k < k1; ++k) {
       if (!is_candidate(k)) continue;
       const double dist = exact_dist(i, k);
       if (dist < best_dist) {
         best_dist = dist;
         best = k;
+      }
+    }
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      if (best >= 0 && best_dist < kUnderflowDistance) {  // tiny rows and codes: compare them at 2^600
+        best = nearest_at_scale(i, 600, is_candidate, k0, k1);
+        best_dist = exact_dist(i, best);
       }
     }
     finish(i, best, best_dist);
