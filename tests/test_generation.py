@@ -28,8 +28,10 @@ def load_example(name: str):
 
 VQ_TINY = ["--batch-size", "32", "--num-codes", "16", "--code-dim", "8", "--channels", "16", "--res-channels", "8",
            "--res-blocks", "1", "--eval-every", "5", "--eval-images", "40", "--stages", "3", "--quiet"]
+# One thread, named: the default follows the machine's load, and a resumed run must add its
+# floats as the uninterrupted one did.
 PRIOR_TINY = ["--steps", "12", "--batch-size", "32", "--dim", "32", "--depth", "1", "--heads", "2", "--eval-every", "6",
-              "--warmup", "2", "--quiet"]
+              "--warmup", "2", "--quiet", "--workers", "1"]
 
 
 @pytest.fixture(scope="module", params=["vqvae", "vqvae2", "rqvae"])
@@ -86,7 +88,7 @@ def test_resume_of_the_prior_continues_the_same_run(pipeline, toy_cifar, tmp_pat
             prior_trainer.main(["--vqvae", str(vqvae), "--data-dir", str(toy_cifar), "--out", str(tmp_path),
                                 *PRIOR_TINY])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 6
-    assert prior_trainer.main(["--resume", str(tmp_path / "checkpoint.pt"), "--quiet"]) == 0
+    assert prior_trainer.main(["--resume", str(tmp_path / "checkpoint.pt"), "--quiet", "--workers", "1"]) == 0
     resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     straight = torch.load(prior_dir / "checkpoint.pt", weights_only=True)
     assert resumed["step"] == straight["step"] == 12

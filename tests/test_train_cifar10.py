@@ -75,7 +75,9 @@ def tiny_cifar(tmp_path_factory) -> Path:
 # Exact resume is a CPU property: on a GPU, atomic adds and cuDNN's algorithms reorder sums run to
 # run (seen on an H200: weights 1e-6..1e-4 apart after 20 resumed steps). --device is not stored
 # in the checkpoint, so each --resume below names it again.
-ON_CPU = ["--device", "cpu"]
+# One thread, named: the default follows the machine's load (set_cpu_threads), and float sums
+# of a different thread count would break the bit-for-bit resume tests on a busy machine.
+ON_CPU = ["--device", "cpu", "--workers", "1"]
 TINY = [*ON_CPU, "--batch-size", "32", "--num-codes", "32", "--code-dim", "8", "--channels", "32", "--res-channels", "16",
         "--res-blocks", "1", "--ema", "--eval-every", "10", "--lr", "1e-3", "--seed", "3", "--quiet"]
 
