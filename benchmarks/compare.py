@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="timed samples per provider (median reported)")
     parser.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--floor-dtype", choices=sorted(DTYPES), default=None,
+                        help="time the GEMM floor in this dtype (default: --dtype; the CPU scans compute in fp32)")
     parser.add_argument("--max-other-load", type=float, default=None, metavar="SHARE",
                         help="on a shared machine: if other processes used more than this share of the CPUs "
                              "while timing, wait for an idle machine and measure again (up to 4 tries)")
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()  # other jobs on a shared machine: recorded with the numbers
 
     result = measure_undisturbed(
-        lambda: run_point(point, args.device, task, args.rounds, only=args.providers, memory=not args.no_memory),
+        lambda: run_point(point, args.device, task, args.rounds, only=args.providers, memory=not args.no_memory,
+                          floor_dtype=args.floor_dtype),
         lambda r: r["other_processes_cpu_share"], args.max_other_load)
     info = machine_info(args.device)
     info["load_average_start"] = load_before

@@ -39,7 +39,8 @@ PATH_ENV = {
 def run_one(path: str, threads: int, dtype: str, shape, rounds: int, out: Path, providers=PROVIDERS) -> dict:
     env = dict(os.environ, **PATH_ENV[path])
     command = [sys.executable, str(HERE / "compare.py"), "--shape", *map(str, shape), "--dtype", dtype,
-               "--threads", str(threads), "--rounds", str(rounds), "--no-memory", "--providers", *providers,
+               "--threads", str(threads), "--rounds", str(rounds), "--no-memory", "--floor-dtype", "float32",
+               "--providers", *providers,
                "--json", str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0 or not out.exists():

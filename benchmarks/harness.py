@@ -328,8 +328,10 @@ def check_result(provider: Provider, task: str, z, codebook, result) -> dict:
 
 
 def run_point(point: Point, device: str, task: str, rounds: int, *, only: list[str] | None = None,
-              memory: bool = True, check: bool = True, memory_fraction: float = 0.7) -> dict:
-    """Time, measure and check every provider at one point; returns a JSON-able dict."""
+              memory: bool = True, check: bool = True, memory_fraction: float = 0.7,
+              floor_dtype: str | None = None) -> dict:
+    """Time, measure and check every provider at one point; returns a JSON-able dict. The GEMM
+    floor is timed in floor_dtype (default: the point's dtype)."""
     torch._dynamo.reset()  # fresh compiled code per point: no recompile limits, no stale guards
     z, codebook = make_inputs(point, device)
     room = available_memory_bytes(device)
@@ -348,7 +350,7 @@ def run_point(point: Point, device: str, task: str, rounds: int, *, only: list[s
         rows[provider.name] = dict(provider=provider.name, kind=provider.kind)
 
     with OtherLoad() as other_load:
-        large_gemm_rate = gemm_rate(device, point.dtype)
+        large_gemm_rate = gemm_rate(device, floor_dtype or point.dtype)
         memory_rate = copy_rate(device)
         times, errors = time_interleaved(fns, z, codebook, device, rounds)
     for name, error in errors.items():
@@ -371,7 +373,7 @@ def run_point(point: Point, device: str, task: str, rounds: int, *, only: list[s
     _add_ratios(rows, point, large_gemm_rate, point.min_bytes(task) / memory_rate)
     return dict(point=point.__dict__, task=task, flops=point.flops, min_bytes=point.min_bytes(task), rounds=rounds,
                 load_average=os.getloadavg(), other_processes_cpu_share=other_load.share,
-                large_gemm_gflops=large_gemm_rate / 1e9, copy_gbps=memory_rate / 1e9, rows=list(rows.values()))
+                large_gemm_gflops=large_gemm_rate / 1e9, large_gemm_dtype=floor_dtype or point.dtype, copy_gbps=memory_rate / 1e9, rows=list(rows.values()))
 
 
 def _add_ratios(rows: dict, point: Point, floor_rate: float, memory_floor_s: float) -> None:

@@ -316,12 +316,14 @@ def cpu_paths_table(data: dict) -> str:
     large fp32 GEMM measured in the fp32 process of the same path and threads, at the emulated instruction set), the path that ran and the other
     processes' CPU share."""
 
-    # The fp32 GEMM rate of each (path, threads): our scans compute in fp32 whatever the input dtype.
+    # The fp32 GEMM rate: our scans compute in fp32 whatever the input dtype. Runs timed their floor in fp32
+    # (large_gemm_dtype), or else take it from the fp32 run of the same path and threads.
     fp32_rate = {(r["path"], r["threads"]): r["large_gemm_gflops"] for r in data["runs"]
-                 if r["point"]["dtype"] == "float32"}
+                 if r.get("large_gemm_dtype", r["point"]["dtype"]) == "float32"}
 
     def floor(run, ours):
-        rate = fp32_rate.get((run["path"], run["threads"]))
+        rate = (run["large_gemm_gflops"] if run.get("large_gemm_dtype") == "float32"
+                else fp32_rate.get((run["path"], run["threads"])))
         return "–" if ours is None or not rate else f"{_sig(ours / (run['flops'] / rate / 1e6))}×"
     lines = ["| emulated CPU (forced path) | threads | dtype | N×K×D | cdist ms | FAISS ms | ours ms | ours vs cdist "
              "| ours vs FAISS | ours / flop floor | our path (D = 8 / 256) | other processes' CPU share |",
