@@ -180,3 +180,21 @@ def test_near_ties_inside_and_across_code_groups(scan, d):
     z = torch.cat([mid + eps * step for eps in (1e-7, -1e-7, 1e-5, -1e-5, 1e-3)] + [torch.randn(100, d)])
     indices = nearest_code(z, codebook, backend="cpu")
     assert_nearest(z, codebook, indices, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("d", (8, 64, 256))
+def test_near_ties_among_short_codes_beside_long_ones(scan, dtype, d):
+    """Many short, near-identical codes beside a few long ones (a later residual stage): the
+    re-check bounds each code's float score error by its own length, so most short codes drop out;
+    rows a hair from the midpoint of two short codes must still get the exact nearest (rtol 0: the
+    chosen code's float64 distance is the minimum)."""
+    far = torch.randn(2, d) * 100
+    short = torch.randn(60, d) * 1e-3
+    twin = short + torch.randn(60, d) * 1e-6
+    codebook = torch.cat([far, -far, short, twin])  # the long codes cancel in the centre
+    mid, gap = (short + twin) / 2, twin - short
+    z = torch.cat([mid + f * gap for f in (1e-3, -1e-3, 0.1, -0.1)]
+                  + [torch.randn(20, d) * 1e-3, torch.randn(10, d) * 50])
+    z, codebook = z.to(dtype), codebook.to(dtype)
+    assert_nearest(z, codebook, nearest_code(z, codebook, backend="cpu"), 0.0)

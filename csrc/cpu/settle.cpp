@@ -36,25 +36,21 @@ constexpr int64_t kChunkBytes = 256 * 1024;
 // with another process: medians 16-21 ms, 1 thread 17.5 ms; RESULTS.md "Threads on a busy machine").
 constexpr int64_t kBlocksPerThread = 4;
 
-// min_k (e_norm[k] + dot[k]); only called on rows whose scores are all finite.
-inline float min_score(const float* dot, const float* e_norm, int64_t K) {
-  constexpr int64_t W = 16;  // independent lanes, so the compiler can vectorise (one 512-bit vector; not measured)
-  float m[W];
-  for (int64_t j = 0; j < W; ++j) m[j] = std::numeric_limits<float>::infinity();
-  int64_t k = 0;
-  for (; k + W <= K; k += W) {
-    for (int64_t j = 0; j < W; ++j) {
-      const float s = e_norm[k + j] + dot[k + j];
-      m[j] = s < m[j] ? s : m[j];
-    }
-  }
-  float r = std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < W; ++j) r = m[j] < r ? m[j] : r;
-  for (; k < K; ++k) {
-    const float s = e_norm[k] + dot[k];
-    r = s < r ? s : r;
-  }
-  return r;
+// Row i's candidates from its float scores e_norm[k] + dot[k] with per-code bounds: code k may
+// be the nearest only if its score's lower bound is within the smallest upper bound (plus the
+// row's underflow allowance `slack`). Only called on rows whose scores are all finite.
+template <typename scalar_t>
+void settle_with_code_bounds(RowSettler<scalar_t>& settler, int64_t i, const float* dot, double zc_norm2,
+                             double slack) {
+  const PreparedCodebook& cb = settler.cb;
+  const double zc_norm = std::sqrt(zc_norm2);
+  const auto score = [&](int64_t k) { return static_cast<double>(cb.e_norm[k] + dot[k]); };  // as a scan rounds it
+  double upper = std::numeric_limits<double>::infinity();
+  for (int64_t k = 0; k < cb.K; ++k) upper = std::min(upper, score(k) + settler.code_bound(k, zc_norm));
+  const double limit = upper + slack;
+  settler.settle(i, [&](int64_t k) {
+    return std::isfinite(cb.e_root[k]) && score(k) - settler.code_bound(k, zc_norm) <= limit;
+  });
 }
 
 // Nothing seen yet: every score +inf.
@@ -371,8 +367,7 @@ void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>&
           settler.settle(i, [](int64_t) { return true; });
           continue;
         }
-        const double threshold = settler.threshold(min_score(row, cb.e_norm.data(), K), bound, zc_norm2[t]);
-        settler.settle(i, [&](int64_t k) { return static_cast<double>(cb.e_norm[k] + row[k]) <= threshold; });
+        settle_with_code_bounds(settler, i, row, zc_norm2[t], settler.underflow_slack(zc_norm2[t]));
       }
     }
   });

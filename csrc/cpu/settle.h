@@ -71,6 +71,7 @@ struct PreparedCodebook {
   int64_t K, D;
   std::vector<float> centre;   // D, the per-column mean of the usable codes, rounded to float
   std::vector<float> e_norm;   // K, ||e_k - mu||^2 in float; +inf for a code with a NaN/Inf entry or a duplicate
+  std::vector<double> e_root;  // K, ||e_k - mu|| (+inf where e_norm is)
   at::Tensor ec_m2;               // K x D float, -2 (e_k - mu) (0 for a non-finite code)
   double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
 
@@ -112,6 +113,7 @@ struct PreparedCodebook {
     ec_m2 = at::empty({K, D}, codebook.options().dtype(at::kFloat));
     float* ecp = ec_m2.data_ptr<float>();
     e_norm.resize(K);
+    e_root.resize(K);
     std::vector<double> norm2(K, 0.0);
     at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -123,6 +125,7 @@ struct PreparedCodebook {
         }
         norm2[k] = n2;
         e_norm[k] = usable[k] ? static_cast<float>(n2) : std::numeric_limits<float>::infinity();
+        e_root[k] = usable[k] ? std::sqrt(n2) : std::numeric_limits<double>::infinity();
       }
     });
     double max_norm2 = 0.0;
@@ -171,8 +174,16 @@ struct RowSettler {
   // overflow guard (or NaN) when the row's float scores cannot be trusted at all.
   double bound(double zc_norm2) const { return cb.M2 + 2.0 * std::sqrt(zc_norm2) * cb.M; }
   bool scores_usable(double bound) const { return bound < kOverflowGuard; }  // false for NaN/Inf
+  double underflow_slack(double zc_norm2) const { return abs_scale * (1.0 + std::sqrt(zc_norm2) + 2.0 * cb.M); }
   double threshold(float best_score, double bound, double zc_norm2) const {
-    return static_cast<double>(best_score) + rel_tol * bound + abs_scale * (1.0 + std::sqrt(zc_norm2) + 2.0 * cb.M);
+    return static_cast<double>(best_score) + rel_tol * bound + underflow_slack(zc_norm2);
+  }
+
+  // The same bound per code (the GEMM path): code k's float score lies within code_bound(k) of
+  // its true value (half the tolerance: one code), so that rows near many codes much shorter
+  // than the longest (later residual stages) are not near-ties with all of them.
+  double code_bound(int64_t k, double zc_norm) const {
+    return 0.5 * rel_tol * (static_cast<double>(cb.e_norm[k]) + 2.0 * zc_norm * cb.e_root[k]);
   }
 
   const void* row_ptr(int64_t i) const {
