@@ -252,23 +252,22 @@ def set_mode(quantizer: Quantizer, task: str) -> None:
 
 
 def stage_check(z: torch.Tensor, books: list, indices: torch.Tensor, cosine: bool) -> dict:
-    """Stage by stage: the share of rows whose code is not the exact nearest to the residual the
-    earlier stages' codes left (float64); the worst stage's share and every stage's. Cosine: of
-    the unit residual among the unit codes, normalised in float32 and the residual formed from
-    their float32 sum, as our quantizer forms them."""
-    residual = z.detach().double()
-    total = torch.zeros(z.shape, device=z.device)  # cosine: the sum of the unit codes so far
+    """Stage by stage: the share of rows whose code is not the exact nearest (float64 distances)
+    to the residual the earlier stages' codes left, formed as our quantizer forms it: z minus the
+    float32 sum of those codes (a residual formed in float64 differs in the last bits, enough to
+    turn near-ties); the worst stage's share and every stage's. Cosine: of the unit residual among
+    the unit codes, normalised in float32, the sum of the unit codes subtracted."""
+    total = torch.zeros(z.shape, device=z.device)  # the sum of the (unit) codes so far
     shares, worst = [], 0.0
     for s, book in enumerate(books):
         codes, idx = book.detach().float(), indices[:, s].long()
+        residual = z.detach().float() - total
         if cosine:
-            codes, residual = F.normalize(codes, dim=1), F.normalize(z.detach().float() - total, dim=1)
-            total = total + codes[idx]
-        found = correctness.check_indices(residual, codes, idx)
+            codes, residual = F.normalize(codes, dim=1), F.normalize(residual, dim=1)
+        found = correctness.check_indices(residual.double(), codes, idx)
         shares.append(found.inexact_fraction)
         worst = max(worst, found.worst_excess)
-        if not cosine:
-            residual = residual - codes.double()[idx]
+        total = total + codes[idx]
     return dict(inexact_fraction=max(shares), stage_inexact_fractions=shares, worst_excess=worst,
                 rows_checked=found.rows)
 

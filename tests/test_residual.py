@@ -168,6 +168,38 @@ def test_kmeans_init_runs_stage_by_stage_on_the_residuals():
     assert errors[0] > errors[1] > errors[2], errors
 
 
+def _fitted_rows_batch():
+    """96 rows; stage 0 (64 codes, k-means) fits many of them exactly (singleton clusters), so
+    their residual is exactly 0."""
+    torch.manual_seed(0)
+    return torch.randn(96, 4)
+
+
+def test_later_stages_do_not_seed_codes_on_rows_already_fitted():
+    """k-means seeds of stage 1 are drawn in proportion to the residual's squared norm: none lands
+    on a row stage 0 fits exactly (0 Lloyd steps: the codes are the seeds)."""
+    x = _fitted_rows_batch()
+    rvq = ResidualVectorQuantizer(2, 64, 4, kmeans_init=True, kmeans_iters=0, channels_last=True, backend="cpu")
+    rvq.stages[1] = type(rvq.stages[0])(16, 4, kmeans_init=True, kmeans_iters=0, channels_last=True, backend="cpu")
+    rvq(x)
+    residual = x - rvq.codebooks()[0].detach()[rvq.encode(x, num_stages=1)[:, 0]]
+    fitted = int((residual.square().sum(1) == 0).sum())
+    assert fitted >= 20, fitted  # the premise: a uniform draw of 16 would hit one with near certainty
+    assert bool((rvq.codebooks()[1].detach().square().sum(1) > 0).all())
+
+
+def test_later_stages_restart_dead_codes_on_rows_not_yet_fitted():
+    """Every code of stage 1 dead (threshold above any usage) restarts on a residual drawn in
+    proportion to its squared norm: none on a row stage 0 fits exactly."""
+    x = _fitted_rows_batch()
+    rvq = ResidualVectorQuantizer(2, 64, 4, kmeans_init=True, kmeans_iters=0, channels_last=True, backend="cpu")
+    rvq.stages[1] = type(rvq.stages[0])(16, 4, restart_dead=True, dead_threshold=1e9, channels_last=True,
+                                        backend="cpu")
+    for _ in range(3):
+        assert int(rvq(x).dead_codes[1]) == 16
+        assert bool((rvq.codebooks()[1].detach().square().sum(1) > 0).all())
+
+
 def test_quantizer_dropout_draws_prefixes_and_resumes():
     rvq = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=1.0, channels_last=True, backend="cpu", seed=5)
     x = torch.randn(50, 3)

@@ -174,7 +174,8 @@ def test_module_matches_the_functional_op_and_round_trips(backend):
 
 def test_kmeans_init_is_spherical_on_each_stages_residuals():
     """Stage s is initialised by spherical k-means of the residuals the stages before it leave
-    (unit codes subtracted): the same centroids as calling kmeans(spherical=True) in that order."""
+    (unit codes subtracted), seeded from stage 1 on in proportion to the residual's squared norm:
+    the same centroids as calling kmeans(spherical=True) in that order."""
     x = torch.randn(300, 4) * 2
     torch.manual_seed(1)
     rvq = ResidualVectorQuantizer(3, 8, 4, kmeans_init=True, channels_last=True, backend="cpu", distance="cosine")
@@ -182,8 +183,10 @@ def test_kmeans_init_is_spherical_on_each_stages_residuals():
     torch.manual_seed(1)
     ResidualVectorQuantizer(3, 8, 4, channels_last=True, distance="cosine")  # the same draws of the init
     total = torch.zeros_like(x)
-    for book in rvq.codebooks():
-        centroids = kmeans(x - total, 8, 10, "cpu", spherical=True)  # the residual as the module forms it
+    for s, book in enumerate(rvq.codebooks()):
+        residual = x - total  # as the module forms it
+        weights = residual.double().square().sum(1) if s > 0 else None
+        centroids = kmeans(residual, 8, 10, "cpu", spherical=True, weights=weights)
         assert torch.equal(book.detach(), centroids)
         torch.testing.assert_close(book.detach().norm(dim=1), torch.ones(8))
         total = total + quantize(x - total, centroids, backend="cpu", distance="cosine").quantized

@@ -42,7 +42,10 @@ class ResidualVectorQuantizer(nn.Module):
     VectorQuantizer, with its own codebook health (`ema_decay`, `kmeans_init`, `restart_dead`,
     `dead_threshold`, `usage_decay`, torch.distributed `sync`): k-means initialises stage s from
     the residuals of the already initialised stages before it, and usage, perplexity and dead
-    codes are kept per stage.
+    codes are kept per stage. From stage 1 on, k-means seeds and dead-code restarts are drawn
+    from the residuals in proportion to their squared norm (the error the stages before left):
+    a uniform draw would seed codes on the vectors earlier stages already fit, whose residuals are
+    near zero, wasting those codes (and making the exact search re-score many near-ties).
 
     quantizer_dropout: in training, with this probability a step uses only a random prefix of
         1..S stages (SoundStream, DAC), so that fewer stages decode well too (bitrate scalability).
@@ -120,8 +123,12 @@ class ResidualVectorQuantizer(nn.Module):
         active = self._active_stages(update, num_stages)
         total = flat.new_zeros(flat.shape).detach()
         indices, losses, stats = [], [], []
-        for stage in self.stages[:active]:
-            out = stage(flat - total, update=update)  # r_s = x - sg[e_0 + ... + e_{s-1}]
+        for s, stage in enumerate(self.stages[:active]):
+            residual = flat - total  # r_s = x - sg[e_0 + ... + e_{s-1}]
+            weights = None  # stage 0 seeds as a flat quantizer does
+            if update and s > 0 and (stage._needs_init or stage.restart_dead):
+                weights = residual.detach().double().square().sum(1)  # the error the stages before left
+            out = stage(residual, update=update, seed_weights=weights)
             total = total + out.quantized.detach().to(flat.dtype)
             indices.append(out.indices)
             losses.append(out.loss.float())

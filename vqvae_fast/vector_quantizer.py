@@ -114,20 +114,44 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
+def _sampling_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Non-negative float64 draw weights (NaN counts as 0); uniform where all are 0."""
+    w = torch.nan_to_num(weights.double(), nan=0.0, posinf=torch.finfo(torch.float64).max).clamp_min(0)
+    return w + (w.sum() == 0)  # a tensor op: no host sync
+
+
+def weighted_rows(weights: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` row indices drawn with replacement, row i with probability proportional to
+    weights[i] (uniform where every weight is 0), from the device's global RNG; no host sync."""
+    cdf = _sampling_weights(weights).cumsum(0)
+    draws = torch.rand(count, dtype=torch.float64, device=cdf.device) * cdf[-1]
+    return torch.searchsorted(cdf, draws, right=True).clamp_max(cdf.shape[0] - 1)  # a 0-weight row is never hit
+
+
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, backend: str = "auto", *,
-           spherical: bool = False) -> torch.Tensor:
+           spherical: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
     """(k, D) centroids of x (N, D) by Lloyd's algorithm, seeded with k random rows of x.
 
     Uses the global torch RNG of x's device (deterministic given the seed). A cluster that
     empties keeps its previous centroid. `spherical`: spherical k-means, on the l2-normalised
     rows of x with the centroids re-normalised every iteration (unit-norm centroids; the
     Euclidean nearest centroid of unit vectors is the one of highest cosine similarity).
+    `weights` (N,): seeds are drawn without replacement with probability proportional to these
+    (a row of weight 0 only once every positive-weight row is taken); default uniform.
     """
     if spherical:
         x = l2_normalize(x)
     n = x.shape[0]
-    seeds = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(n, (k,), device=x.device)
+    if weights is None:
+        seeds = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(n, (k,), device=x.device)
+    elif n >= k:  # weighted draws without replacement: the k smallest of Exp(1) / weight (Efraimidis-Spirakis)
+        w = _sampling_weights(weights)
+        keys = torch.empty_like(w).exponential_()
+        keys = torch.where(w > 0, keys / w, torch.inf)
+        seeds = keys.topk(k, largest=False).indices
+    else:
+        seeds = weighted_rows(weights, k)
     centroids = x[seeds].clone()
     for _ in range(iters):
         assign = nearest_code(x, centroids, backend=backend)
@@ -165,7 +189,8 @@ class VectorQuantizer(nn.Module):
         kmeans_init: replace the codebook by k-means centroids (`kmeans_iters` Lloyd steps)
             of the first training batch's vectors.
         restart_dead: after each training step, codes whose running usage fell below
-            `dead_threshold` are re-placed on random vectors of the step's batch.
+            `dead_threshold` are re-placed on random vectors of the step's batch (drawn in
+            proportion to forward's `seed_weights` when given, as are the k-means seeds).
         Running usage is an EMA (`usage_decay`) of each code's share of the vectors, scaled so
         that uniform use is 1; it is tracked in training mode whatever the options.
         The whole update (usage, EMA, restarts, the codebook, the batch statistics) is
@@ -250,10 +275,14 @@ class VectorQuantizer(nn.Module):
         """(num_codes,) bool: codes whose running usage is below `dead_threshold`."""
         return self.usage < self.dead_threshold
 
-    def forward(self, x: torch.Tensor, *, update: bool | None = None) -> VQOutput:
+    def forward(self, x: torch.Tensor, *, update: bool | None = None,
+                seed_weights: torch.Tensor | None = None) -> VQOutput:
         """Quantize x; `update` (default: self.training) runs init, the running statistics, the
         EMA and restarts. `dead_codes`: codes whose usage fell below the threshold this step
-        (restarted, with restart_dead)."""
+        (restarted, with restart_dead). `seed_weights` (x's shape without the channel dim, or
+        (rows,)): k-means seeds and restart vectors are drawn from x's vectors with probability
+        proportional to these (ResidualVectorQuantizer passes the error the stages before left,
+        so no code is seeded on a vector they already fit); default uniform."""
         update = self.training if update is None else update
         channel_dim = self._channel_dim(x)
         moved = x.movedim(channel_dim, -1)
@@ -264,8 +293,13 @@ class VectorQuantizer(nn.Module):
         flat = moved.reshape(-1, self.dim).to(self.codebook.dtype)
         synced = update and self._synced()
         stepping = update and (synced or flat.shape[0] > 0)  # synced: every rank joins the collectives
+        if seed_weights is not None:
+            if seed_weights.numel() != flat.shape[0]:
+                raise InputError(f"seed_weights must hold one weight per vector ({flat.shape[0]}), got shape "
+                                 f"{tuple(seed_weights.shape)}")
+            seed_weights = seed_weights.detach().reshape(-1).to(flat.device)
         if stepping and self._needs_init:
-            self.init_codebook(flat.detach(), synced)
+            self.init_codebook(flat.detach(), synced, seed_weights)
         codebook = self.codebook
         if stepping and (self.ema_decay is not None or self.restart_dead):
             codebook = codebook.clone()  # the update below rewrites the codebook in place
@@ -273,7 +307,7 @@ class VectorQuantizer(nn.Module):
             flat, codebook, beta=self.beta, backend=self.backend, gradient=self.gradient,
             with_sums=stepping and self.ema_decay is not None, distance=self.distance)
         if stepping:
-            perplexity, codes_used, dead_codes = self._step(flat.detach(), counts, sums, synced)
+            perplexity, codes_used, dead_codes = self._step(flat.detach(), counts, sums, synced, seed_weights)
         else:
             perplexity, codes_used = usage_stats(counts)
             dead_codes = self.dead_mask().sum()
@@ -284,20 +318,26 @@ class VectorQuantizer(nn.Module):
         return process_group_size() > 1 if self.sync is None else self.sync
 
     @torch.no_grad()
-    def init_codebook(self, vectors: torch.Tensor, synced: bool = False) -> None:
+    def init_codebook(self, vectors: torch.Tensor, synced: bool = False,
+                      weights: torch.Tensor | None = None) -> None:
         """Set the codebook to k-means centroids of `vectors` (N, dim) and mark it initialised;
         `synced`: of the vectors of all ranks, computed on rank 0 and broadcast. Cosine: spherical
-        k-means (unit-norm centroids of the normalised vectors)."""
+        k-means (unit-norm centroids of the normalised vectors). `weights` (N,): the seeds' draw
+        weights (see `kmeans`)."""
         vectors = vectors.to(self.codebook.dtype)
         spherical = self.distance == "cosine"
         if synced:
             vectors = gather_rows(vectors)
+            if weights is not None:
+                weights = gather_rows(weights.double()[:, None])[:, 0]
             centroids = torch.empty_like(self.codebook)
             if dist.get_rank() == 0:
-                centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend, spherical=spherical)
+                centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend, spherical=spherical,
+                                   weights=weights)
             dist.broadcast(centroids, src=0)
         else:
-            centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend, spherical=spherical)
+            centroids = kmeans(vectors, self.num_codes, self.kmeans_iters, self.backend, spherical=spherical,
+                               weights=weights)
         self.codebook.copy_(centroids)
         if self.ema_decay is not None:
             self.ema_count.fill_(1.0)
@@ -307,7 +347,8 @@ class VectorQuantizer(nn.Module):
         self._needs_init = False
 
     @torch.no_grad()
-    def _step(self, flat: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, synced: bool):
+    def _step(self, flat: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, synced: bool,
+              seed_weights: torch.Tensor | None = None):
         """The step's update (update_codebook_state) from its counts and sums; synced: summed over
         ranks first, in one packed all-reduce. Returns (perplexity, codes used, dead codes)."""
         if synced:
@@ -320,7 +361,7 @@ class VectorQuantizer(nn.Module):
                 sums = packed[self.num_codes:].view(self.num_codes, self.dim)
         candidates, candidate_rows = flat, None
         if self.restart_dead:
-            candidates, candidate_rows = self._restart_candidates(flat, synced)
+            candidates, candidate_rows = self._restart_candidates(flat, synced, seed_weights)
         ema = self.ema_decay is not None
         # The codebook only when it changes (then forward quantized a copy): an op that declares it
         # mutated bumps its version, which autograd, having saved it, would refuse.
@@ -337,14 +378,17 @@ class VectorQuantizer(nn.Module):
         return perplexity, tallies[0], tallies[1]
 
     @torch.no_grad()
-    def _restart_candidates(self, flat: torch.Tensor, synced: bool):
+    def _restart_candidates(self, flat: torch.Tensor, synced: bool, weights: torch.Tensor | None = None):
         """(candidates, rows): code k restarts on candidates[rows[k]] (rows None: candidates[k]),
-        a random recent encoder output; synced: code k takes rank k % world's draw, so every rank
-        gets the same candidates (a rank without vectors offers the codebook)."""
+        a random recent encoder output (drawn in proportion to `weights` when given); synced: code
+        k takes rank k % world's draw, so every rank gets the same candidates (a rank without
+        vectors offers the codebook)."""
         if flat.shape[0] == 0:
             candidates, rows = self.codebook.detach().clone(), None
-        else:
+        elif weights is None:
             candidates, rows = flat, torch.randint(flat.shape[0], (self.num_codes,), device=flat.device)
+        else:
+            candidates, rows = flat, weighted_rows(weights, self.num_codes)
         if not synced:
             return candidates, rows
         if rows is not None:
