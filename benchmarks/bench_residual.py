@@ -33,6 +33,10 @@ Providers:
                               stage; encode: vqvae_fast.nearest_code): the baseline a fused kernel
                               must beat (issue 20); codebooks learned by gradient
 
+The loops' encode is timed on ours' trained codebooks (copied into theirs after the training
+task; without ours they keep their own): a codebook barely moved from its random init is not what
+an encoder searches, and the exact search's cost depends on the codebook.
+
 Straight-through: ours and the loops pass the gradient of the sum to z once; the peer once per
 stage (its quantized output is the sum of per-stage straight-through outputs). Dead codes: the
 peer retires a code whose EMA count per step falls below 2; ours compares usage scaled so that
@@ -292,6 +296,18 @@ def check_quantizer(quantizer: Quantizer, train: Callable, encode: Callable, z: 
     return found
 
 
+@torch.no_grad()
+def share_trained_codebooks(quantizers: dict) -> None:
+    """The loops' encode searches ours' trained codebooks (theirs are learned by gradient, barely
+    moved from their init), so that both encodes do the same search: the comparison of fusion."""
+    if OURS not in quantizers:
+        return
+    books = torch.stack([book.detach() for book in quantizers[OURS].codebooks()])
+    for name in (CDIST_LOOP, STAGE_LOOP):
+        if name in quantizers:
+            quantizers[name].module.codebooks.copy_(books)
+
+
 def build_quantizer(provider: ResidualProvider, shape: ResidualShape, device: str, dead_code_count: float):
     torch.manual_seed(0)  # the same k-means seeds and restart draws on every run
     quantizer = provider.build(shape, device, dead_code_count)
@@ -364,6 +380,8 @@ def run_shape(shape: ResidualShape, args) -> dict:
         for task in args.tasks:
             for quantizer in quantizers.values():
                 set_mode(quantizer, task)
+            if task == "encode":
+                share_trained_codebooks(quantizers)
             fns[task] = {name: task_fn(q, task, g, device, autocast) for name, q in quantizers.items()}
             times, errors = time_interleaved(fns[task], z, None, device, args.rounds)
             for name, error in errors.items():

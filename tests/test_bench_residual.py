@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PROVIDERS = {"vqvae_fast", "vector-quantize-pytorch", "cdist loop", "stage loop"}
@@ -93,3 +94,14 @@ def test_memory_probe(bench, tmp_path):
     [row] = data["results"][0]["rows"]
     assert row["task"] == "encode" and row["status"] == "ok"
     assert isinstance(row["peak_extra_bytes"], int) and row["peak_extra_bytes"] >= 0
+
+
+def test_loops_encode_with_ours_trained_codebooks(bench):
+    shape = bench.QUICK_SHAPES["quick-a"]
+    providers = {p.name: p for p in bench.PROVIDERS}
+    quantizers = {name: bench.build_quantizer(providers[name], shape, "cpu", 2.0)
+                  for name in (bench.OURS, bench.STAGE_LOOP)}
+    quantizers[bench.OURS].call(torch.randn(shape.n, shape.d))  # k-means init
+    bench.share_trained_codebooks(quantizers)
+    for ours, loop in zip(quantizers[bench.OURS].codebooks(), quantizers[bench.STAGE_LOOP].codebooks()):
+        assert torch.equal(ours.detach(), loop.detach())
