@@ -40,3 +40,18 @@ def test_each_point_is_one_run_and_a_second_invocation_keeps_them(rate_distortio
     assert len(runs) == 3 and runs[-1].stages == 4
     with pytest.raises(SystemExit):
         module.main([*argv[:5], "rq 3x7", *argv[6:]])
+
+
+def test_seeds_run_each_point_per_seed_and_the_summary_averages(rate_distortion, tmp_path):
+    module, runs = rate_distortion
+    out = tmp_path / "rd.json"
+    out.write_text(json.dumps({"results": [  # written before --seeds: seed 0
+        {"name": "flat 512", "model": "vqvae", "stages": 1, "num_codes": 512, "code_bits_per_image": 576,
+         "test_psnr": 21.0, "test_mse": 0.01, "codes_used": 5, "wall_s": 1.0}]}))
+    argv = ["--data-dir", str(tmp_path), "--points", "flat 512", "--seeds", "0", "1", "--json", str(out),
+            "--out", str(tmp_path / "runs")]
+    assert module.main(argv) == 0
+    assert [c.seed for c in runs] == [1]  # seed 0 kept
+    data = json.loads(out.read_text())
+    [point] = module.summary(data["results"])
+    assert point["seeds"] == [0, 1] and point["test_psnr"] == pytest.approx((21.0 + 20.576) / 2)
