@@ -410,7 +410,10 @@ def _loss_kernel(row_err_ptr, loss_ptr, N, scale_head, scale_tail, BLOCK: tl.con
         offs = i + tl.arange(0, BLOCK)
         total += tl.load(row_err_ptr + offs, mask=offs < N, other=0.0)
     total = tl.sum(total, axis=0)
-    tl.store(loss_ptr, total * scale_head + total * scale_tail)  # see fp32_pair
+    head = total * scale_head
+    loss = head + total * scale_tail  # see fp32_pair
+    # total = +inf (distances past float64's range): inf times a zero or negative tail is NaN; the loss is inf
+    tl.store(loss_ptr, tl.where(loss == loss, loss, head))
 
 
 # ----------------------------------------------------------------------------- autotuning

@@ -102,10 +102,23 @@ def _grad_z_kernel(
         z_inv = tl.load(z_inv_ptr + rows64, mask=row_mask, other=1.0)
         e_inv = tl.load(code_inv_ptr + idx, mask=row_mask, other=1.0)
     one = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
-    nz, ne, ns, wg, qg, lam = one, one, one, one, one, one
+    nz, ne, ns, wg, qg, lam, scale = one, one, one, one, one, one, one
     regular = rows < 0
     reflect = regular
     if ROTATION:
+        # Each row pair scaled by a power of two, its largest finite entry to [0.5, 1) (exact), as
+        # in reference.rotation_gradient: float64 sums of squares underflow below ~1e-162 and
+        # overflow beyond ~1e154. The rotation does not depend on the scale. Cosine: unit vectors
+        # need none.
+        if not NORMALIZE:
+            peak = tl.zeros((BLOCK_N,), ACC_DTYPE)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                mask = row_mask[:, None] & (d < D)[None, :]
+                _, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn,
+                                      stride_zd, stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
+                peak = tl.maximum(peak, tl.maximum(_finite_abs_max(z), _finite_abs_max(e)))
+            scale = _inverse_power_of_two(peak)
         zz = tl.zeros((BLOCK_N,), ACC_DTYPE)
         ee = tl.zeros((BLOCK_N,), ACC_DTYPE)
         gz = tl.zeros((BLOCK_N,), ACC_DTYPE)
@@ -115,6 +128,8 @@ def _grad_z_kernel(
             mask = row_mask[:, None] & (d < D)[None, :]
             g, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd,
                                   stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
+            z = z * scale[:, None]
+            e = e * scale[:, None]
             zz += tl.sum(z * z, axis=1)
             ee += tl.sum(e * e, axis=1)
             gz += tl.sum(g * z, axis=1)
@@ -130,7 +145,7 @@ def _grad_z_kernel(
             mask = row_mask[:, None] & (d < D)[None, :]
             _, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd,
                                   stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
-            s = z / nz[:, None] + e / ne[:, None]
+            s = z * scale[:, None] / nz[:, None] + e * scale[:, None] / ne[:, None]
             ss += tl.sum(s * s, axis=1)
         ns = tl.sqrt(ss)
         reflect = ns <= 1e-6
@@ -145,14 +160,14 @@ def _grad_z_kernel(
             mask = row_mask[:, None] & (d < D)[None, :]
             g, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd,
                                   stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
-            out = _grad_to_unit(g, z, e, coef, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION)
+            out = _grad_to_unit(g, z, e, coef, scale, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION)
             dot += tl.sum(z * out, axis=1)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
         g, z, e = _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, stride_zn, stride_zd,
                               stride_cn, stride_cd, z_inv, e_inv, ACC_DTYPE, NORMALIZE)
-        out = _grad_to_unit(g, z, e, coef, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION)
+        out = _grad_to_unit(g, z, e, coef, scale, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION)
         if NORMALIZE:
             out = _normalization_grad(out, z, dot, z_inv)
         out_dtype = grad_z_ptr.dtype.element_ty
@@ -172,15 +187,33 @@ def _grad_chunk(g_rows, z_ptr, codebook_ptr, rows64, idx, d, mask, stride_gd, st
 
 
 @triton.jit
-def _grad_to_unit(g, z, e, coef, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION: tl.constexpr):
+def _grad_to_unit(g, z, e, coef, scale, nz, ne, ns, reflect, regular, wg, qg, lam, ROTATION: tl.constexpr):
     """A chunk of the gradient to z (to the normalised z, for cosine): g, straight through or
-    rotated (ROTATION, with the per-row sums of the first passes), plus the commitment term."""
+    rotated (ROTATION, with the per-row sums and scales of the first passes), plus the commitment
+    term (none when the loss has no gradient: not 0 * NaN for a code with a NaN entry)."""
     if ROTATION:
-        u = z / nz[:, None]
-        w = tl.where(reflect[:, None], 0.0, (u + e / ne[:, None]) / ns[:, None])
+        u = z * scale[:, None] / nz[:, None]
+        w = tl.where(reflect[:, None], 0.0, (u + e * scale[:, None] / ne[:, None]) / ns[:, None])
         rotated = lam[:, None] * (g - 2.0 * w * wg[:, None] + 2.0 * u * qg[:, None])
         g = tl.where(regular[:, None], rotated, g)
-    return g + coef * (z - e)
+    if coef != 0.0:  # one branch for the whole launch
+        g = g + coef * (z - e)
+    return g
+
+
+@triton.jit
+def _finite_abs_max(x):
+    """Per row, the largest |entry| of x that is finite (0 if none): x - x is 0 only for those."""
+    return tl.max(tl.where(x - x == 0.0, tl.abs(x), 0.0), axis=1)
+
+
+@triton.jit
+def _inverse_power_of_two(peak):
+    """2^-e (float64) with peak = m 2^e, m in [0.5, 1) (frexp), e clamped to [-1000, 1000]: read
+    from the exponent bits (0 and subnormal peaks take 2^1000)."""
+    biased = (peak.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+    power = tl.minimum(tl.maximum(1022 - biased, -1000), 1000)
+    return ((power + 1023) << 52).to(tl.float64, bitcast=True)
 
 
 @triton.jit
