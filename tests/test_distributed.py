@@ -70,8 +70,17 @@ def _quantizer_worker(rank: int, port: int, out: str) -> None:
         out_ = vq(x)
         states.append({k: v.clone() for k, v in vq.state_dict().items()})
         stats.append((float(out_.perplexity), int(out_.codes_used)))
+    # seeds and restarts drawn by weight (a residual stage's): odd rows only, every code restarted
+    torch.manual_seed(rank)
+    weighted = VectorQuantizer(8, 4, kmeans_init=True, kmeans_iters=0, restart_dead=True, dead_threshold=1e9,
+                               backend="cpu")
+    x = _rank_batches(rank)[4]
+    odd = (torch.arange(x.shape[0]) % 2).float()
+    weighted.init_codebook(x, synced=True, weights=odd)  # k-means seeds on rank 0 from both ranks' rows
+    seeded = weighted.codebook.detach().clone()
+    weighted(x, seed_weights=odd)
     torch.save({"init": init_only.codebook.detach().clone(), "restart": restart.codebook.detach().clone(),
-                "states": states, "stats": stats},
+                "seeded": seeded, "weighted": weighted.codebook.detach().clone(), "states": states, "stats": stats},
                Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -97,6 +106,14 @@ def test_codebook_state_is_identical_on_every_rank(tmp_path):
     torch.manual_seed(7)
     untouched = VectorQuantizer(16, 4, restart_dead=True, backend="cpu").codebook.detach()
     assert torch.equal(ranks[0]["restart"][5:], untouched[5:])
+    # weighted draws: the same on both ranks; seeds odd rows of either rank, restart k an odd row of rank k % 2
+    assert torch.equal(ranks[0]["seeded"], ranks[1]["seeded"])
+    odd_rows = torch.cat([_rank_batches(r)[4][1::2] for r in range(WORLD)])
+    assert all(bool((odd_rows == code).all(1).any()) for code in ranks[0]["seeded"]), "a seed on a zero-weight row"
+    assert torch.equal(ranks[0]["weighted"], ranks[1]["weighted"])
+    for k, code in enumerate(ranks[0]["weighted"]):
+        matches = (_rank_batches(k % WORLD)[4] == code).all(1).nonzero()[:, 0]
+        assert len(matches) > 0 and bool((matches % 2 == 1).all()), f"code {k}: rows {matches.tolist()}"
 
 
 def _trainer_worker(rank: int, port: int, data_dir: str, out: str, resume: bool = False) -> None:
