@@ -72,6 +72,38 @@ def test_gradients_match_the_reference(backend, gradient):
         torch.testing.assert_close(grad_z, weight)
 
 
+def _plain_stage_losses(z, books, indices, beta):
+    """The stage losses by plain autograd over the residuals (every stage's residual kept)."""
+    total, losses = torch.zeros_like(z), []
+    for s, book in enumerate(books):
+        residual = z - total
+        chosen = book[indices[:, s]]
+        losses.append(((chosen - residual.detach()) ** 2).mean() + beta * ((residual - chosen.detach()) ** 2).mean())
+        total = total + chosen.detach()
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_loss_gradients_without_keeping_the_residuals_match_plain_autograd(backend, dtype):
+    """residual_quantize forms the stage losses' gradients from z, the codebooks and the indices
+    (StageLosses: O(N D + S K D) kept, not S N D); they equal plain autograd's over the kept
+    residuals, for each stage's loss weighted differently (one weight 0), codebooks of two sizes."""
+    device = backend_device(backend)
+    z = torch.randn(41, 6, dtype=dtype, device=device, requires_grad=True)
+    books = [(torch.randn(13, 6, dtype=dtype) * scale).to(device).requires_grad_() for scale in (1.0, 0.5, 0.25)]
+    books[2] = books[2][:7].detach().requires_grad_()
+    weights = torch.tensor([1.5, 0.0, -2.0], dtype=dtype, device=device)
+    out = residual_quantize(z, books, beta=0.3, backend=backend)
+    got = torch.autograd.grad((out.stage_losses * weights).sum(), (z, *books))
+    expected_losses = _plain_stage_losses(z, books, out.indices, 0.3)
+    torch.testing.assert_close(out.stage_losses, expected_losses.to(out.stage_losses.dtype), rtol=1e-5, atol=1e-7)
+    expected = torch.autograd.grad((expected_losses * weights).sum(), (z, *books))
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    for ours, plain in zip(got, expected):
+        torch.testing.assert_close(ours, plain, **tol)
+
+
 @pytest.mark.parametrize("backend", ("cpu", "triton"))
 def test_gradcheck_of_the_composed_op(backend):
     """float64 gradcheck where the gradient is a true derivative (as test_quantize_grad does for
@@ -152,6 +184,29 @@ def test_module_matches_the_functional_op(backend):
     assert out.perplexity.shape == (3,) and out.codes_used.dtype == torch.int64
     assert torch.equal(rvq.encode(x), out.indices)
     torch.testing.assert_close(rvq.decode(out.indices), out.quantized.detach().permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("health", ("none", "restarts"))
+def test_module_gradients_match_plain_autograd(health):
+    """The module's gradients (formed by StageLosses, no residual kept per stage) equal plain
+    autograd's over the codebooks as searched: learned codebooks, with and without restarts
+    rewriting them after the search (their gradient is still that of the codes searched)."""
+    torch.manual_seed(0)
+    rvq = ResidualVectorQuantizer(3, 9, 5, beta=0.3, channels_last=True, backend="cpu",
+                                  restart_dead=health == "restarts", dead_threshold=2.0)
+    x = torch.randn(33, 5, requires_grad=True)
+    g = torch.randn(33, 5)
+    searched = [book.detach().clone() for book in rvq.codebooks()]
+    out = rvq(x)
+    if health == "restarts":
+        assert int(out.dead_codes.sum()) > 0 and any(not torch.equal(a, b.detach())
+                                                     for a, b in zip(searched, rvq.codebooks()))
+    got = torch.autograd.grad((out.quantized * g).sum() + 1.7 * out.loss, (x, *rvq.codebooks()))
+    x2, books = x.detach().clone().requires_grad_(), [book.clone().requires_grad_() for book in searched]
+    plain = _plain_stage_losses(x2, books, out.indices, 0.3).sum()
+    expected = torch.autograd.grad((x2 * g).sum() + 1.7 * plain, (x2, *books))
+    for ours, reference_grad in zip(got, expected):
+        torch.testing.assert_close(ours, reference_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_kmeans_init_runs_stage_by_stage_on_the_residuals():

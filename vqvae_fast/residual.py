@@ -92,6 +92,46 @@ def _stages(z: torch.Tensor, books: list[torch.Tensor], quantize_stage):
     return total.to(z.dtype), indices, losses
 
 
+class StageLosses(torch.autograd.Function):
+    """The stage losses mean((e_s - sg[r_s])^2) + beta * mean((r_s - sg[e_s])^2) (Euclidean), their
+    values as the searches computed them, with gradients formed from z, the codebooks searched and
+    the indices alone: the backward forms the residuals again, stage by stage, so autograd keeps
+    O(N*D + S*K*D) for the whole stack, not every stage's residual (S*N*D).
+
+    apply(z (N, D), beta, indices (N, S), losses (S,), total_dtype, *books): the residuals are
+    r_s = (z - t_s).to(z.dtype) with t_s the sum of the earlier stages' codes kept in total_dtype,
+    exactly as the forward formed them. Gradients: 2 beta (r_s - e_s) / (N D) to z from every
+    stage, 2 (e_s - r_s) / (N D) to the rows of book s its codes chose; a stage whose loss has no
+    gradient adds nothing (not 0 * NaN through a code with a NaN entry).
+    """
+
+    @staticmethod
+    def forward(ctx, z, beta, indices, losses, total_dtype, *books):
+        ctx.beta, ctx.total_dtype = beta, total_dtype
+        ctx.save_for_backward(z, indices, *books)
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, indices, *books = ctx.saved_tensors
+        count = max(z.numel(), 1)
+        total = z.new_zeros(z.shape, dtype=ctx.total_dtype)
+        grad_z = torch.zeros_like(z, dtype=torch.promote_types(z.dtype, torch.float32))
+        grad_books = []
+        for s, book in enumerate(books):
+            idx = indices[:, s]
+            chosen = book[idx]
+            diff = (z.to(total.dtype) - total).to(z.dtype).to(book.dtype) - chosen  # r_s - e_s
+            weight = grad[s] * (2.0 / count)
+            grad_z += torch.where(weight == 0, 0.0, (ctx.beta * weight) * diff)
+            grad_books.append(torch.zeros_like(book).index_put_((idx,), torch.where(weight == 0, 0.0, -weight * diff),
+                                                               accumulate=True)
+                              if ctx.needs_input_grad[5 + s] else None)
+            total = total + chosen.to(total.dtype)
+        grad_z = grad_z.to(z.dtype) if ctx.needs_input_grad[0] else None
+        return grad_z, None, None, None, None, *grad_books
+
+
 def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.25, backend: str = "auto",
                       gradient: str = "ste", stages: int | None = None,
                       distance: str = "euclidean") -> ResidualQuantizeOutput:
@@ -112,11 +152,16 @@ def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.
     check_distance(distance)
     books = as_codebooks(z, codebooks, stages)
     backend = resolve_backend(backend, z.device)
-    total, indices, losses = _stages(
-        z, books, lambda r, book: quantize(r, book, beta=beta, backend=backend, distance=distance))
+    cosine = distance == "cosine"
+    with torch.set_grad_enabled(cosine and torch.is_grad_enabled()):  # Euclidean: StageLosses forms the gradients
+        total, indices, losses = _stages(
+            z, books, lambda r, book: quantize(r, book, beta=beta, backend=backend, distance=distance))
     straight = reference._Rotation if gradient == "rotation" else reference._StraightThrough
     quantized = straight.apply(z, total)  # bit for bit the sum; its gradient goes to z
     stage_losses = torch.stack(losses)
+    if not cosine:
+        total_dtype = torch.promote_types(z.dtype, torch.float32)  # as _stages keeps the sum
+        stage_losses = StageLosses.apply(z, beta, torch.stack(indices, dim=1), stage_losses, total_dtype, *books)
     return ResidualQuantizeOutput(quantized, torch.stack(indices, dim=1), stage_losses.sum(), stage_losses)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import reference
 from .functional import InputError, check_distance, check_options
-from .residual import residual_decode, residual_nearest_code
+from .residual import StageLosses, residual_decode, residual_nearest_code
 from .vector_quantizer import VectorQuantizer, channel_dim
 
 
@@ -122,24 +122,32 @@ class ResidualVectorQuantizer(nn.Module):
         flat = moved.reshape(-1, self.dim)
         active = self._active_stages(update, num_stages)
         total = flat.new_zeros(flat.shape).detach()
-        indices, losses, stats = [], [], []
+        # Euclidean: the stages search without an autograd graph and StageLosses forms the loss
+        # gradients from x, the codebooks searched and the indices (no residual kept per stage).
+        cosine = self.distance == "cosine"
+        indices, losses, stats, books = [], [], [], []
         for s, stage in enumerate(self.stages[:active]):
             residual = flat - total  # r_s = x - sg[e_0 + ... + e_{s-1}]
             weights = None  # stage 0 seeds as a flat quantizer does
             if update and s > 0 and (stage._needs_init or stage.restart_dead):
                 weights = residual.detach().double().square().sum(1)  # the error the stages before left
-            out = stage(residual, update=update, seed_weights=weights)
-            total = total + out.quantized.detach().to(flat.dtype)
-            indices.append(out.indices)
-            losses.append(out.loss.float())
-            stats.append(torch.stack([out.perplexity.float(), out.codes_used.float(), out.dead_codes.float()]))
+            chosen, idx, loss, stage_stats, book = stage.quantize_flat(residual.to(stage.codebook.dtype), update,
+                                                                       weights, graph=cosine)
+            total = total + chosen.detach().to(flat.dtype)
+            indices.append(idx)
+            losses.append(loss.float())
+            books.append(book)
+            stats.append(torch.stack([value.float() for value in stage_stats]))
         straight = reference._Rotation if self.gradient == "rotation" else reference._StraightThrough
         quantized = straight.apply(flat, total)  # bit for bit the sum; its gradient goes to x
         skipped = self.num_stages - active
         index = torch.stack(indices, dim=-1)
+        losses = torch.stack(losses)
+        if not cosine:
+            losses = StageLosses.apply(flat, self.beta, index, losses, flat.dtype, *books)
         if skipped:
             index = torch.cat([index, index.new_full((*index.shape[:-1], skipped), -1)], dim=-1)
-        stage_losses = torch.cat([torch.stack(losses), flat.new_zeros(skipped, dtype=torch.float32)])
+        stage_losses = torch.cat([losses, flat.new_zeros(skipped, dtype=torch.float32)])
         stats = torch.cat([torch.stack(stats), flat.new_zeros(skipped, 3, dtype=torch.float32)])
         quantized = quantized.reshape(moved.shape).movedim(-1, channels)
         return RVQOutput(quantized, index.reshape(*moved.shape[:-1], self.num_stages), stage_losses.sum(),

@@ -291,6 +291,17 @@ class VectorQuantizer(nn.Module):
         # Cosine: `quantize` normalises (inside the kernels on triton), and so do k-means and
         # the codebook update: they all see the normalised vectors.
         flat = moved.reshape(-1, self.dim).to(self.codebook.dtype)
+        quantized, indices, loss, stats, _ = self.quantize_flat(flat, update, seed_weights)
+        quantized = quantized.to(x.dtype).reshape(moved.shape).movedim(-1, channel_dim)
+        return VQOutput(quantized, indices.reshape(moved.shape[:-1]), loss, *stats)
+
+    def quantize_flat(self, flat: torch.Tensor, update: bool, seed_weights: torch.Tensor | None = None,
+                      graph: bool = True):
+        """forward's work on (N, dim) vectors in the codebook's dtype: returns (quantized,
+        indices, loss, (perplexity, codes_used, dead_codes), the codebook searched). graph=False:
+        the search records no autograd graph (a caller that forms the gradients itself, as
+        ResidualVectorQuantizer does, gets the codebook searched: the parameter, or the copy of
+        it that autograd links to the parameter when the update rewrites the codebook)."""
         synced = update and self._synced()
         stepping = update and (synced or flat.shape[0] > 0)  # synced: every rank joins the collectives
         if seed_weights is not None:
@@ -303,16 +314,16 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook
         if stepping and (self.ema_decay is not None or self.restart_dead):
             codebook = codebook.clone()  # the update below rewrites the codebook in place
-        quantized, indices, loss, counts, sums = quantize_with_code_stats(
-            flat, codebook, beta=self.beta, backend=self.backend, gradient=self.gradient,
-            with_sums=stepping and self.ema_decay is not None, distance=self.distance)
+        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+            quantized, indices, loss, counts, sums = quantize_with_code_stats(
+                flat, codebook, beta=self.beta, backend=self.backend, gradient=self.gradient,
+                with_sums=stepping and self.ema_decay is not None, distance=self.distance)
         if stepping:
             perplexity, codes_used, dead_codes = self._step(flat.detach(), counts, sums, synced, seed_weights)
         else:
             perplexity, codes_used = usage_stats(counts)
             dead_codes = self.dead_mask().sum()
-        quantized = quantized.to(x.dtype).reshape(moved.shape).movedim(-1, channel_dim)
-        return VQOutput(quantized, indices.reshape(moved.shape[:-1]), loss, perplexity, codes_used, dead_codes)
+        return quantized, indices, loss, (perplexity, codes_used, dead_codes), codebook
 
     def _synced(self) -> bool:
         return process_group_size() > 1 if self.sync is None else self.sync
