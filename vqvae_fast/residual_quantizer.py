@@ -46,6 +46,8 @@ class ResidualVectorQuantizer(nn.Module):
     from the residuals in proportion to their squared norm (the error the stages before left):
     a uniform draw would seed codes on the vectors earlier stages already fit, whose residuals are
     near zero, wasting those codes (and making the exact search re-score many near-ties).
+    Euclidean training keeps O(N*D + S*K*D) for autograd whatever S: the stages search without a
+    graph and `residual.StageLosses` forms their loss gradients in one backward.
 
     quantizer_dropout: in training, with this probability a step uses only a random prefix of
         1..S stages (SoundStream, DAC), so that fewer stages decode well too (bitrate scalability).
