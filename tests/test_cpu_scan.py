@@ -1,12 +1,15 @@
 """The cpu backend's forward paths: the fused scan in its AMX form (large D, CPUs with AMX-BF16:
-bf16 tile products of split operands), its AVX-512 form and its AVX2 form (x86-64 CPUs without
-AVX-512), and the BLAS GEMM path (every other CPU). VQVAE_FAST_CPU_SCAN=amx | avx512 | avx2 | gemm
+bf16 tile products of split operands), its AVX-512 form, its AVX2 form (x86-64 CPUs without
+AVX-512) and its portable form (NEON on aarch64; one std::fma per lane elsewhere, forced only), and
+the BLAS GEMM path (every other CPU). VQVAE_FAST_CPU_SCAN=amx | avx512 | avx2 | portable | gemm
 forces one. Each must give the exact nearest code; the forward suite runs on the default path, and
 once more here on each forced path (a forced avx2 runs every helper of the scan with AVX2 too, as a
-CPU without AVX-512 would)."""
+CPU without AVX-512 would; a forced portable runs on this x86 machine the logic an aarch64 CPU
+runs with NEON)."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +23,8 @@ from vqvae_fast import nearest_code, quantize
 
 TESTS = Path(__file__).parent
 # What each forced path reports where the CPU can run it.
-REPORTED = {"amx": "fused-amx", "avx512": "fused-avx512", "avx2": "fused-avx2", "gemm": "gemm"}
+REPORTED = {"amx": "fused-amx", "avx512": "fused-avx512", "avx2": "fused-avx2", "portable": "fused-portable",
+            "gemm": "gemm"}
 
 
 def cpu_flags() -> set[str]:
@@ -52,7 +56,8 @@ def test_reported_path_matches_the_cpu(monkeypatch):
     avx2 = {"avx2", "fma"} <= flags
     amx = avx512 and {"amx_tile", "amx_bf16", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
     large, small = torch.ops.vqvae_fast.cpu_forward_path(16), torch.ops.vqvae_fast.cpu_forward_path(15)
-    assert small == ("fused-avx512" if avx512 else "fused-avx2" if avx2 else "gemm")
+    native = "fused-portable" if platform.machine() in ("aarch64", "arm64") else "gemm"  # NEON
+    assert small == ("fused-avx512" if avx512 else "fused-avx2" if avx2 else native)
     # AMX also needs the kernel's permission for this process (Linux 5.16 on): where the flags
     # say AMX, the AVX-512 scan is the only other acceptable answer.
     assert large == ("fused-amx" if amx else small) or (amx and large == "fused-avx512")
@@ -61,12 +66,15 @@ def test_reported_path_matches_the_cpu(monkeypatch):
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "avx512")
     assert torch.ops.vqvae_fast.cpu_forward_path(256) == small
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "avx2")
-    assert torch.ops.vqvae_fast.cpu_forward_path(256) == ("fused-avx2" if avx2 else "gemm")
+    assert torch.ops.vqvae_fast.cpu_forward_path(256) == ("fused-avx2" if avx2 else native)
+    monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "portable")  # runs everywhere
+    assert torch.ops.vqvae_fast.cpu_forward_path(256) == "fused-portable"
 
 
 # Profiler events the kernel records for each stage it runs (csrc/cpu/settle.cpp).
 STAGE_EVENTS = {"vqvae_fast::cpu_scan_amx": "fused-amx", "vqvae_fast::cpu_scan_avx512": "fused-avx512",
-                "vqvae_fast::cpu_scan_avx2": "fused-avx2", "vqvae_fast::cpu_settle_gemm": "gemm"}
+                "vqvae_fast::cpu_scan_avx2": "fused-avx2", "vqvae_fast::cpu_scan_portable": "fused-portable",
+                "vqvae_fast::cpu_settle_gemm": "gemm"}
 
 
 def path_taken(z: torch.Tensor, codebook: torch.Tensor) -> str:
@@ -75,10 +83,11 @@ def path_taken(z: torch.Tensor, codebook: torch.Tensor) -> str:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         quantize(z, codebook, backend="cpu")
     stages = {STAGE_EVENTS[e.name] for e in prof.events() if e.name in STAGE_EVENTS}
-    return next(path for path in ("fused-amx", "fused-avx512", "fused-avx2", "gemm") if path in stages)
+    return next(path for path in ("fused-amx", "fused-avx512", "fused-avx2", "fused-portable", "gemm")
+                if path in stages)
 
 
-@pytest.mark.parametrize("forced", ("", "amx", "avx512", "avx2", "gemm"))
+@pytest.mark.parametrize("forced", ("", "amx", "avx512", "avx2", "portable", "gemm"))
 def test_reported_path_is_the_kernels(forced, monkeypatch):
     """cpu_forward_path(D, dtype, K) names the path the kernel takes for those inputs, for every
     dtype, D on both sides of the AMX threshold (16) and each forced path."""

@@ -183,7 +183,7 @@ def flushed_denormals():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("path", ("gemm", "avx2", "avx512", "amx"))
+@pytest.mark.parametrize("path", ("gemm", "portable", "avx2", "avx512", "amx"))
 def test_cpu_rows_with_distances_below_fp32_normals_under_flush_denormal(path, monkeypatch, flushed_denormals):
     """fp32 rows ~1e-19.5 have float scores ~1e-39, below 2^-126: with denormals flushed each
     operation can lose up to 2^-126, which the scans' bound must cover (it assumed gradual underflow)."""

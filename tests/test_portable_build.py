@@ -105,3 +105,32 @@ def test_setup_has_no_native_arch_flags():
     text = (ROOT / "setup.py").read_text()
     for flag in ("-march=native", "-mcpu=native", "-mtune=native", "-mavx", "-mamx"):
         assert flag not in text, flag
+
+
+def _neon_inspector():
+    spec = importlib.util.spec_from_file_location("inspect_neon_scan", ROOT / "scripts" / "inspect_neon_scan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_cross_compiler
+def test_neon_scan_keeps_its_accumulators_in_registers():
+    """The portable scan compiled for aarch64 (NEON) at -O3: both forms of its pass have an inner
+    loop of 24 fmla with no stack access (scripts/inspect_neon_scan.py; gcc too where installed)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "inspect_neon_scan.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "ok    clang (zig)" in done.stdout, done.stdout
+
+
+def test_neon_loop_reader_sees_spills_and_short_loops():
+    """The reader of the inspection: a loop whose accumulators spill, or with fewer fmla, fails."""
+    inspect = _neon_inspector()
+    fmla = "\tfmla\tv0.4s, v1.4s, v2.s[0]\n"
+    good = ".LBB0_1:\n\tldp\tq1, q2, [x0], #32\n" + fmla * 24 + "\tsubs\tx1, x1, #1\n\tb.ne\t.LBB0_1\n"
+    spilled = good.replace("\tsubs", "\tstr\tq3, [sp, #16]\n\tsubs")
+    other = ".L7:\n" + fmla * 3 + "\tbne\t.L7\n"  # another function's loop: not a scan loop
+    loops = inspect.scan_loops(good + spilled.replace("LBB0_1", "LBB0_2") + other)
+    assert [inspect.summarise(loop)["stack_accesses"] for loop in loops] == [0, 1]
+    assert all(inspect.summarise(loop)["fmla"] == inspect.EXPECTED_FMLA for loop in loops)

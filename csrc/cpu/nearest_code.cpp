@@ -10,7 +10,7 @@
 //      earlier code, which can never win a tie.
 //   2. Score every code in float32, whatever the input dtype:
 //        s_k = ||e_k - mu||^2 - 2 (z_i - mu).(e_k - mu)     (= ||z_i - e_k||^2 - const_i)
-//      Fused path (CPUs with AVX-512F, scan.h): panels of 32 rows against groups of 12 codes
+//      Fused path (CPUs with AVX-512F or AVX2, aarch64; scan.h): panels of 32 rows against groups of 12 codes
 //      in registers, folded at once into each row's best and second-best score; no score is
 //      stored. Its AMX form (D >= 16, CPUs with AMX-BF16) computes the same scores from bf16
 //      tile products of split operands, with a looser bound; the rows it cannot settle are
@@ -75,11 +75,12 @@ namespace {
 
 // Which forward the CPU kernels run. Where the CPU has AVX-512F, a fused scan: its AMX form
 // (CPUs with AMX-BF16, from D = kAmxMinD on; float32, bf16 and fp16 rows) or its float form;
-// where it has AVX2 and FMA but not AVX-512F, the float form with AVX2 instructions. Scan states
-// index codes with int32 (so K <= INT32_MAX). Otherwise (other CPUs, other ISAs) one BLAS GEMM
-// per block of rows. VQVAE_FAST_CPU_SCAN=gemm | avx2 | avx512 | amx forces a path where the CPU
-// and the inputs allow it (tests, comparisons); it is read on every call.
-enum class ForwardPath { kGemm, kFusedAvx2, kFusedAvx512, kFusedAmx };
+// where it has AVX2 and FMA but not AVX-512F, the float form with AVX2 instructions; on aarch64,
+// the float form in portable C++ (NEON). Scan states index codes with int32 (so K <= INT32_MAX).
+// Otherwise (other CPUs, other ISAs) one BLAS GEMM per block of rows.
+// VQVAE_FAST_CPU_SCAN=gemm | portable | avx2 | avx512 | amx forces a path where the CPU and the
+// inputs allow it (tests, comparisons; portable runs everywhere); it is read on every call.
+enum class ForwardPath { kGemm, kFusedPortable, kFusedAvx2, kFusedAvx512, kFusedAmx };
 
 // Below, storing and folding the score tiles costs more than the tiles save: measured 0.5-0.7x the
 // AVX-512 scan's speed at D = 8 (Intel Xeon with AMX, 2026-11-26; benchmarks/RESULTS.md "CPU: the
@@ -97,6 +98,8 @@ const char* path_name(ForwardPath path) {
       return "fused-avx512";
     case ForwardPath::kFusedAvx2:
       return "fused-avx2";
+    case ForwardPath::kFusedPortable:
+      return "fused-portable";
     case ForwardPath::kGemm:
       break;
   }
@@ -108,8 +111,10 @@ ForwardPath choose_forward_path(at::ScalarType dtype, int64_t D, int64_t K) {
   const char* env = std::getenv("VQVAE_FAST_CPU_SCAN");
   const std::string forced = env == nullptr ? "" : env;
   if (forced == "gemm" || K > std::numeric_limits<int32_t>::max()) return ForwardPath::kGemm;
+  if (forced == "portable") return ForwardPath::kFusedPortable;
   if (forced == "avx2" || !scan_available(ScanIsa::kAvx512)) {
-    return scan_available(ScanIsa::kAvx2) ? ForwardPath::kFusedAvx2 : ForwardPath::kGemm;
+    if (scan_available(ScanIsa::kAvx2)) return ForwardPath::kFusedAvx2;
+    return kPortableScanIsVector ? ForwardPath::kFusedPortable : ForwardPath::kGemm;
   }
   // The AMX scan reads float32, bf16 and fp16 rows; float64 rows are centred in double by the float scan.
   if (dtype == at::kDouble || forced == "avx512" || !amx_scan_available()) return ForwardPath::kFusedAvx512;
@@ -128,7 +133,9 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
   std::vector<int64_t> rows;
   Tensor z_rows, e_rows;  // outlive every stage: settler.z_rows and e_rows point into them
   const ForwardPath path = choose_forward_path(z.scalar_type(), cb.D, cb.K);
-  settler.isa = path == ForwardPath::kFusedAvx2 ? ScanIsa::kAvx2 : ScanIsa::kAvx512;
+  settler.isa = path == ForwardPath::kFusedAvx2       ? ScanIsa::kAvx2
+                : path == ForwardPath::kFusedPortable ? ScanIsa::kPortable
+                                                      : ScanIsa::kAvx512;
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (path != ForwardPath::kGemm) {  // the scans read rows of contiguous elements directly
       z_rows = z.stride(1) == 1 ? z : z.contiguous();
@@ -154,6 +161,7 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
       TORCH_INTERNAL_ASSERT(false, "choose_forward_path chose the AMX scan for float64");
     case ForwardPath::kFusedAvx512:
     case ForwardPath::kFusedAvx2:
+    case ForwardPath::kFusedPortable:
       rows = settle_rows_float(settler, N);
       break;
     case ForwardPath::kGemm:
@@ -202,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> quantize_fwd_cpu(const Tensor& z, const Tenso
 }
 
 // The path the forward takes on this machine for rows of D elements of `dtype` (default float32)
-// and a codebook of K codes: "fused-amx", "fused-avx512", "fused-avx2" or "gemm".
+// and a codebook of K codes: "fused-amx", "fused-avx512", "fused-avx2", "fused-portable" or "gemm".
 std::string cpu_forward_path(int64_t D, std::optional<at::ScalarType> dtype, int64_t K) {
   const at::ScalarType t = dtype.value_or(at::kFloat);
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,

@@ -1,7 +1,8 @@
 // The fused nearest-code scan of the CPU forward: scores of a panel of 32 rows against groups
 // of 12 codes are accumulated in registers and folded straight into a running best /
-// second-best / index per row, so no score is ever written to memory. Two instruction sets run
-// it, chosen at run time (scan.cpp): AVX-512F (scan_avx512.cpp) and AVX2 + FMA (scan_avx2.cpp).
+// second-best / index per row, so no score is ever written to memory. Three bodies run it, chosen
+// at run time (scan.cpp): AVX-512F (scan_avx512.cpp), AVX2 + FMA (scan_avx2.cpp) and portable C++
+// (scan_portable.cpp: NEON on aarch64).
 #pragma once
 
 #include <cstdint>
@@ -27,13 +28,21 @@ struct ScanState {
 };
 
 // The instruction set a float scan and its helpers run with. Every score is the same chain of
-// fused multiply-adds (the norm, then one FMA per coordinate in order), so both give the same
+// fused multiply-adds (the norm, then one FMA per coordinate in order), so all give the same
 // scores bit for bit; they differ in speed only.
-enum class ScanIsa { kAvx512, kAvx2 };
+enum class ScanIsa { kAvx512, kAvx2, kPortable };
 
-// True when this CPU can run the scan with `isa` (AVX-512F; AVX2 and FMA; checked once). Always
-// false on CPUs other than x86-64, where the forward takes the GEMM path.
+// True when this CPU can run the scan with `isa` (AVX-512F; AVX2 and FMA; checked once). The
+// portable body runs everywhere; the AVX ones only on x86-64.
 bool scan_available(ScanIsa isa);
+
+// Whether the portable body is vector code on this build (NEON on aarch64) and so the forward's
+// default where neither AVX body runs; elsewhere it is one std::fma per lane, run only when forced.
+#if defined(__aarch64__) && defined(__ARM_NEON)
+constexpr bool kPortableScanIsVector = true;
+#else
+constexpr bool kPortableScanIsVector = false;
+#endif
 
 // Folds the scores of code groups [g0, g1) into `state`, for one panel of rows:
 //   zt     D x kScanRows floats, zt[d * kScanRows + r] = coordinate d of row r
@@ -65,8 +74,8 @@ void pack_panel(ScanIsa isa, const void* z, Elem type, int64_t ld, int64_t n, co
 // and sums of the widened values up to double rounding, in a fixed order.
 double exact_sq_dist(ScanIsa isa, const void* z, const void* e, Elem type, int64_t D);
 
-// The body of each instruction set (scan_avx512.cpp, scan_avx2.cpp; x86-64 only): the functions
-// above, which dispatch to ScanBody<isa> (scan.cpp).
+// The body of each instruction set (scan_avx512.cpp, scan_avx2.cpp: x86-64 only;
+// scan_portable.cpp: everywhere): the functions above, which dispatch to ScanBody<isa> (scan.cpp).
 template <ScanIsa isa>
 struct ScanBody {
   static void scan_panel(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0, int64_t g1,

@@ -10,8 +10,6 @@
 
 #if defined(__x86_64__)
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,6 +18,8 @@
 #include <limits>
 
 #include "scan.h"
+#define VQVAE_FAST_ROWS_TARGET __attribute__((target("avx2,fma")))
+#include "scan_rows.h"
 
 namespace vqvae_fast {
 namespace {
@@ -102,50 +102,6 @@ VQVAE_FAST_AVX2 void scan(const float* zt, const float* codes, const float* norm
   }
 }
 
-// Element i of z as a float (16-bit floats widen exactly).
-template <Elem T>
-inline float element(const void* z, int64_t i) {
-  if constexpr (T == Elem::kFloat) {
-    return static_cast<const float*>(z)[i];
-  } else if constexpr (T == Elem::kBFloat16) {
-    return static_cast<float>(static_cast<const c10::BFloat16*>(z)[i]);
-  } else {
-    return static_cast<float>(static_cast<const c10::Half*>(z)[i]);
-  }
-}
-
-template <Elem T>
-VQVAE_FAST_AVX2 void pack(const void* z, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
-                          float* norms) {
-  std::fill(zt, zt + D * kScanRows, 0.0f);
-  for (int64_t t = 0; t < n; ++t) {
-    float norm = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float c = element<T>(z, t * ld + d) - centre[d];
-      zt[d * kScanRows + t] = c;
-      norm = std::fma(c, c, norm);
-    }
-    norms[t] = norm;
-  }
-}
-
-template <Elem T>
-VQVAE_FAST_AVX2 double exact(const void* z, const void* e, int64_t D) {
-  double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    for (int j = 0; j < 4; ++j) {
-      const double t = static_cast<double>(element<T>(z, d + j)) - static_cast<double>(element<T>(e, d + j));
-      s[j] = std::fma(t, t, s[j]);
-    }
-  }
-  for (; d < D; ++d) {
-    const double t = static_cast<double>(element<T>(z, d)) - static_cast<double>(element<T>(e, d));
-    s[0] = std::fma(t, t, s[0]);
-  }
-  return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
 }  // namespace
 
 template <>
@@ -176,12 +132,7 @@ VQVAE_FAST_AVX2 int64_t ScanBody<ScanIsa::kAvx2>::code_in_group(
   alignas(32) float scores[16];
   _mm256_store_ps(scores, acc_low);
   _mm256_store_ps(scores + 8, acc_high);
-  const float* found = std::find(scores, scores + kScanCodes, best);
-  if (found == scores + kScanCodes) return -1;
-  const int64_t j = found - scores;
-  *second = std::numeric_limits<float>::infinity();
-  for (int64_t k = 0; k < kScanCodes; ++k) *second = k == j ? *second : std::min(*second, scores[k]);
-  return j;
+  return code_of_best(scores, best, second);
 }
 
 template <>
@@ -196,6 +147,7 @@ double ScanBody<ScanIsa::kAvx2>::exact_sq_dist(const void* z, const void* e, Ele
 }
 
 #undef VQVAE_FAST_AVX2
+#undef VQVAE_FAST_ROWS_TARGET
 
 }  // namespace vqvae_fast
 

@@ -72,7 +72,15 @@ struct RowMap {
 template <typename scalar_t>
 struct FloatScan {
   static const char* event(const RowSettler<scalar_t>& settler) {  // profiler event of a call
-    return settler.isa == ScanIsa::kAvx512 ? "vqvae_fast::cpu_scan_avx512" : "vqvae_fast::cpu_scan_avx2";
+    switch (settler.isa) {
+      case ScanIsa::kAvx512:
+        return "vqvae_fast::cpu_scan_avx512";
+      case ScanIsa::kAvx2:
+        return "vqvae_fast::cpu_scan_avx2";
+      case ScanIsa::kPortable:
+        break;
+    }
+    return "vqvae_fast::cpu_scan_portable";
   }
   const RowSettler<scalar_t>& settler;
   int64_t D, groups;

@@ -1,0 +1,84 @@
+// The row helpers of the float scans written in plain C++ (the AVX2 and portable bodies): an
+// element as a float, packing a panel (scan.h, pack_panel), the exact distance (exact_sq_dist)
+// and the end of code_in_group.
+// Each including file defines VQVAE_FAST_ROWS_TARGET first: its function attribute (the AVX2
+// body's target("avx2,fma"), so that std::fma is one instruction there) or nothing. Internal
+// linkage: each body has its own copy, compiled for its instruction set.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "scan.h"
+
+#ifndef VQVAE_FAST_ROWS_TARGET
+#error "define VQVAE_FAST_ROWS_TARGET (a function attribute, or nothing) before including scan_rows.h"
+#endif
+
+namespace vqvae_fast {
+namespace {
+
+// Element i of z as a float (16-bit floats widen exactly).
+template <Elem T>
+inline float element(const void* z, int64_t i) {
+  if constexpr (T == Elem::kFloat) {
+    return static_cast<const float*>(z)[i];
+  } else if constexpr (T == Elem::kBFloat16) {
+    return static_cast<float>(static_cast<const c10::BFloat16*>(z)[i]);
+  } else {
+    return static_cast<float>(static_cast<const c10::Half*>(z)[i]);
+  }
+}
+
+// pack_panel: the norm of each row is one FMA chain over its coordinates in order, as the
+// AVX-512 body forms it.
+template <Elem T>
+VQVAE_FAST_ROWS_TARGET void pack(const void* z, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
+                                 float* norms) {
+  std::fill(zt, zt + D * kScanRows, 0.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    float norm = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float c = element<T>(z, t * ld + d) - centre[d];
+      zt[d * kScanRows + t] = c;
+      norm = std::fma(c, c, norm);
+    }
+    norms[t] = norm;
+  }
+}
+
+template <Elem T>
+VQVAE_FAST_ROWS_TARGET double exact(const void* z, const void* e, int64_t D) {
+  double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const double t = static_cast<double>(element<T>(z, d + j)) - static_cast<double>(element<T>(e, d + j));
+      s[j] = std::fma(t, t, s[j]);
+    }
+  }
+  for (; d < D; ++d) {
+    const double t = static_cast<double>(element<T>(z, d)) - static_cast<double>(element<T>(e, d));
+    s[0] = std::fma(t, t, s[0]);
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// code_in_group's last step, from the group's kScanCodes scores for the row: the first code whose
+// score is `best` (-1 if none), and as *second the smallest score of the others.
+inline int64_t code_of_best(const float* scores, float best, float* second) {
+  const float* found = std::find(scores, scores + kScanCodes, best);
+  if (found == scores + kScanCodes) return -1;
+  const int64_t j = found - scores;
+  *second = std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < kScanCodes; ++k) *second = k == j ? *second : std::min(*second, scores[k]);
+  return j;
+}
+
+}  // namespace
+}  // namespace vqvae_fast
