@@ -135,7 +135,7 @@ class ResidualVectorQuantizer(nn.Module):
                 weights = residual.detach().double().square().sum(1)  # the error the stages before left
             chosen, idx, loss, stage_stats, book = stage.quantize_flat(residual.to(stage.codebook.dtype), update,
                                                                        weights, graph=cosine)
-            total = total + chosen.detach().to(flat.dtype)
+            total.add_(chosen.detach().to(flat.dtype))  # in place: a new N x D sum a stage costs its page faults
             indices.append(idx)
             losses.append(loss.float())
             books.append(book)
