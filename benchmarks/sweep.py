@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and FAISS (default: torch's, one per core)")
     parser.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (default: all)")
+    parser.add_argument("--floor-dtype", choices=sorted(DTYPES), default=None,
+                        help="time the large-GEMM floor in this dtype (default: each point's; float32 where "
+                             "the point's dtype has no fast GEMM here, e.g. bf16 with libraries held to AVX2)")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new point after this long")
     parser.add_argument("--max-other-load", type=float, default=None, metavar="SHARE",
                         help="on a shared machine: repeat a point (after waiting for an idle machine, up to 4 "
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
             sweep["not_run"] = [p.__dict__ for p in points[i:]]
             print(f"time budget of {args.max_minutes} min spent: {len(points) - i} points not run")
             break
-        result = measure_undisturbed(lambda: run_point(point, device, args.task, rounds, only=args.providers),
+        result = measure_undisturbed(lambda: run_point(point, device, args.task, rounds, only=args.providers,
+                                                               floor_dtype=args.floor_dtype),
                                      lambda r: r["other_processes_cpu_share"], args.max_other_load)
         sweep["points"].append(result)
         sweep["machine"]["load_average_end"] = os.getloadavg()
