@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: build the package, run the static kernel checks and the whole
 # test suite without the Triton interpreter, memcheck the Triton kernels, and produce every GPU
-# number of benchmarks/RESULTS.md. Logs, JSON and plots go to OUTDIR. Three calls of at most
+# number of benchmarks/RESULTS.md. Logs, JSON and plots go to OUTDIR. Four calls of at most
 # ten minutes each cover everything (run them back to back on the same machine: the later ones
 # reuse the first's build):
 #
 #   scripts/gpu_check.sh OUTDIR part1            # build inspect tests memcheck compare
 #   scripts/gpu_check.sh OUTDIR part2            # build compare-backward pytest-bench sweep train-cifar10
 #   scripts/gpu_check.sh OUTDIR part3            # build layer training
+#   scripts/gpu_check.sh OUTDIR part4            # build residual
 #   scripts/gpu_check.sh OUTDIR sweep training   # or any stages, in this order
 #   scripts/gpu_check.sh OUTDIR quick            # one call: build compare layer training memcheck tests
 #
 # TESTS (test files) and TESTS_K (a pytest -k expression) narrow the tests stage; LAYER_SHAPES
 # (bench_layer.py shape names, in the order to run) and LAYER_ROUNDS (default 3) the layer stage;
-# TRAINING_RUNS (PRESET:FLAGS words, e.g. "tokenizer:--amp cifar:") the training stage.
+# TRAINING_RUNS (PRESET:FLAGS words, e.g. "tokenizer:--amp cifar:") the training stage;
+# RESIDUAL_SHAPES (bench_residual.py shape names) the residual stage.
 #
 # Stages: build inspect tests memcheck compare compare-backward pytest-bench sweep layer
-# training train-cifar10. compare: the goal point's forward (bf16, fp32, and ours alone in fp32
+# training residual train-cifar10. compare: the goal point's forward (bf16, fp32, and ours alone in fp32
 # with VQVAE_FAST_TRITON_FP32_PRECISION=tf32) and indices only, and the CPU key point; layer:
 # bench_layer.py (one VQ-layer training step against vector-quantize-pytorch and a cdist layer)
 # in fp32 and under bf16 autocast; training: bench_training.py at the tokenizer preset (64x64
-# images, 16x16 codes, K=16384, N=16384 per step) and the CIFAR one. The whole call ends
+# images, 16x16 codes, K=16384, N=16384 per step) and the CIFAR one; residual:
+# bench_residual.py (residual quantizers' training step and encode: ours, vector-quantize-pytorch's
+# ResidualVQ, the stage loops over cdist and over our single-stage op) in fp32 and bf16 autocast. The whole call ends
 # within DEADLINE_S (default 570 s): every stage runs under `timeout` with at most its own
 # limit (STAGE_LIMIT_S, default 240 s) and the time left, and a stage with no time left is
 # reported as not run. Optional peers: wheels placed in .wheels/ are installed with --no-deps
@@ -41,8 +45,9 @@ case "${*:-all}" in
   part1) stages="build inspect tests memcheck compare" ;;
   part2) stages="build compare-backward pytest-bench sweep train-cifar10" ;;
   part3) stages="build layer training" ;;
+  part4) stages="build residual" ;;
   quick) stages="build compare layer training memcheck tests"; quick=1 ;;
-  all) stages="build inspect tests memcheck compare compare-backward pytest-bench sweep layer training train-cifar10" ;;
+  all) stages="build inspect tests memcheck compare compare-backward pytest-bench sweep layer training residual train-cifar10" ;;
   *) stages="$*" ;;
 esac
 mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -105,7 +110,7 @@ if [ "${quick:-0}" = 1 ]; then
   COMPARE_SPECS=${COMPARE_SPECS:-"262144 16384 256 bfloat16 forward,262144 16384 256 float32 forward"}
   LAYER_SHAPES=${LAYER_SHAPES:-"vqgan-f16 llamagen-vq16 trainer-default cifar-vqvae mimi-first encodec-stage"}
   TRAINING_RUNS=${TRAINING_RUNS:-"tokenizer:--amp cifar:--amp"}
-  TESTS=${TESTS:-"tests/test_triton_nearest_code.py tests/test_layer_step.py tests/test_extreme_inputs.py tests/test_nearest_code.py tests/test_custom_ops.py tests/test_quantize_grad.py tests/test_inputs.py tests/test_vector_quantizer.py tests/test_build.py"}
+  TESTS=${TESTS:-"tests/test_triton_nearest_code.py tests/test_residual.py tests/test_layer_step.py tests/test_extreme_inputs.py tests/test_nearest_code.py tests/test_custom_ops.py tests/test_quantize_grad.py tests/test_inputs.py tests/test_vector_quantizer.py tests/test_build.py"}
   STAGE_LIMIT_S=${STAGE_LIMIT_S:-600}
 fi
 
@@ -207,6 +212,20 @@ if [[ " $stages " == *" training "* ]]; then
     timeout "$limit" python benchmarks/bench_training.py --device cuda --preset "$preset" $flags --json "$out/$name.json" \
       2>&1 | tee -a "$out/training.txt"
     check "training $preset $flags ($name.json)" "${PIPESTATUS[0]}"
+  done
+fi
+
+if [[ " $stages " == *" residual "* ]]; then
+  # Residual quantizers (issue 20): training step and encode at bench_residual.py's shapes; a run
+  # cut at its limit keeps the shapes done in its JSON.
+  for autocast in none bf16; do
+    time_left "residual $autocast" 240 || break
+    name=bench_residual_cuda; [ "$autocast" = none ] || name+="_$autocast"
+    timeout "$limit" python benchmarks/bench_residual.py --device cuda --autocast "$autocast" \
+      ${RESIDUAL_SHAPES:+--shapes $RESIDUAL_SHAPES} --json "$out/$name.json" 2>&1 | tee -a "$out/residual.txt"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 124 ]; then note "residual $autocast cut at $limit s (the JSON has the shapes done)"
+    else check "residual $autocast (residual.txt)" "$rc"; fi
   done
 fi
 
