@@ -402,3 +402,27 @@ def test_module_encode_is_the_codes_only_path():
     assert torch.equal(codes, rvq(x).indices)
     assert torch.equal(rvq.encode(x, num_stages=2), codes[..., :2])
     assert torch.equal(rvq.encode(x.double()), rvq.encode(x.double().float()))
+
+
+@pytest.mark.parametrize("autocast", (False, True))
+def test_module_forward_and_encode_agree_on_16_bit_inputs(autocast):
+    """A bf16 input (a bf16 encoder, or autocast) with fp32 codebooks: the forward forms every
+    residual in the codebooks' precision from one fp32 sum, as encode does, so both choose the same
+    codes (rounding the running sum to bf16 at every stage changed ~1% of the rows' codes), and the
+    output is that sum rounded once to the input's dtype."""
+    torch.manual_seed(0)
+    rvq = ResidualVectorQuantizer(6, 64, 16, channels_last=True, kmeans_init=False, ema_decay=None).eval()
+    with torch.no_grad():
+        for s, stage in enumerate(rvq.stages):
+            stage.codebook.copy_(torch.randn_like(stage.codebook) * 0.3 ** s)  # shrinking, as trained stages
+    x = torch.randn(512, 16).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = rvq(x)
+    assert torch.equal(out.indices, rvq.encode(x.detach()))
+    assert out.quantized.dtype == torch.bfloat16
+    expected = residual_quantize(x.detach().float(), torch.stack(rvq.codebooks()).detach(), backend="cpu")
+    assert torch.equal(out.indices, expected.indices)
+    assert torch.equal(out.quantized, expected.quantized.bfloat16())
+    torch.testing.assert_close(out.stage_losses, expected.stage_losses)
+    out.loss.backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16

@@ -61,6 +61,9 @@ class ResidualVectorQuantizer(nn.Module):
         stage's residuals; `decode` sums the unit codes (see `residual_quantize`).
 
     Input layout as VectorQuantizer: (B, dim, H, W) unless channels_last=True, else (..., dim).
+    Precision: the stages search in the codebooks' dtype (the input is cast to it once, as in
+    `encode`) and the sum of the chosen codes is kept in at least fp32, so a bf16 input (autocast)
+    gets the codes `encode` gives and `quantized` is that sum rounded once to the input's dtype.
     """
 
     def __init__(self, num_stages: int, num_codes: int, dim: int, beta: float = 0.25, *, backend: str = "auto",
@@ -123,30 +126,35 @@ class ResidualVectorQuantizer(nn.Module):
         moved = x.movedim(channels, -1)
         flat = moved.reshape(-1, self.dim)
         active = self._active_stages(update, num_stages)
-        total = flat.new_zeros(flat.shape).detach()
+        # The stages work in the codebooks' precision and keep the sum of their codes in at least
+        # fp32, as `encode` (residual_quantize) does: a bf16 input (autocast) is rounded once, not
+        # its residual at every stage, so forward and encode choose the same codes.
+        book_dtype = self.stages[0].codebook.dtype
+        total_dtype = torch.promote_types(book_dtype, torch.float32)
+        source = flat.to(book_dtype)
+        total = source.new_zeros(source.shape, dtype=total_dtype)
         # Euclidean: the stages search without an autograd graph and StageLosses forms the loss
         # gradients from x, the codebooks searched and the indices (no residual kept per stage).
         cosine = self.distance == "cosine"
         indices, losses, stats, books = [], [], [], []
         for s, stage in enumerate(self.stages[:active]):
-            residual = flat - total  # r_s = x - sg[e_0 + ... + e_{s-1}]
+            residual = (source.to(total_dtype) - total).to(book_dtype)  # r_s = x - sg[e_0 + ... + e_{s-1}]
             weights = None  # stage 0 seeds as a flat quantizer does
             if update and s > 0 and (stage._needs_init or stage.restart_dead):
                 weights = residual.detach().double().square().sum(1)  # the error the stages before left
-            chosen, idx, loss, stage_stats, book = stage.quantize_flat(residual.to(stage.codebook.dtype), update,
-                                                                       weights, graph=cosine)
-            total.add_(chosen.detach().to(flat.dtype))  # in place: a new N x D sum a stage costs its page faults
+            chosen, idx, loss, stage_stats, book = stage.quantize_flat(residual, update, weights, graph=cosine)
+            total.add_(chosen.detach())  # in place: a new N x D sum a stage costs its page faults
             indices.append(idx)
             losses.append(loss.float())
             books.append(book)
             stats.append(torch.stack([value.float() for value in stage_stats]))
         straight = reference._Rotation if self.gradient == "rotation" else reference._StraightThrough
-        quantized = straight.apply(flat, total)  # bit for bit the sum; its gradient goes to x
+        quantized = straight.apply(flat, total.to(flat.dtype))  # the sum, rounded once; its gradient goes to x
         skipped = self.num_stages - active
         index = torch.stack(indices, dim=-1)
         losses = torch.stack(losses)
         if not cosine:
-            losses = StageLosses.apply(flat, self.beta, index, losses, flat.dtype, *books)
+            losses = StageLosses.apply(source, self.beta, index, losses, total_dtype, *books)
         if skipped:
             index = torch.cat([index, index.new_full((*index.shape[:-1], skipped), -1)], dim=-1)
         stage_losses = torch.cat([losses, flat.new_zeros(skipped, dtype=torch.float32)])
