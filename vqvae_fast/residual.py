@@ -123,18 +123,26 @@ class StageLosses(torch.autograd.Function):
         z, indices, *books = ctx.saved_tensors
         count = max(z.numel(), 1)
         total = z.new_zeros(z.shape, dtype=ctx.total_dtype)
+        source = z.to(ctx.total_dtype)
         grad_z = torch.zeros_like(z, dtype=torch.promote_types(z.dtype, torch.float32))
+        # One buffer each for the residual, the chosen codes and their difference, reused stage by
+        # stage: a new N x D tensor per operation cost its page faults (most of this backward's time).
+        residual = torch.empty_like(source)
+        chosen, diff = torch.empty_like(z, dtype=books[0].dtype), torch.empty_like(z, dtype=books[0].dtype)
         grad_books = []
         for s, book in enumerate(books):
             idx = indices[:, s]
-            chosen = book[idx]
-            diff = (z.to(total.dtype) - total).to(z.dtype).to(book.dtype) - chosen  # r_s - e_s
+            torch.index_select(book, 0, idx, out=chosen)
+            torch.sub(source, total, out=residual)  # r_s, as the forward formed it
+            torch.sub(residual.to(z.dtype).to(book.dtype), chosen, out=diff)  # r_s - e_s
             weight = grad[s] * (2.0 / count)
-            grad_z += torch.where(weight == 0, 0.0, (ctx.beta * weight) * diff)
-            grad_books.append(torch.zeros_like(book).index_put_((idx,), torch.where(weight == 0, 0.0, -weight * diff),
-                                                               accumulate=True)
-                              if ctx.needs_input_grad[5 + s] else None)
-            total = total + chosen.to(total.dtype)
+            diff.masked_fill_(weight == 0, 0.0)  # no gradient: nothing, not 0 * NaN
+            grad_z.addcmul_(diff, ctx.beta * weight)
+            if ctx.needs_input_grad[5 + s]:
+                grad_books.append(torch.zeros_like(book).index_put_((idx,), diff.mul_(-weight), accumulate=True))
+            else:
+                grad_books.append(None)
+            total.add_(chosen)
         grad_z = grad_z.to(z.dtype) if ctx.needs_input_grad[0] else None
         return grad_z, None, None, None, None, *grad_books
 

@@ -136,12 +136,19 @@ class ResidualVectorQuantizer(nn.Module):
         # Euclidean: the stages search without an autograd graph and StageLosses forms the loss
         # gradients from x, the codebooks searched and the indices (no residual kept per stage).
         cosine = self.distance == "cosine"
+        # Without a graph through the residuals, one buffer serves every stage (no page faults of a
+        # new N x D tensor a stage).
+        buffer = torch.empty_like(total) if not cosine and book_dtype == total_dtype else None
         indices, losses, stats, books = [], [], [], []
         for s, stage in enumerate(self.stages[:active]):
-            residual = (source.to(total_dtype) - total).to(book_dtype)  # r_s = x - sg[e_0 + ... + e_{s-1}]
+            if buffer is not None:
+                residual = torch.sub(source.detach(), total, out=buffer)
+            else:
+                residual = (source.to(total_dtype) - total).to(book_dtype)  # r_s = x - sg[e_0 + ... + e_{s-1}]
             weights = None  # stage 0 seeds as a flat quantizer does
             if update and s > 0 and (stage._needs_init or stage.restart_dead):
-                weights = residual.detach().double().square().sum(1)  # the error the stages before left
+                # the error the stages before left, in float64 (no N x D float64 copy)
+                weights = torch.linalg.vector_norm(residual.detach(), dim=1, dtype=torch.float64).square()
             chosen, idx, loss, stage_stats, book = stage.quantize_flat(residual, update, weights, graph=cosine)
             total.add_(chosen.detach())  # in place: a new N x D sum a stage costs its page faults
             indices.append(idx)
