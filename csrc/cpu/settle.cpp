@@ -36,21 +36,41 @@ constexpr int64_t kChunkBytes = 256 * 1024;
 // with another process: medians 16-21 ms, 1 thread 17.5 ms; RESULTS.md "Threads on a busy machine").
 constexpr int64_t kBlocksPerThread = 4;
 
-// Row i's candidates from its float scores e_norm[k] + dot[k] with per-code bounds: code k may
-// be the nearest only if its score's lower bound is within the smallest upper bound (plus the
-// row's underflow allowance `slack`). Only called on rows whose scores are all finite.
+// Row i's candidates from its float scores e_norm[k] + dot[k] with per-code bounds: code k's
+// float score lies within 0.5 rel_tol (||e_k - mu||^2 + 2 ||zc|| ||e_k - mu||) of its true value
+// (RowSettler's bound for one code, with the code's own length: rows near many codes much
+// shorter than the longest, as in later residual stages, are then not near-ties with all of
+// them), so code k may be the nearest only if its score's lower bound is within the smallest
+// upper bound (plus the row's underflow allowance `slack`). Only called on rows whose scores are
+// all finite. The two
+// passes over the K codes are written to vectorise (they were twice the GEMM's time where most
+// rows come here: a degenerate late residual stage), then the candidates are re-scored exactly.
 template <typename scalar_t>
 void settle_with_code_bounds(RowSettler<scalar_t>& settler, int64_t i, const float* dot, double zc_norm2,
                              double slack) {
   const PreparedCodebook& cb = settler.cb;
-  const double zc_norm = std::sqrt(zc_norm2);
-  const auto score = [&](int64_t k) { return static_cast<double>(cb.e_norm[k] + dot[k]); };  // as a scan rounds it
+  const int64_t K = cb.K;
+  const float* e_norm = cb.e_norm.data();
+  const double* e_root = cb.e_root.data();
+  // Code k's bound: half_tol * (e_norm[k] + twice_zc * e_root[k]).
+  const double half_tol = 0.5 * settler.rel_tol, twice_zc = 2.0 * std::sqrt(zc_norm2);
   double upper = std::numeric_limits<double>::infinity();
-  for (int64_t k = 0; k < cb.K; ++k) upper = std::min(upper, score(k) + settler.code_bound(k, zc_norm));
+#pragma omp simd reduction(min : upper)
+  for (int64_t k = 0; k < K; ++k) {
+    const double score = static_cast<double>(e_norm[k] + dot[k]);  // as a scan rounds it
+    upper = std::min(upper, score + half_tol * (static_cast<double>(e_norm[k]) + twice_zc * e_root[k]));
+  }
   const double limit = upper + slack;
-  settler.settle(i, [&](int64_t k) {
-    return std::isfinite(cb.e_root[k]) && score(k) - settler.code_bound(k, zc_norm) <= limit;
-  });
+  thread_local std::vector<unsigned char> candidate;
+  candidate.resize(K);
+  unsigned char* is_candidate = candidate.data();
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) {
+    const double score = static_cast<double>(e_norm[k] + dot[k]);
+    const double bound = half_tol * (static_cast<double>(e_norm[k]) + twice_zc * e_root[k]);
+    is_candidate[k] = (e_root[k] < std::numeric_limits<double>::infinity()) & (score - bound <= limit);
+  }
+  settler.settle(i, [&](int64_t k) { return is_candidate[k] != 0; });
 }
 
 // Nothing seen yet: every score +inf.

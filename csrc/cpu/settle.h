@@ -179,12 +179,6 @@ struct RowSettler {
     return static_cast<double>(best_score) + rel_tol * bound + underflow_slack(zc_norm2);
   }
 
-  // The same bound per code (the GEMM path): code k's float score lies within code_bound(k) of
-  // its true value (half the tolerance: one code), so that rows near many codes much shorter
-  // than the longest (later residual stages) are not near-ties with all of them.
-  double code_bound(int64_t k, double zc_norm) const {
-    return 0.5 * rel_tol * (static_cast<double>(cb.e_norm[k]) + 2.0 * zc_norm * cb.e_root[k]);
-  }
 
   const void* row_ptr(int64_t i) const {
     return static_cast<const char*>(z_rows) + i * z_ld * elem_bytes;
