@@ -129,10 +129,25 @@ VQVAE_FAST_AVX2 int64_t ScanBody<ScanIsa::kAvx2>::code_in_group(
     acc_low = _mm256_fmadd_ps(x, _mm256_loadu_ps(group + d * kScanCodes), acc_low);
     acc_high = _mm256_fmadd_ps(x, _mm256_maskload_ps(group + d * kScanCodes + 8, high_lanes), acc_high);
   }
-  alignas(32) float scores[16];
-  _mm256_store_ps(scores, acc_low);
-  _mm256_store_ps(scores + 8, acc_high);
-  return code_of_best(scores, best, second);
+  // The first code scoring `best` and the smallest score of the others, in registers (a scalar
+  // search here cost 60% of the scan's own time at D = 8).
+  const __m256 target = _mm256_set1_ps(best);
+  const int low = _mm256_movemask_ps(_mm256_cmp_ps(acc_low, target, _CMP_EQ_OQ));
+  const int high = _mm256_movemask_ps(_mm256_cmp_ps(acc_high, target, _CMP_EQ_OQ)) & 0xF;
+  const int hit = low | (high << 8);  // bit j: code j (codes 8-11 are acc_high's lanes 0-3)
+  if (hit == 0) return -1;
+  const int j = __builtin_ctz(hit);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 not_low = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(j)));
+  const __m256 not_high = _mm256_or_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(j - 8))),
+                                       _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(3))));
+  __m256 others = _mm256_min_ps(_mm256_blendv_ps(acc_low, inf, not_low), _mm256_blendv_ps(acc_high, inf, not_high));
+  others = _mm256_min_ps(others, _mm256_permute2f128_ps(others, others, 1));
+  others = _mm256_min_ps(others, _mm256_shuffle_ps(others, others, _MM_SHUFFLE(1, 0, 3, 2)));
+  others = _mm256_min_ps(others, _mm256_shuffle_ps(others, others, _MM_SHUFFLE(2, 3, 0, 1)));
+  *second = _mm256_cvtss_f32(others);
+  return j;
 }
 
 template <>

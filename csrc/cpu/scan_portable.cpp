@@ -155,6 +155,17 @@ inline void pass(const float* zt, const float* group, const float* norm, int64_t
   }
 }
 
+// code_in_group's last step, from the group's kScanCodes scores for the row: the first code whose
+// score is `best` (-1 if none), and as *second the smallest score of the others.
+inline int64_t code_of_best(const float* scores, float best, float* second) {
+  const float* found = std::find(scores, scores + kScanCodes, best);
+  if (found == scores + kScanCodes) return -1;
+  const int64_t j = found - scores;
+  *second = std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < kScanCodes; ++k) *second = k == j ? *second : std::min(*second, scores[k]);
+  return j;
+}
+
 // Each row sees a group's codes in index order (both passes of its rows, in code order), so
 // ties keep the lower index as in the other bodies.
 template <bool kGroupIndex>

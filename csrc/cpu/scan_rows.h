@@ -1,6 +1,5 @@
 // The row helpers of the float scans written in plain C++ (the AVX2 and portable bodies): an
-// element as a float, packing a panel (scan.h, pack_panel), the exact distance (exact_sq_dist)
-// and the end of code_in_group.
+// element as a float, packing a panel (scan.h, pack_panel) and the exact distance (exact_sq_dist).
 // Each including file defines VQVAE_FAST_ROWS_TARGET first: its function attribute (the AVX2
 // body's target("avx2,fma"), so that std::fma is one instruction there) or nothing. Internal
 // linkage: each body has its own copy, compiled for its instruction set.
@@ -12,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "scan.h"
 
@@ -67,17 +65,6 @@ VQVAE_FAST_ROWS_TARGET double exact(const void* z, const void* e, int64_t D) {
     s[0] = std::fma(t, t, s[0]);
   }
   return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
-// code_in_group's last step, from the group's kScanCodes scores for the row: the first code whose
-// score is `best` (-1 if none), and as *second the smallest score of the others.
-inline int64_t code_of_best(const float* scores, float best, float* second) {
-  const float* found = std::find(scores, scores + kScanCodes, best);
-  if (found == scores + kScanCodes) return -1;
-  const int64_t j = found - scores;
-  *second = std::numeric_limits<float>::infinity();
-  for (int64_t k = 0; k < kScanCodes; ++k) *second = k == j ? *second : std::min(*second, scores[k]);
-  return j;
 }
 
 }  // namespace
