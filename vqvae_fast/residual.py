@@ -77,21 +77,27 @@ def as_codebooks(z: torch.Tensor, codebooks: Codebooks, stages: int | None = Non
     return books
 
 
+def stage_residual(z: torch.Tensor, total: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """r_s = z - sg[e_0 + ... + e_{s-1}] as every residual path forms it (forward, backward,
+    encode, the module): from the sum `total` of the earlier codes kept in at least fp32, rounded
+    once to z's dtype. `out`: written there (no autograd; z's dtype must be total's), so that a
+    stack of stages reuses one N x D buffer instead of paying a new tensor's page faults."""
+    if out is not None:
+        return torch.sub(z, total, out=out)
+    return (z.to(total.dtype) - total).to(z.dtype)
+
+
 def _stages(z: torch.Tensor, books: list[torch.Tensor], quantize_stage):
     """Runs quantize_stage(residual, codebook) -> (chosen codes, indices, loss or None) stage by
     stage; returns (sum of the chosen codes in z's dtype, [indices], [losses]). The sum is kept in
-    at least fp32 and each residual is formed from it (16-bit inputs: one rounding each).
-    Without autograd, one residual buffer serves every stage (a new N x D tensor per stage costs
-    its page faults: ~1 ms a stage at 16384 x 128)."""
+    at least fp32 and each residual is formed from it (16-bit inputs: one rounding each);
+    without autograd in one buffer for every stage."""
     total = z.new_zeros(z.shape, dtype=torch.promote_types(z.dtype, torch.float32))
     reuse = not torch.is_grad_enabled() and z.dtype == total.dtype
-    residual = torch.empty_like(z) if reuse else None
+    buffer = torch.empty_like(z) if reuse else None
     indices, losses = [], []
     for book in books:
-        if reuse:
-            torch.sub(z, total, out=residual)
-        else:
-            residual = (z.to(total.dtype) - total).to(z.dtype)  # r_s = z - sg[e_0 + ... + e_{s-1}]
+        residual = stage_residual(z, total, buffer)
         chosen, idx, loss = quantize_stage(residual, book)
         total.add_(chosen.detach())
         indices.append(idx)
@@ -123,18 +129,16 @@ class StageLosses(torch.autograd.Function):
         z, indices, *books = ctx.saved_tensors
         count = max(z.numel(), 1)
         total = z.new_zeros(z.shape, dtype=ctx.total_dtype)
-        source = z.to(ctx.total_dtype)
         grad_z = torch.zeros_like(z, dtype=torch.promote_types(z.dtype, torch.float32))
         # One buffer each for the residual, the chosen codes and their difference, reused stage by
         # stage: a new N x D tensor per operation cost its page faults (most of this backward's time).
-        residual = torch.empty_like(source)
+        residual = torch.empty_like(z) if z.dtype == total.dtype else None
         chosen, diff = torch.empty_like(z, dtype=books[0].dtype), torch.empty_like(z, dtype=books[0].dtype)
         grad_books = []
         for s, book in enumerate(books):
             idx = indices[:, s]
             torch.index_select(book, 0, idx, out=chosen)
-            torch.sub(source, total, out=residual)  # r_s, as the forward formed it
-            torch.sub(residual.to(z.dtype).to(book.dtype), chosen, out=diff)  # r_s - e_s
+            torch.sub(stage_residual(z, total, residual).to(book.dtype), chosen, out=diff)  # r_s - e_s
             weight = grad[s] * (2.0 / count)
             diff.masked_fill_(weight == 0, 0.0)  # no gradient: nothing, not 0 * NaN
             grad_z.addcmul_(diff, ctx.beta * weight)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import reference
 from .functional import InputError, check_distance, check_options
-from .residual import StageLosses, residual_decode, residual_nearest_code
+from .residual import StageLosses, residual_decode, residual_nearest_code, stage_residual
 from .vector_quantizer import VectorQuantizer, channel_dim
 
 
@@ -141,10 +141,7 @@ class ResidualVectorQuantizer(nn.Module):
         buffer = torch.empty_like(total) if not cosine and book_dtype == total_dtype else None
         indices, losses, stats, books = [], [], [], []
         for s, stage in enumerate(self.stages[:active]):
-            if buffer is not None:
-                residual = torch.sub(source.detach(), total, out=buffer)
-            else:
-                residual = (source.to(total_dtype) - total).to(book_dtype)  # r_s = x - sg[e_0 + ... + e_{s-1}]
+            residual = stage_residual(source.detach() if buffer is not None else source, total, buffer)
             weights = None  # stage 0 seeds as a flat quantizer does
             if update and s > 0 and (stage._needs_init or stage.restart_dead):
                 # the error the stages before left, in float64 (no N x D float64 copy)

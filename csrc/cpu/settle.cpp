@@ -42,9 +42,9 @@ constexpr int64_t kBlocksPerThread = 4;
 // shorter than the longest, as in later residual stages, are then not near-ties with all of
 // them), so code k may be the nearest only if its score's lower bound is within the smallest
 // upper bound (plus the row's underflow allowance `slack`). Only called on rows whose scores are
-// all finite. The two
-// passes over the K codes are written to vectorise (they were twice the GEMM's time where most
-// rows come here: a degenerate late residual stage), then the candidates are re-scored exactly.
+// all finite. The two passes over the K codes are written to vectorise (they were twice the
+// GEMM's time where most rows come here: a degenerate late residual stage); then the candidates
+// are re-scored exactly.
 template <typename scalar_t>
 void settle_with_code_bounds(RowSettler<scalar_t>& settler, int64_t i, const float* dot, double zc_norm2,
                              double slack) {
