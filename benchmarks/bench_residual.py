@@ -17,8 +17,10 @@ Providers:
 
     vqvae_fast                ResidualVectorQuantizer(S, K, D, beta=0.25, ema_decay=0.99, kmeans_init=True
                               (10 Lloyd steps, stage s on the residuals of the stages before it),
-                              restart_dead=True, dead_threshold=2*K/N); each stage our single-stage
-                              op called in a Python loop (not fused yet); encode: .encode(z)
+                              restart_dead=True, dead_threshold=2*K/N); on triton (Euclidean, D <= 128)
+                              the fused kernels (every stage's search in one launch, the EMA
+                              statistics in one, the loss gradients in one), elsewhere each stage's op in a
+                              Python loop; encode: .encode(z)
     vector-quantize-pytorch   ResidualVQ(dim=D, num_quantizers=S, codebook_size=K, decay=0.99,
                               kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=2,
                               commitment_weight=0.25, rotation_trick=False): the same options

@@ -262,12 +262,26 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
                               "BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D}".format(**update.VECTOR_BLOCKS)))
     for d in (8, 64, residual.RESIDENT_MAX_D):  # the fused residual encoding (DAC's and EnCodec's code sizes)
         meta = residual.encode_meta(d, dtype)
-        cases.append(Case("residual_encode", residual._residual_encode_kernel, dict(
-            z_ptr=dtype, books_ptr=dtype, absmax_ptr=torch.int32, indices_ptr=torch.int64, N=LARGE[0], K=1024, D=d,
-            S=8, bound_rel=1e-6, bound_abs=1e-36, stride_zn=d, stride_zd=1, stride_bs=1024 * d, stride_bk=d,
-            stride_bd=1, **meta), residual.encode_warps(d), 1, dtype,
-            "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} warps={w}; D={d}".format(d=d, w=residual.encode_warps(d), **meta),
-            needs_mma=False))
+        for want_loss in (False, True):  # encode, and the training forward (the sum and row errors too)
+            cases.append(Case("residual_train_fwd" if want_loss else "residual_encode",
+                              residual._residual_encode_kernel, dict(
+                z_ptr=dtype, books_ptr=dtype, absmax_ptr=torch.int32, indices_ptr=torch.int64,
+                total_ptr=acc if want_loss else None, row_err_ptr=torch.float64 if want_loss else None,
+                N=LARGE[0], K=1024, D=d, S=8, bound_rel=1e-6, bound_abs=1e-36, stride_zn=d, stride_zd=1,
+                stride_bs=1024 * d, stride_bk=d, stride_bd=1, **meta, WANT_LOSS=want_loss),
+                residual.encode_warps(d), 1, dtype,
+                "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} warps={w}; D={d}".format(d=d, w=residual.encode_warps(d), **meta),
+                needs_mma=False))
+        rows_meta = residual.backward_meta(d, dtype)
+        for use, grads, stats in (("grad", True, 0), ("stats", False, 2)):  # the loss backward; the module's EMA sums
+            cases.append(Case(f"residual_stage_rows[{use}]", residual._stage_rows_kernel, dict(
+                grad_ptr=torch.float32 if grads else None, z_ptr=dtype, books_ptr=dtype, indices_ptr=torch.int64,
+                grad_z_ptr=dtype if grads else None, grad_books_ptr=acc if grads else None,
+                counts_ptr=torch.float32 if stats else None, sums_ptr=acc if stats else None, N=LARGE[0], K=1024, D=d,
+                S=8, beta=0.25, two_over_count=1e-9, stride_grad=1, **rows_meta, WANT_Z=grads, WANT_BOOKS=grads,
+                WANT_STATS=stats), residual.encode_warps(d), 1, dtype,
+                "BLOCK_N={BLOCK_N} warps={w}; D={d}".format(d=d, w=residual.encode_warps(d), **rows_meta),
+                needs_mma=False))
     absmax_pad = 256
     cases.append(Case("residual_absmax", residual._absmax_kernel, dict(
         z_ptr=dtype, books_ptr=dtype, out_ptr=torch.int32, N=LARGE[0], R=8192, D=200, z_programs=4096,

@@ -13,7 +13,8 @@ from vqvae_fast.ops.registration import SCHEMAS, schema_arguments
 
 CPP_OPS = ("nearest_code", "quantize_fwd", "quantize_bwd", "cpu_forward_path")
 TRITON_OPS = ("triton_nearest_code", "triton_quantize_fwd", "triton_quantize_stats_fwd", "triton_quantize_bwd",
-              "triton_residual_nearest_code", "triton_update_codebook_state")
+              "triton_residual_nearest_code", "triton_residual_quantize_fwd", "triton_stage_losses_bwd",
+              "triton_update_codebook_state")
 
 
 def registered(name: str) -> str:

@@ -351,14 +351,20 @@ def test_fused_encoding_non_finite_rows_and_codes():
     assert bool((codes[finite_rows, 0] != 4).all()) and bool((codes[finite_rows, 1] != 0).all())
 
 
-def test_fused_encoding_is_two_launches_whatever_the_stages(monkeypatch):
-    device = backend_device("triton")
+def _count_launches(monkeypatch) -> list:
+    """The names of the Triton kernels launched from now on (cleared by the caller)."""
     from vqvae_fast.ops import triton_residual
 
     launched = []
     cls = type(triton_residual._residual_encode_kernel)
     run = cls.run
     monkeypatch.setattr(cls, "run", lambda self, *a, **k: (launched.append(self.fn.__name__), run(self, *a, **k))[1])
+    return launched
+
+
+def test_fused_encoding_is_two_launches_whatever_the_stages(monkeypatch):
+    device = backend_device("triton")
+    launched = _count_launches(monkeypatch)
     for stages in (2, 8):
         launched.clear()
         residual_nearest_code(torch.randn(64, 8, device=device), torch.randn(stages, 32, 8, device=device),
@@ -391,6 +397,220 @@ def test_fused_encoding_op_passes_opcheck_and_compiles():
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: residual_nearest_code(a, b, backend="triton"), fullgraph=True)
     assert torch.equal(compiled(z, books), residual_nearest_code(z, books, backend="triton"))
+
+
+# ----------------------------------------------------------------------------- fused training (triton)
+
+
+def _fused_and_loop(z, books, weight, stage_weights, beta=0.3, gradient="ste"):
+    """(outputs, gradients w.r.t. (z, books)) of residual_quantize on triton with the stacked
+    codebooks (the fused kernels) and with the same codebooks as a list (the per-stage loop)."""
+    results = []
+    for codebooks in (books, list(books.unbind(0))):
+        out = residual_quantize(z, codebooks, beta=beta, backend="triton", gradient=gradient)
+        objective = (out.quantized.float() * weight).sum() + (out.stage_losses.float() * stage_weights).sum()
+        results.append((out, torch.autograd.grad(objective, (z, books))))
+    return results
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("shape", ((53, 3, 19, 7), (70, 5, 100, 40), (33, 2, 1, 3), (20, 3, 70, 120)),
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_training_step_is_the_per_stage_loop(shape, dtype):
+    """Stacked codebooks on triton: the forward in the encoder's kernel (which also writes the sum of
+    the codes and each row's squared error) and the stage losses' backward in one kernel give the
+    per-stage loop's codes and sum bit for bit, its losses and its gradients (weights of one stage
+    0 and one negative; the loop rounds r - e to 16 bits before summing, the kernel does not)."""
+    n, s, k, d = shape
+    device = backend_device("triton")
+    z = torch.randn(n, d).to(dtype).to(device).requires_grad_()
+    books = stacked_codebooks(s, k, d, dtype, device).requires_grad_()
+    weight = torch.randn(n, d, device=device)
+    stage_weights = torch.linspace(1.5, -2.0, s, device=device)
+    if s > 1:
+        stage_weights[1] = 0.0
+    (fused, fused_grads), (loop, loop_grads) = _fused_and_loop(z, books, weight, stage_weights)
+    assert torch.equal(fused.indices, loop.indices)
+    assert torch.equal(fused.quantized, loop.quantized)
+    sixteen = dtype in (torch.bfloat16, torch.float16)
+    torch.testing.assert_close(fused.stage_losses, loop.stage_losses, rtol=1e-2 if sixteen else 1e-6, atol=1e-7)
+    tol = dict(rtol=2e-2, atol=1e-3) if sixteen else dict(rtol=1e-5, atol=1e-7)
+    for ours, expected in zip(fused_grads, loop_grads):
+        torch.testing.assert_close(ours, expected, **tol)
+    # the gradients from float64 formulas (StageLosses'), on the codes both found
+    residuals = _stage_residuals(z.detach().cpu(), books.detach().cpu(), fused.indices.cpu())
+    grad_z = weight.double().cpu().clone()
+    grad_books = torch.zeros(s, k, d, dtype=torch.float64)
+    for stage, residual in enumerate(residuals):
+        diff = residual.double() - books[stage].detach().double().cpu()[fused.indices[:, stage].cpu()]
+        w = 2.0 * float(stage_weights[stage]) / (n * d)
+        grad_z += 0.3 * w * diff
+        grad_books[stage].index_add_(0, fused.indices[:, stage].cpu(), -w * diff)
+    tol = dict(rtol=2e-2, atol=2e-3) if sixteen else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grads[0].double().cpu(), grad_z, **tol)
+    torch.testing.assert_close(fused_grads[1].double().cpu(), grad_books, **tol)
+
+
+def test_fused_training_rotation_non_finite_and_deterministic():
+    """The rotation gradient, a row and codes with NaN/Inf (the loop's NaNs, nowhere else; a stage
+    without gradient adds no NaN), and under torch.use_deterministic_algorithms the codebooks'
+    gradient formed stage by stage in torch (the kernel adds it with atomics): all as the loop."""
+    device = backend_device("triton")
+    z = torch.randn(45, 6, device=device)
+    books = stacked_codebooks(3, 17, 6, torch.float32, device)
+    weight, stage_weights = torch.randn(45, 6, device=device), torch.tensor([1.0, 0.5, -1.0], device=device)
+    (fused, fused_grads), (loop, loop_grads) = _fused_and_loop(
+        z.requires_grad_(), books.requires_grad_(), weight, stage_weights, gradient="rotation")
+    for ours, expected in zip(fused_grads, loop_grads):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    bad_z, bad_books = z.detach().clone(), books.detach().clone()
+    bad_z[4, 2] = float("nan")
+    bad_books[1, 3, 0] = float("inf")  # never chosen
+    bad_books[2, 5, 1] = float("nan")  # never chosen; stage 2 has no gradient below
+    stage_weights = torch.tensor([1.0, 0.5, 0.0], device=device)
+    (fused, fused_grads), (loop, loop_grads) = _fused_and_loop(
+        bad_z.requires_grad_(), bad_books.requires_grad_(), weight, stage_weights)
+    assert torch.equal(fused.indices, loop.indices) and bool((fused.indices[4] == 0).all())
+    torch.testing.assert_close(fused.stage_losses, loop.stage_losses, equal_nan=True)
+    for ours, expected in zip(fused_grads, loop_grads):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert not bool(fused_grads[1][2].isnan().any())
+    assert bool(torch.isfinite(fused_grads[0][torch.arange(45, device=device) != 4]).all())
+    stage_weights = torch.tensor([1.0, 0.5, -1.0], device=device)
+    (_, atomic_grads), (_, loop_grads) = _fused_and_loop(z, books, weight, stage_weights)
+    with _deterministic():
+        (_, fixed_grads), _ = _fused_and_loop(z, books, weight, stage_weights)
+    for atomic, fixed, expected in zip(atomic_grads, fixed_grads, loop_grads):
+        torch.testing.assert_close(atomic, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fixed, expected, rtol=1e-5, atol=1e-6)
+
+
+class _deterministic:
+    def __enter__(self):
+        self.before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.before)
+
+
+def test_fused_training_launches(monkeypatch):
+    """Forward: the encoder's two launches whatever S (then a torch sum of the row errors);
+    backward of the stage losses: one."""
+    device = backend_device("triton")
+    launched = _count_launches(monkeypatch)
+    for stages in (2, 8):
+        z = torch.randn(64, 8, device=device, requires_grad=True)
+        books = torch.randn(stages, 32, 8, device=device, requires_grad=True)
+        launched.clear()
+        out = residual_quantize(z, books, backend="triton")
+        assert launched == ["_absmax_kernel", "_residual_encode_kernel"]
+        launched.clear()
+        out.loss.backward()
+        assert launched == ["_stage_rows_kernel"]
+        assert z.grad is not None and books.grad is not None
+
+
+def test_fused_training_ops_pass_opcheck_and_compile():
+    device = backend_device("triton")
+    import vqvae_fast.ops.triton_ops  # noqa: F401  (registers the ops)
+
+    z, books = torch.randn(40, 12, device=device), torch.randn(3, 20, 12, device=device)
+    torch.library.opcheck(torch.ops.vqvae_fast.triton_residual_quantize_fwd, (z, books))
+    indices = residual_nearest_code(z, books, backend="triton")
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.vqvae_fast.triton_stage_losses_bwd,
+                              (torch.randn(3, device=device), z, books, indices, 0.25, *need))
+    torch._dynamo.reset()
+    zg, bg = z.clone().requires_grad_(), books.clone().requires_grad_()
+    compiled = torch.compile(lambda a, b: residual_quantize(a, b, backend="triton").loss, fullgraph=True)
+    compiled(zg, bg).backward()
+    expected = torch.autograd.grad(residual_quantize(z.requires_grad_(), books.requires_grad_(),
+                                                     backend="triton").loss, (z, books))
+    torch.testing.assert_close(zg.grad, expected[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(bg.grad, expected[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("health", ("ema+restarts", "learned", "learned+restarts"))
+def test_module_training_step_fused_is_the_stage_loop(monkeypatch, health):
+    """The module on triton takes the fused kernels (one search launch for every stage, the EMA
+    counts and residual sums from its epilogue, one backward launch) once every stage is
+    initialised; each step gives the stage loop's codes, sum, losses, statistics, codebook state
+    and gradients (restart draws included: the same residuals and weights, drawn in the same
+    order). The loop's state is copied into the fused module before each step (the atomics' sums
+    differ in the last bits)."""
+    device = backend_device("triton")
+    torch.manual_seed(0)
+    options = dict(ema_decay=0.9 if "ema" in health else None, restart_dead="restarts" in health,
+                   dead_threshold=0.8, kmeans_init=True, kmeans_iters=2, channels_last=True, backend="triton")
+    fused = ResidualVectorQuantizer(3, 24, 6, 0.3, **options).to(device)
+    looped = ResidualVectorQuantizer(3, 24, 6, 0.3, **options).to(device)
+    looped._fused_codebooks = lambda *args: None  # always the stage loop
+    x = torch.randn(90, 6, device=device)
+    fused(x), looped(x)  # the k-means init (the stage loop in both)
+    launched = _count_launches(monkeypatch)
+    restarted = 0
+    for step in range(3):
+        fused.load_state_dict(looped.state_dict())
+        x = (torch.randn(90, 6) * (1 + step)).to(device).requires_grad_()
+        g = torch.randn(90, 6, device=device)
+        results = []
+        for module in (fused, looped):
+            launched.clear()
+            torch.manual_seed(step)  # the restarts' draws
+            out = module(x)
+            grads = torch.autograd.grad((out.quantized * g).sum() + 1.7 * out.loss,
+                                        (x, *[c for c in module.codebooks() if c.requires_grad]))
+            results.append((out, grads, module.state_dict()))
+            if module is fused:
+                assert launched.count("_residual_encode_kernel") == 1 and launched.count("_stage_rows_kernel") == 2
+            else:
+                assert "_residual_encode_kernel" not in launched
+        (f_out, f_grads, f_state), (l_out, l_grads, l_state) = results
+        assert torch.equal(f_out.indices, l_out.indices)
+        assert torch.equal(f_out.quantized, l_out.quantized)
+        torch.testing.assert_close(f_out.stage_losses, l_out.stage_losses, rtol=1e-6, atol=1e-8)
+        for name in ("perplexity", "codes_used", "dead_codes"):
+            torch.testing.assert_close(getattr(f_out, name), getattr(l_out, name), rtol=1e-5, atol=1e-6)
+        for key in l_state:
+            torch.testing.assert_close(f_state[key], l_state[key], rtol=1e-5, atol=1e-6, msg=key)
+        for ours, expected in zip(f_grads, l_grads):
+            torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+        restarted += int(l_out.dead_codes.sum())
+    if "restarts" in health:
+        assert restarted > 0  # the premise: restarts happened
+
+
+def test_module_fused_eval_fewer_stages_and_when_it_is_not_taken(monkeypatch):
+    """Eval and fewer stages take the fused kernels too (usage statistics from its counts); the
+    first step (k-means init), cosine and torch.use_deterministic_algorithms take the loop."""
+    device = backend_device("triton")
+    rvq = ResidualVectorQuantizer(3, 16, 5, channels_last=True, backend="triton", kmeans_init=True,
+                                  ema_decay=0.9).to(device)
+    x = torch.randn(70, 5, device=device)
+    taken = []
+    original = ResidualVectorQuantizer._fused_stages
+    monkeypatch.setattr(ResidualVectorQuantizer, "_fused_stages",
+                        lambda self, *a: (taken.append(True), original(self, *a))[1])
+    rvq(x)
+    assert not taken  # k-means init
+    rvq.eval()
+    for stages in (3, 2):
+        taken.clear()
+        out = rvq(x, num_stages=stages)
+        assert taken
+        expected = residual_quantize(x, torch.stack(rvq.codebooks()[:stages]).detach(), backend="reference")
+        assert torch.equal(out.indices[:, :stages], expected.indices)
+        counts = [torch.bincount(expected.indices[:, s].cpu(), minlength=16).float() for s in range(stages)]
+        used = torch.tensor([int((c > 0).sum()) for c in counts] + [0] * (3 - stages))
+        assert torch.equal(out.codes_used.cpu(), used)
+    rvq.train()
+    taken.clear()
+    with _deterministic():
+        rvq(x)
+    assert not taken
+    rvq(x)
+    assert taken
 
 
 def test_module_encode_is_the_codes_only_path():

@@ -25,9 +25,12 @@ compare raw vectors: the same as ours only for unit-norm rows and identity proje
 Each stage is the single-stage op of the chosen backend (`quantize`, `nearest_code`; with cosine
 `quantize(..., distance="cosine")` in encoding too, so codes and unit codes are the forward's),
 so every stage's argmin obeys that backend's precision table; the residual is formed in torch
-between stages. Euclidean encoding on triton with stacked (S, K, D) codebooks and D <= 128 is
-fused: every stage in one kernel, the residual in registers (ops/triton_residual.py), the same
-codes (cosine takes the per-stage loop: the fused kernel does not normalise).
+between stages. Euclidean quantization on triton with stacked (S, K, D) codebooks and D <= 128 is
+fused (ops/triton_residual.py): every stage's search in one kernel, the residual in registers,
+the same codes as the loop. Encoding is two launches whatever S; the training forward is the
+same two launches (the kernel also writes the sum of the codes and each row's squared error per
+stage), the stage losses' backward one (StackedStageLosses). Cosine takes the per-stage loop
+(the fused kernel does not normalise).
 """
 from __future__ import annotations
 
@@ -127,28 +130,76 @@ class StageLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, indices, *books = ctx.saved_tensors
-        count = max(z.numel(), 1)
-        total = z.new_zeros(z.shape, dtype=ctx.total_dtype)
-        grad_z = torch.zeros_like(z, dtype=torch.promote_types(z.dtype, torch.float32))
-        # One buffer each for the residual, the chosen codes and their difference, reused stage by
-        # stage: a new N x D tensor per operation cost its page faults (most of this backward's time).
-        residual = torch.empty_like(z) if z.dtype == total.dtype else None
-        chosen, diff = torch.empty_like(z, dtype=books[0].dtype), torch.empty_like(z, dtype=books[0].dtype)
-        grad_books = []
-        for s, book in enumerate(books):
-            idx = indices[:, s]
-            torch.index_select(book, 0, idx, out=chosen)
-            torch.sub(stage_residual(z, total, residual).to(book.dtype), chosen, out=diff)  # r_s - e_s
-            weight = grad[s] * (2.0 / count)
-            diff.masked_fill_(weight == 0, 0.0)  # no gradient: nothing, not 0 * NaN
-            grad_z.addcmul_(diff, ctx.beta * weight)
-            if ctx.needs_input_grad[5 + s]:
-                grad_books.append(torch.zeros_like(book).index_put_((idx,), diff.mul_(-weight), accumulate=True))
-            else:
-                grad_books.append(None)
-            total.add_(chosen)
-        grad_z = grad_z.to(z.dtype) if ctx.needs_input_grad[0] else None
+        grad_z, grad_books = stage_losses_grads(grad, z, indices, books, ctx.beta, ctx.total_dtype,
+                                                ctx.needs_input_grad[0], ctx.needs_input_grad[5:])
         return grad_z, None, None, None, None, *grad_books
+
+
+def stage_losses_grads(grad, z, indices, books, beta, total_dtype, need_z, need_books):
+    """StageLosses' gradients, stage by stage in torch: (grad_z or None, [grad of each book or None])."""
+    count = max(z.numel(), 1)
+    total = z.new_zeros(z.shape, dtype=total_dtype)
+    grad_z = torch.zeros_like(z, dtype=torch.promote_types(z.dtype, torch.float32))
+    # One buffer each for the residual, the chosen codes and their difference, reused stage by
+    # stage: a new N x D tensor per operation cost its page faults (most of this backward's time).
+    residual = torch.empty_like(z) if z.dtype == total.dtype else None
+    chosen, diff = torch.empty_like(z, dtype=books[0].dtype), torch.empty_like(z, dtype=books[0].dtype)
+    grad_books = []
+    for s, book in enumerate(books):
+        idx = indices[:, s]
+        torch.index_select(book, 0, idx, out=chosen)
+        torch.sub(stage_residual(z, total, residual).to(book.dtype), chosen, out=diff)  # r_s - e_s
+        weight = grad[s] * (2.0 / count)
+        diff.masked_fill_(weight == 0, 0.0)  # no gradient: nothing, not 0 * NaN
+        grad_z.addcmul_(diff, beta * weight)
+        if need_books[s]:
+            grad_books.append(torch.zeros_like(book).index_put_((idx,), diff.mul_(-weight), accumulate=True))
+        else:
+            grad_books.append(None)
+        total.add_(chosen)
+    return (grad_z.to(z.dtype) if need_z else None), grad_books
+
+
+class StackedStageLosses(torch.autograd.Function):
+    """StageLosses for codebooks stacked as one (S, K, D) tensor on triton, the backward one launch
+    (ops/triton_residual.stage_losses_bwd). Under torch.use_deterministic_algorithms a codebook
+    gradient is formed stage by stage in torch instead (the launch adds it with atomics).
+
+    apply(z (N, D), beta, indices (N, S), losses (S,), codebooks (S, K, D))."""
+
+    @staticmethod
+    def forward(ctx, z, beta, indices, losses, codebooks):
+        ctx.beta = beta
+        ctx.save_for_backward(z, indices, codebooks)
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, indices, codebooks = ctx.saved_tensors
+        need_z, need_books = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        if need_books and torch.are_deterministic_algorithms_enabled():
+            total_dtype = torch.promote_types(z.dtype, torch.float32)
+            grad_z, grad_books = stage_losses_grads(grad, z, indices, list(codebooks.unbind(0)), ctx.beta,
+                                                    total_dtype, need_z, [True] * codebooks.shape[0])
+            return grad_z, None, None, None, torch.stack(grad_books)
+        grad_z, grad_books = torch.ops.vqvae_fast.triton_stage_losses_bwd(grad, z, codebooks, indices, ctx.beta,
+                                                                          need_z, need_books)
+        return (grad_z if need_z else None), None, None, None, (grad_books if need_books else None)
+
+
+def fused_triton_codebooks(z: torch.Tensor, codebooks: Codebooks, stages: int, backend: str):
+    """The (stages, K, D) codebooks the fused Triton kernel takes (a view of the stacked tensor), or
+    None: another backend, a list of codebooks, rows too wide, N = 0 (the per-stage loop)."""
+    if backend != "triton" or not isinstance(codebooks, torch.Tensor):
+        return None
+    from .ops import triton_residual
+
+    stacked = codebooks[:stages]
+    if not triton_residual.supports(z, stacked):
+        return None
+    from .ops import triton_ops  # noqa: F401  (registers the ops)
+
+    return stacked
 
 
 def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.25, backend: str = "auto",
@@ -172,10 +223,16 @@ def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.
     books = as_codebooks(z, codebooks, stages)
     backend = resolve_backend(backend, z.device)
     cosine = distance == "cosine"
+    straight = reference._Rotation if gradient == "rotation" else reference._StraightThrough
+    stacked = fused_triton_codebooks(z, codebooks, len(books), backend) if not cosine else None
+    if stacked is not None:  # every stage in one kernel: the forward in two launches, the backward in one
+        total, indices, stage_err, _, _ = torch.ops.vqvae_fast.triton_residual_quantize_fwd(z.detach(), stacked.detach())
+        losses = (stage_err * ((1.0 + beta) / z.numel())).to(z.dtype)
+        stage_losses = StackedStageLosses.apply(z, beta, indices, losses, stacked)
+        return ResidualQuantizeOutput(straight.apply(z, total.to(z.dtype)), indices, stage_losses.sum(), stage_losses)
     with torch.set_grad_enabled(cosine and torch.is_grad_enabled()):  # Euclidean: StageLosses forms the gradients
         total, indices, losses = _stages(
             z, books, lambda r, book: quantize(r, book, beta=beta, backend=backend, distance=distance))
-    straight = reference._Rotation if gradient == "rotation" else reference._StraightThrough
     quantized = straight.apply(z, total)  # bit for bit the sum; its gradient goes to z
     stage_losses = torch.stack(losses)
     if not cosine:
@@ -196,14 +253,9 @@ def residual_nearest_code(z: torch.Tensor, codebooks: Codebooks, *, backend: str
             _, indices, _ = _stages(z.detach(), [book.detach() for book in books],
                                     lambda r, book: quantize(r, book, backend=backend, distance="cosine"))
         return torch.stack(indices, dim=1)
-    if backend == "triton":
-        from .ops import triton_residual
-
-        stacked = codebooks[:len(books)] if isinstance(codebooks, torch.Tensor) else None
-        if stacked is not None and triton_residual.supports(z, stacked):
-            from .ops import triton_ops  # noqa: F401  (registers the op)
-
-            return torch.ops.vqvae_fast.triton_residual_nearest_code(z.detach(), stacked.detach())
+    stacked = fused_triton_codebooks(z, codebooks, len(books), backend)
+    if stacked is not None:
+        return torch.ops.vqvae_fast.triton_residual_nearest_code(z.detach(), stacked.detach())
 
     gathered = torch.empty_like(z, dtype=books[0].dtype)  # one buffer for every stage's codes
 

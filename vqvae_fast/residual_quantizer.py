@@ -8,9 +8,16 @@ import torch
 from torch import nn
 
 from . import reference
-from .functional import InputError, check_distance, check_options
-from .residual import StageLosses, residual_decode, residual_nearest_code, stage_residual
-from .vector_quantizer import VectorQuantizer, channel_dim
+from .functional import InputError, check_distance, check_options, resolve_backend
+from .residual import (StackedStageLosses, StageLosses, fused_triton_codebooks, residual_decode, residual_nearest_code,
+                       stage_residual)
+from .vector_quantizer import VectorQuantizer, channel_dim, usage_stats
+
+
+def _seed_weights(residual: torch.Tensor) -> torch.Tensor:
+    """A later stage's k-means seed and restart draw weights: the error the stages before left,
+    |residual|^2 per row, in float64 (no N x D float64 copy)."""
+    return torch.linalg.vector_norm(residual.detach(), dim=1, dtype=torch.float64).square()
 
 
 class RVQOutput(tuple):
@@ -47,7 +54,13 @@ class ResidualVectorQuantizer(nn.Module):
     a uniform draw would seed codes on the vectors earlier stages already fit, whose residuals are
     near zero, wasting those codes (and making the exact search re-score many near-ties).
     Euclidean training keeps O(N*D + S*K*D) for autograd whatever S: the stages search without a
-    graph and `residual.StageLosses` forms their loss gradients in one backward.
+    graph and `residual.StageLosses` forms their loss gradients in one backward. On triton
+    (Euclidean, dim <= 128, every stage initialised) every stage's search, the sum of the codes
+    and the losses come from one fused kernel, each stage's EMA counts and sums from one more
+    launch and the loss gradients from one backward launch (ops/triton_residual.py); each stage's
+    update then runs from its counts and sums (a stage that restarts dead codes forms its residual
+    for the candidates).
+    The first step (k-means init), cosine and torch.use_deterministic_algorithms take the stage loop.
 
     quantizer_dropout: in training, with this probability a step uses only a random prefix of
         1..S stages (SoundStream, DAC), so that fewer stages decode well too (bitrate scalability).
@@ -129,43 +142,95 @@ class ResidualVectorQuantizer(nn.Module):
         # The stages work in the codebooks' precision and keep the sum of their codes in at least
         # fp32, as `encode` (residual_quantize) does: a bf16 input (autocast) is rounded once, not
         # its residual at every stage, so forward and encode choose the same codes.
-        book_dtype = self.stages[0].codebook.dtype
-        total_dtype = torch.promote_types(book_dtype, torch.float32)
-        source = flat.to(book_dtype)
+        source = flat.to(self.stages[0].codebook.dtype)
+        stacked = self._fused_codebooks(source, active, update)
+        if stacked is not None:
+            total, index, losses, stats = self._fused_stages(source, stacked, update)
+        else:
+            total, index, losses, stats = self._stage_loop(source, active, update)
+        straight = reference._Rotation if self.gradient == "rotation" else reference._StraightThrough
+        quantized = straight.apply(flat, total.to(flat.dtype))  # the sum, rounded once; its gradient goes to x
+        skipped = self.num_stages - active
+        if skipped:
+            index = torch.cat([index, index.new_full((*index.shape[:-1], skipped), -1)], dim=-1)
+        stage_losses = torch.cat([losses, flat.new_zeros(skipped, dtype=torch.float32)])
+        stats = torch.cat([stats, flat.new_zeros(skipped, 3, dtype=torch.float32)])
+        quantized = quantized.reshape(moved.shape).movedim(-1, channels)
+        return RVQOutput(quantized, index.reshape(*moved.shape[:-1], self.num_stages), stage_losses.sum(),
+                         stage_losses, stats[:, 0], stats[:, 1].long(), stats[:, 2].long())
+
+    def _stage_loop(self, source: torch.Tensor, active: int, update: bool):
+        """The first `active` stages one after another, each its VectorQuantizer's search and step:
+        (sum of the codes (N, D) in at least fp32, indices (N, S), stage losses (S,) with their
+        gradients, statistics (S, 3))."""
+        total_dtype = torch.promote_types(source.dtype, torch.float32)
         total = source.new_zeros(source.shape, dtype=total_dtype)
         # Euclidean: the stages search without an autograd graph and StageLosses forms the loss
         # gradients from x, the codebooks searched and the indices (no residual kept per stage).
         cosine = self.distance == "cosine"
         # Without a graph through the residuals, one buffer serves every stage (no page faults of a
         # new N x D tensor a stage).
-        buffer = torch.empty_like(total) if not cosine and book_dtype == total_dtype else None
+        buffer = torch.empty_like(total) if not cosine and source.dtype == total_dtype else None
         indices, losses, stats, books = [], [], [], []
         for s, stage in enumerate(self.stages[:active]):
             residual = stage_residual(source.detach() if buffer is not None else source, total, buffer)
             weights = None  # stage 0 seeds as a flat quantizer does
             if update and s > 0 and (stage._needs_init or stage.restart_dead):
-                # the error the stages before left, in float64 (no N x D float64 copy)
-                weights = torch.linalg.vector_norm(residual.detach(), dim=1, dtype=torch.float64).square()
+                weights = _seed_weights(residual)
             chosen, idx, loss, stage_stats, book = stage.quantize_flat(residual, update, weights, graph=cosine)
             total.add_(chosen.detach())  # in place: a new N x D sum a stage costs its page faults
             indices.append(idx)
             losses.append(loss.float())
             books.append(book)
             stats.append(torch.stack([value.float() for value in stage_stats]))
-        straight = reference._Rotation if self.gradient == "rotation" else reference._StraightThrough
-        quantized = straight.apply(flat, total.to(flat.dtype))  # the sum, rounded once; its gradient goes to x
-        skipped = self.num_stages - active
-        index = torch.stack(indices, dim=-1)
-        losses = torch.stack(losses)
+        index, losses = torch.stack(indices, dim=-1), torch.stack(losses)
         if not cosine:
             losses = StageLosses.apply(source, self.beta, index, losses, total_dtype, *books)
-        if skipped:
-            index = torch.cat([index, index.new_full((*index.shape[:-1], skipped), -1)], dim=-1)
-        stage_losses = torch.cat([losses, flat.new_zeros(skipped, dtype=torch.float32)])
-        stats = torch.cat([torch.stack(stats), flat.new_zeros(skipped, 3, dtype=torch.float32)])
-        quantized = quantized.reshape(moved.shape).movedim(-1, channels)
-        return RVQOutput(quantized, index.reshape(*moved.shape[:-1], self.num_stages), stage_losses.sum(),
-                         stage_losses, stats[:, 0], stats[:, 1].long(), stats[:, 2].long())
+        return total, index, losses, torch.stack(stats)
+
+    def _fused_codebooks(self, source: torch.Tensor, active: int, update: bool) -> torch.Tensor | None:
+        """The active stages' codebooks stacked (S, K, D) when the fused Triton kernels take this
+        step (Euclidean, D <= 128, every stage initialised, no deterministic-algorithms mode: the
+        kernel sums the EMA statistics with atomics), else None (the stage loop)."""
+        stages = self.stages[:active]
+        backend = resolve_backend(stages[0].backend, source.device)
+        if (self.distance != "euclidean" or backend != "triton"
+                or (update and (any(stage._needs_init for stage in stages) or torch.are_deterministic_algorithms_enabled()))):
+            return None
+        # A copy: the stages' updates below rewrite their codebooks in place, not what was searched.
+        stacked = torch.stack([stage.codebook for stage in stages])
+        return fused_triton_codebooks(source, stacked, active, backend)
+
+    def _fused_stages(self, source: torch.Tensor, stacked: torch.Tensor, update: bool):
+        """_stage_loop's results from the fused kernels: every stage's search, the sum of the codes
+        and the losses in one kernel, each stage's code counts and residual sums in one more
+        (ops/triton_residual.py), the loss gradients in one backward launch; then each stage's
+        step (EMA, usage, restarts) from its counts and sums. Only a stage that restarts dead codes
+        needs its residual (its candidates), formed from z and the codes before it."""
+        stages = self.stages[:stacked.shape[0]]
+        ema = update and any(stage.ema_decay is not None for stage in stages)
+        total, index, stage_err, counts, sums = torch.ops.vqvae_fast.triton_residual_quantize_fwd(
+            source.detach(), stacked.detach(), 2 if ema else 1)
+        losses = (stage_err * ((1.0 + self.beta) / source.numel())).float()
+        losses = StackedStageLosses.apply(source, self.beta, index, losses, stacked)
+        restarts = [update and stage.restart_dead for stage in stages]
+        running = torch.zeros_like(total) if any(restarts) else None
+        books = stacked.detach()
+        stats = []
+        for s, stage in enumerate(stages):
+            if update:
+                residual, weights = source.detach(), None  # without restarts, the step reads no rows
+                if restarts[s]:
+                    residual = stage_residual(source.detach(), running)
+                    weights = _seed_weights(residual) if s > 0 else None
+                stage_sums = sums[s] if stage.ema_decay is not None else sums.new_zeros(0)
+                stage_stats = stage._step(residual, counts[s], stage_sums, stage._synced(), weights)
+            else:
+                stage_stats = (*usage_stats(counts[s]), stage.dead_mask().sum())
+            stats.append(torch.stack([value.float() for value in stage_stats]))
+            if running is not None and any(restarts[s + 1:]):
+                running.add_(books[s].index_select(0, index[:, s]))
+        return total, index, losses, torch.stack(stats)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, num_stages: int | None = None) -> torch.Tensor:

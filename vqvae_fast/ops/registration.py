@@ -26,6 +26,12 @@ What the arguments and outputs mean:
   "fused-avx512", "fused-avx2", "fused-portable" or "gemm") for rows of D elements of dtype (None: float32) and K codes.
 - triton_residual_nearest_code: the (N, S) codes of residual quantization with codebooks
   (S, K, D), every stage in one kernel (triton_residual.py); no gradient.
+- triton_residual_quantize_fwd: the same kernel for the training forward: the sum of the chosen
+  codes (N, D) (fp32; fp64 for fp64 z), the indices (N, S) and each stage's summed squared error
+  (S,) float64 (residual.residual_quantize turns them into the stage losses); stats 1: the counts
+  (S, K) of each stage's codes, 2: and the sums (S, K, D) of their residuals (the module's EMA), else empty.
+- triton_stage_losses_bwd: residual.StageLosses' gradients in one launch, from the upstream
+  gradient of the stage losses (S,), z, the codebooks (S, K, D) and the indices.
 - triton_update_codebook_state: vector_quantizer.update_codebook_state in two Triton launches
   (usage, EMA, restarts, codebook, perplexity); returns (perplexity, tallies).
 
@@ -60,6 +66,11 @@ SCHEMAS = {
                            "Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook, "
                            "bool rotation=False, bool normalize=False) -> (Tensor grad_z, Tensor grad_codebook)",
     "triton_residual_nearest_code": "triton_residual_nearest_code(Tensor z, Tensor codebooks) -> Tensor",
+    "triton_residual_quantize_fwd": "triton_residual_quantize_fwd(Tensor z, Tensor codebooks, int stats=0) -> "
+                                    "(Tensor total, Tensor indices, Tensor stage_err, Tensor counts, Tensor sums)",
+    "triton_stage_losses_bwd": "triton_stage_losses_bwd(Tensor grad, Tensor z, Tensor codebooks, Tensor indices, "
+                               "float beta, bool need_grad_z, bool need_grad_codebooks) -> "
+                               "(Tensor grad_z, Tensor grad_codebooks)",
     "triton_update_codebook_state": "triton_update_codebook_state(Tensor(a0!) usage, Tensor(a1!)? ema_count, "
                                     "Tensor(a2!)? ema_sum, Tensor(a3!)? codebook, Tensor counts, Tensor sums, "
                                     "Tensor candidates, Tensor? candidate_rows, float usage_decay, float? ema_decay, "

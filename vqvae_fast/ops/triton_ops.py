@@ -33,6 +33,31 @@ def _(z, codebooks):
     return z.new_empty((z.shape[0], codebooks.shape[0]), dtype=torch.long)
 
 
+@_op("triton_residual_quantize_fwd")
+def triton_residual_quantize_fwd(z, codebooks, stats=0):
+    return residual.residual_quantize_fwd(z, codebooks, stats)
+
+
+@triton_residual_quantize_fwd.register_fake
+def _(z, codebooks, stats=0):
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    s, k, d = codebooks.shape
+    return (z.new_empty(z.shape, dtype=acc), z.new_empty((z.shape[0], s), dtype=torch.long),
+            z.new_empty(s, dtype=torch.float64), z.new_empty((s, k) if stats else (0,), dtype=torch.float32),
+            z.new_empty((s, k, d) if stats == 2 else (0,), dtype=acc))
+
+
+@_op("triton_stage_losses_bwd")
+def triton_stage_losses_bwd(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks):
+    return residual.stage_losses_bwd(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks)
+
+
+@triton_stage_losses_bwd.register_fake
+def _(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks):
+    return (z.new_empty(z.shape) if need_grad_z else z.new_empty(0),
+            codebooks.new_empty(codebooks.shape) if need_grad_codebooks else codebooks.new_empty(0))
+
+
 @_op("triton_quantize_fwd")
 def triton_quantize_fwd(z, codebook, beta, rotation=False, normalize=False):
     return kernels.quantize_fwd(z, codebook, beta, normalize=normalize)

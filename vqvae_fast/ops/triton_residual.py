@@ -18,9 +18,21 @@ finds stage by stage, in two launches whatever S (the per-stage loop takes about
    single-stage fp64 rule: not re-checked). The chosen code is added to the sum in fp32 (fp64 for
    fp64) and the next residual is formed as the loop forms it: (z - sum) rounded to z's dtype.
 
+Training (`residual_quantize_fwd`, the forward of `vqvae_fast.residual_quantize` and of
+ResidualVectorQuantizer): the same two launches, the encode kernel also writing the sum of the
+chosen codes (N, D) and each row's squared error |r_s - e_s|^2 per stage in float64 (the
+losses); for the module's EMA and usage, each stage's code counts and residual sums come from a
+third launch (atomics, as the single-stage search's epilogue). `stage_losses_bwd`: the stage losses' gradients
+(residual.StageLosses' formulas) in one launch of `_stage_rows_kernel`: each program forms its
+rows' residuals again stage by stage, sums the commitment terms into grad_z in registers and
+adds the codebook terms to the codes chosen with atomics (the same kernel, in the forward, adds
+the module's counts and residual sums). So a training step of the quantizer is three launches of
+these kernels whatever S (four with the module's statistics; plus a few small torch ops), where
+the per-stage loop launches about eight a stage forward and six backward.
+
 A row with a NaN/Inf entry takes code 0 at every stage; a code with one is never chosen.
 Scope: codebooks stacked as (S, K, D), D <= RESIDENT_MAX_D (128); other inputs take the
-per-stage loop.
+per-stage loop. Not measured on a GPU: any of these kernels' time.
 """
 from __future__ import annotations
 
@@ -95,8 +107,9 @@ def _residual_chunk(z_ptr, books_ptr, indices_ptr, rows64, row_mask, stage, S, d
 
 @triton.jit
 def _residual_encode_kernel(
-    # pointers: z (N, D), codebooks (S, K, D), absmax (fp32 bits), indices (N, S) int64 out
-    z_ptr, books_ptr, absmax_ptr, indices_ptr,
+    # pointers: z (N, D), codebooks (S, K, D), absmax (fp32 bits), indices (N, S) int64 out;
+    # WANT_LOSS: total (N, D) in ACC out (the sum of the chosen codes), row_err (N, S) float64 out
+    z_ptr, books_ptr, absmax_ptr, indices_ptr, total_ptr, row_err_ptr,
     # sizes and the fp32 error bound's coefficients (residual_bound)
     N, K, D, S, bound_rel, bound_abs,
     # strides
@@ -104,6 +117,7 @@ def _residual_encode_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EXACT_D: tl.constexpr,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, SETTLE: tl.constexpr, PRECISION: tl.constexpr,
+    WANT_LOSS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -149,8 +163,14 @@ def _residual_encode_kernel(
                                     BLOCK_N, BLOCK_K, EXACT_D, IN_DTYPE, ACC, PRECISION)
         best_idx = tl.where(finite_row, best_idx, 0)
         tl.store(indices_ptr + rows64 * S + s, best_idx.to(tl.int64), mask=row_mask)
-        total += tl.load(base + best_idx.to(tl.int64)[:, None] * stride_bk + d[None, :] * stride_bd, mask=mask,
+        chosen = tl.load(base + best_idx.to(tl.int64)[:, None] * stride_bk + d[None, :] * stride_bd, mask=mask,
                          other=0.0).to(ACC)
+        if WANT_LOSS:  # |r - e|^2 in float64, as the single-stage op's per-row error
+            diff = r.to(tl.float64) - chosen.to(tl.float64)
+            tl.store(row_err_ptr + rows64 * S + s, tl.sum(diff * diff, axis=1), mask=row_mask)
+        total += chosen
+    if WANT_LOSS:
+        tl.store(total_ptr + rows64[:, None] * D + d[None, :], total, mask=mask)
 
 
 @triton.jit
@@ -190,9 +210,58 @@ def _rescore(z_ptr, books_ptr, indices_ptr, rs, scale, threshold, flagged, best_
     return idx
 
 
+@triton.jit
+def _stage_rows_kernel(
+    # pointers: grad (S,) of the stage losses (any stride), z (N, D), codebooks (S, K, D), indices (N, S);
+    # out: grad_z (N, D) in z's dtype; grad_books (S, K, D), counts (S, K) fp32 and sums (S, K, D), in ACC,
+    # zeroed, added with atomics
+    grad_ptr, z_ptr, books_ptr, indices_ptr, grad_z_ptr, grad_books_ptr, counts_ptr, sums_ptr,
+    N, K, D, S, beta, two_over_count, stride_grad,
+    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, IN_DTYPE: tl.constexpr, ACC: tl.constexpr,
+    WANT_Z: tl.constexpr, WANT_BOOKS: tl.constexpr, WANT_STATS: tl.constexpr,
+):
+    """For BLOCK_N rows, every stage's residual r_s formed again as the forward formed it (z minus
+    the sum of the earlier stages' codes, rounded to z's dtype), then what the caller wants of it:
+    WANT_STATS, what each stage's EMA update and usage need: counts[s, idx] += 1 (1), and
+    sums[s, idx] += r_s (2); WANT_Z / WANT_BOOKS, residual.StageLosses' backward: 2 beta w_s (r_s -
+    e_s) / (N D) summed into the rows' grad_z and -2 w_s (r_s - e_s) / (N D) added to the rows of
+    codebook s they chose, w_s = grad[s]. A stage whose loss has no gradient (w_s = 0) adds nothing
+    (not 0 * NaN)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    d = tl.arange(0, D_PAD)
+    mask = row_mask[:, None] & (d < D)[None, :]
+    total = tl.zeros((BLOCK_N, D_PAD), ACC)
+    grad_z = tl.zeros((BLOCK_N, D_PAD), ACC)
+    for s in range(0, S):
+        z = tl.load(z_ptr + rows64[:, None] * D + d[None, :], mask=mask, other=0.0).to(ACC)
+        r = _round_to(z - total, IN_DTYPE)
+        idx = tl.load(indices_ptr + rows64 * S + s, mask=row_mask, other=0)
+        code_rows = (s * K + idx)[:, None] * D + d[None, :]
+        chosen = tl.load(books_ptr + code_rows, mask=mask, other=0.0).to(ACC)
+        if WANT_STATS >= 1:
+            tl.atomic_add(counts_ptr + s * K + idx, tl.full(idx.shape, 1.0, tl.float32), mask=row_mask, sem="relaxed")
+        if WANT_STATS == 2:
+            tl.atomic_add(sums_ptr + code_rows, r, mask=mask, sem="relaxed")
+        if WANT_Z or WANT_BOOKS:
+            weight = tl.load(grad_ptr + s * stride_grad).to(ACC) * two_over_count
+            diff = tl.where(weight == 0, 0.0, r - chosen)
+            if WANT_Z:
+                grad_z += diff * (beta * weight)
+            if WANT_BOOKS:
+                if weight != 0:
+                    tl.atomic_add(grad_books_ptr + code_rows, -weight * diff, mask=mask, sem="relaxed")
+        total += chosen
+    if WANT_Z:
+        tl.store(grad_z_ptr + rows64[:, None] * D + d[None, :], grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
+        torch.float16: torch.float32}
 
 
 def residual_bound(d_pad: int) -> tuple[float, float]:
@@ -232,12 +301,23 @@ def encode_warps(d: int) -> int:
     return 8 if d > 32 else 4
 
 
+def backward_meta(d: int, dtype: torch.dtype) -> dict:
+    """The stage losses' backward constexprs: 32 rows a program up to D = 64, 16 beyond (the
+    residual, the sum and the gradient resident; at 32 rows and 4 warps D = 64 and 128 spilled
+    112-2840 bytes a thread in fp64 on sm_90, scripts/inspect_kernels.py; not timed on a GPU).
+    Its warps are encode_warps(d)."""
+    meta = encode_meta(d, dtype)
+    return dict(BLOCK_N=meta["BLOCK_N"], D_PAD=meta["D_PAD"], IN_DTYPE=meta["IN_DTYPE"], ACC=meta["ACC"])
+
+
 def absmax_rows(d_pad: int) -> int:
     return max(1, 4096 // d_pad)  # a (rows, d_pad) tile of 4096 values
 
 
-def residual_nearest_code(z: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(N, S) int64: the fused residual encoding (module docstring) of z (N, D) with (S, K, D)."""
+def _encode(z: torch.Tensor, codebooks: torch.Tensor, want_loss: bool):
+    """(indices (N, S) int64, total (N, D) or None, row_err (N, S) float64 or None): the two
+    launches of the module docstring; want_loss: the kernel also writes the sum of the chosen
+    codes (fp32, fp64 for fp64) and each row's squared error |r_s - e_s|^2 at each stage."""
     n, d = z.shape
     s, k, _ = codebooks.shape
     z, books = z.contiguous(), codebooks.contiguous()
@@ -248,7 +328,64 @@ def residual_nearest_code(z: torch.Tensor, codebooks: torch.Tensor) -> torch.Ten
     _absmax_kernel[(z_programs + triton.cdiv(s * k, block_r),)](z, books, absmax, n, s * k, d, z_programs,
                                                                 BLOCK_R=block_r, D_PAD=meta["D_PAD"])
     indices = torch.empty(n, s, dtype=torch.long, device=z.device)
+    total = torch.empty(n, d, dtype=_ACC[z.dtype], device=z.device) if want_loss else None
+    row_err = torch.empty(n, s, dtype=torch.float64, device=z.device) if want_loss else None
     _residual_encode_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
-        z, books, absmax, indices, n, k, d, s, *residual_bound(meta["D_PAD"]), z.stride(0), z.stride(1),
-        books.stride(0), books.stride(1), books.stride(2), **meta, num_warps=encode_warps(d))
-    return indices
+        z, books, absmax, indices, total, row_err, n, k, d, s, *residual_bound(meta["D_PAD"]), z.stride(0),
+        z.stride(1), books.stride(0), books.stride(1), books.stride(2), **meta, WANT_LOSS=want_loss,
+        num_warps=encode_warps(d))
+    return indices, total, row_err
+
+
+def residual_nearest_code(z: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """(N, S) int64: the fused residual encoding (module docstring) of z (N, D) with (S, K, D)."""
+    return _encode(z, codebooks, want_loss=False)[0]
+
+
+def residual_quantize_fwd(z: torch.Tensor, codebooks: torch.Tensor, stats: int = 0):
+    """The training forward: (total (N, D), the sum of the chosen codes in fp32 (fp64 for fp64 z),
+    indices (N, S) int64, stage_err (S,) float64: the sum over rows of |r_s - e_s|^2, so that stage
+    s's loss is (1 + beta) stage_err[s] / (N D), then counts (S, K) fp32 and sums (S, K, D) of each
+    stage's codes and residuals (stats 1: counts only; 0: both empty) for the stages' EMA and usage
+    (ResidualVectorQuantizer). The encoder's two launches, and a third for the statistics
+    (`_stage_rows_kernel`: in the search kernel their atomics made ptxas cap it at 128 registers
+    and spill 16-84 bytes a thread on sm_80)."""
+    indices, total, row_err = _encode(z, codebooks, want_loss=True)
+    s, k, d = codebooks.shape
+    counts = torch.zeros((s, k) if stats else (0,), dtype=torch.float32, device=z.device)
+    sums = torch.zeros((s, k, d) if stats == 2 else (0,), dtype=_ACC[z.dtype], device=z.device)
+    if stats:
+        _stage_rows(z, codebooks, indices, counts=counts, sums=sums if stats == 2 else None)
+    return total, indices, row_err.sum(0), counts, sums
+
+
+def _stage_rows(z, codebooks, indices, *, grad=None, beta=0.0, grad_z=None, grad_books=None, counts=None,
+                sums=None):
+    """One launch of `_stage_rows_kernel` filling the outputs given (the others None)."""
+    n, d = z.shape
+    s, k, _ = codebooks.shape
+    meta = backward_meta(d, z.dtype)
+    _stage_rows_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
+        grad, z.contiguous(), codebooks.contiguous(), indices.contiguous(), grad_z, grad_books, counts, sums, n, k,
+        d, s, float(beta), 2.0 / max(n * d, 1), 0 if grad is None else grad.stride(0), **meta, WANT_Z=grad_z is not None,
+        WANT_BOOKS=grad_books is not None, WANT_STATS=2 if sums is not None else 1 if counts is not None else 0,
+        num_warps=encode_warps(d))
+
+
+def stage_losses_bwd(grad: torch.Tensor, z: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor,
+                     beta: float, need_grad_z: bool, need_grad_codebooks: bool):
+    """The stage losses' gradients (residual.StageLosses' formulas) in one launch: (grad_z (N, D)
+    in z's dtype, grad_codebooks (S, K, D) in theirs); one not needed is an empty tensor. grad
+    (S,): the upstream gradient of each stage's loss. The codebooks' gradient is added with
+    atomics (fp32, fp64 for fp64): its summation order is not fixed."""
+    n, d = z.shape
+    s, k, _ = codebooks.shape
+    acc = _ACC[z.dtype]
+    z, books, indices = z.contiguous(), codebooks.contiguous(), indices.contiguous()
+    grad_z = torch.empty(n, d, dtype=z.dtype, device=z.device) if need_grad_z else z.new_empty(0)
+    grad_books = (torch.zeros(s, k, d, dtype=acc, device=z.device) if need_grad_codebooks
+                  else codebooks.new_empty(0))
+    if n and (need_grad_z or need_grad_codebooks):
+        _stage_rows(z, books, indices, grad=grad, beta=beta, grad_z=grad_z if need_grad_z else None,
+                    grad_books=grad_books if need_grad_codebooks else None)
+    return grad_z, grad_books.to(codebooks.dtype)
