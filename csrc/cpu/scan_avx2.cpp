@@ -35,11 +35,10 @@ VQVAE_FAST_AVX2 inline void fold(__m256 s, __m256& best, __m256& second) {
   best = _mm256_min_ps(best, s);
 }
 
-// One pass: codes [c0, c0 + kPassCodes) of group g against rows [r0, r0 + kPassRows) of the panel.
-template <bool kGroupIndex>
-VQVAE_FAST_AVX2 inline void pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g,
-                                 int c0, int r0, ScanState& state) {
-  __m256 acc0[kPassCodes], acc1[kPassCodes];
+// The scores of codes [c0, c0 + kPassCodes) of a group for rows [r0, r0 + kPassRows) of the panel:
+// the norm, then one FMA per coordinate in order.
+VQVAE_FAST_AVX2 inline void scores(const float* zt, const float* group, const float* norm, int64_t D, int c0, int r0,
+                                   __m256 (&acc0)[kPassCodes], __m256 (&acc1)[kPassCodes]) {
 #pragma GCC unroll 6
   for (int j = 0; j < kPassCodes; ++j) acc0[j] = acc1[j] = _mm256_broadcast_ss(norm + c0 + j);
   for (int64_t d = 0; d < D; ++d) {
@@ -53,39 +52,71 @@ VQVAE_FAST_AVX2 inline void pass(const float* zt, const float* group, const floa
       acc1[j] = _mm256_fmadd_ps(row1, cj, acc1[j]);
     }
   }
-  __m256 best0 = _mm256_load_ps(state.best + r0), best1 = _mm256_load_ps(state.best + r0 + 8);
-  __m256 second0 = _mm256_load_ps(state.second + r0), second1 = _mm256_load_ps(state.second + r0 + 8);
-  __m256 index0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0)));
-  __m256 index1 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0 + 8)));
-  if constexpr (kGroupIndex) {  // the pass's 6 codes folded as their minimum (scan.h)
-    const __m256 before0 = best0, before1 = best1;
-    __m256 min0 = acc0[0], min1 = acc1[0];
+}
+
+struct PassState {  // the running best / second / index of a pass's 16 rows, in registers
+  __m256 best0, best1, second0, second1, index0, index1;
+};
+
+VQVAE_FAST_AVX2 inline PassState load_state(const ScanState& state, int r0) {
+  return {_mm256_load_ps(state.best + r0), _mm256_load_ps(state.best + r0 + 8),
+          _mm256_load_ps(state.second + r0), _mm256_load_ps(state.second + r0 + 8),
+          _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0))),
+          _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0 + 8)))};
+}
+
+VQVAE_FAST_AVX2 inline void store_state(const PassState& p, ScanState& state, int r0) {
+  _mm256_store_ps(state.best + r0, p.best0);
+  _mm256_store_ps(state.best + r0 + 8, p.best1);
+  _mm256_store_ps(state.second + r0, p.second0);
+  _mm256_store_ps(state.second + r0 + 8, p.second1);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(state.index + r0), _mm256_castps_si256(p.index0));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(state.index + r0 + 8), _mm256_castps_si256(p.index1));
+}
+
+// Codes [c0, c0 + kPassCodes) of group g against rows [r0, r0 + kPassRows), each score folded.
+VQVAE_FAST_AVX2 inline void code_pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g,
+                                      int c0, int r0, ScanState& state) {
+  __m256 acc0[kPassCodes], acc1[kPassCodes];
+  scores(zt, group, norm, D, c0, r0, acc0, acc1);
+  PassState p = load_state(state, r0);
 #pragma GCC unroll 6
-    for (int j = 1; j < kPassCodes; ++j) {
-      min0 = _mm256_min_ps(min0, acc0[j]);
-      min1 = _mm256_min_ps(min1, acc1[j]);
-    }
-    fold(min0, best0, second0);
-    fold(min1, best1, second1);
-    const __m256 here = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(g)));
-    index0 = _mm256_blendv_ps(index0, here, _mm256_cmp_ps(best0, before0, _CMP_LT_OQ));
-    index1 = _mm256_blendv_ps(index1, here, _mm256_cmp_ps(best1, before1, _CMP_LT_OQ));
-  } else {
-#pragma GCC unroll 6
-    for (int j = 0; j < kPassCodes; ++j) {
-      const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(g * kScanCodes + c0 + j)));
-      index0 = _mm256_blendv_ps(index0, k, _mm256_cmp_ps(acc0[j], best0, _CMP_LT_OQ));
-      index1 = _mm256_blendv_ps(index1, k, _mm256_cmp_ps(acc1[j], best1, _CMP_LT_OQ));
-      fold(acc0[j], best0, second0);
-      fold(acc1[j], best1, second1);
-    }
+  for (int j = 0; j < kPassCodes; ++j) {
+    const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(g * kScanCodes + c0 + j)));
+    p.index0 = _mm256_blendv_ps(p.index0, k, _mm256_cmp_ps(acc0[j], p.best0, _CMP_LT_OQ));
+    p.index1 = _mm256_blendv_ps(p.index1, k, _mm256_cmp_ps(acc1[j], p.best1, _CMP_LT_OQ));
+    fold(acc0[j], p.best0, p.second0);
+    fold(acc1[j], p.best1, p.second1);
   }
-  _mm256_store_ps(state.best + r0, best0);
-  _mm256_store_ps(state.best + r0 + 8, best1);
-  _mm256_store_ps(state.second + r0, second0);
-  _mm256_store_ps(state.second + r0 + 8, second1);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(state.index + r0), _mm256_castps_si256(index0));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(state.index + r0 + 8), _mm256_castps_si256(index1));
+  store_state(p, state, r0);
+}
+
+// The whole group g (both halves of its codes) against rows [r0, r0 + kPassRows), folded once as
+// its minimum (scan.h's group_index): one fold, compare and blend a group instead of two.
+VQVAE_FAST_AVX2 inline void group_pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g,
+                                       int r0, ScanState& state) {
+  __m256 acc0[kPassCodes], acc1[kPassCodes];
+  scores(zt, group, norm, D, 0, r0, acc0, acc1);
+  __m256 min0 = acc0[0], min1 = acc1[0];
+#pragma GCC unroll 6
+  for (int j = 1; j < kPassCodes; ++j) {
+    min0 = _mm256_min_ps(min0, acc0[j]);
+    min1 = _mm256_min_ps(min1, acc1[j]);
+  }
+  scores(zt, group, norm, D, kPassCodes, r0, acc0, acc1);
+#pragma GCC unroll 6
+  for (int j = 0; j < kPassCodes; ++j) {
+    min0 = _mm256_min_ps(min0, acc0[j]);
+    min1 = _mm256_min_ps(min1, acc1[j]);
+  }
+  PassState p = load_state(state, r0);
+  const __m256 before0 = p.best0, before1 = p.best1;
+  fold(min0, p.best0, p.second0);
+  fold(min1, p.best1, p.second1);
+  const __m256 here = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(g)));
+  p.index0 = _mm256_blendv_ps(p.index0, here, _mm256_cmp_ps(p.best0, before0, _CMP_LT_OQ));
+  p.index1 = _mm256_blendv_ps(p.index1, here, _mm256_cmp_ps(p.best1, before1, _CMP_LT_OQ));
+  store_state(p, state, r0);
 }
 
 // Each row sees a group's codes in index order (both passes of its rows, in code order), so
@@ -97,7 +128,11 @@ VQVAE_FAST_AVX2 void scan(const float* zt, const float* codes, const float* norm
     const float* group = codes + g * D * kScanCodes;
     const float* norm = norms + g * kScanCodes;
     for (int r0 = 0; r0 < kScanRows; r0 += kPassRows) {
-      for (int c0 = 0; c0 < kScanCodes; c0 += kPassCodes) pass<kGroupIndex>(zt, group, norm, D, g, c0, r0, state);
+      if constexpr (kGroupIndex) {
+        group_pass(zt, group, norm, D, g, r0, state);
+      } else {
+        for (int c0 = 0; c0 < kScanCodes; c0 += kPassCodes) code_pass(zt, group, norm, D, g, c0, r0, state);
+      }
     }
   }
 }
