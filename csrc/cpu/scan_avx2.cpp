@@ -28,6 +28,8 @@ constexpr int kPassRows = 16;              // two vectors of 8 rows
 constexpr int kPassCodes = kScanCodes / 2;  // 6 codes: 12 accumulators
 
 #define VQVAE_FAST_AVX2 __attribute__((target("avx2,fma")))
+// The pass helpers inlined into the scan loop (GCC kept code_pass out of line, a call per pass).
+#define VQVAE_FAST_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
 
 // Folds 8 scores s into the running best and second-best of 8 rows (scan_fold.h's fold).
 VQVAE_FAST_AVX2 inline void fold(__m256 s, __m256& best, __m256& second) {
@@ -37,7 +39,7 @@ VQVAE_FAST_AVX2 inline void fold(__m256 s, __m256& best, __m256& second) {
 
 // The scores of codes [c0, c0 + kPassCodes) of a group for rows [r0, r0 + kPassRows) of the panel:
 // the norm, then one FMA per coordinate in order.
-VQVAE_FAST_AVX2 inline void scores(const float* zt, const float* group, const float* norm, int64_t D, int c0, int r0,
+VQVAE_FAST_AVX2_INLINE void scores(const float* zt, const float* group, const float* norm, int64_t D, int c0, int r0,
                                    __m256 (&acc0)[kPassCodes], __m256 (&acc1)[kPassCodes]) {
 #pragma GCC unroll 6
   for (int j = 0; j < kPassCodes; ++j) acc0[j] = acc1[j] = _mm256_broadcast_ss(norm + c0 + j);
@@ -58,14 +60,14 @@ struct PassState {  // the running best / second / index of a pass's 16 rows, in
   __m256 best0, best1, second0, second1, index0, index1;
 };
 
-VQVAE_FAST_AVX2 inline PassState load_state(const ScanState& state, int r0) {
+VQVAE_FAST_AVX2_INLINE PassState load_state(const ScanState& state, int r0) {
   return {_mm256_load_ps(state.best + r0), _mm256_load_ps(state.best + r0 + 8),
           _mm256_load_ps(state.second + r0), _mm256_load_ps(state.second + r0 + 8),
           _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0))),
           _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(state.index + r0 + 8)))};
 }
 
-VQVAE_FAST_AVX2 inline void store_state(const PassState& p, ScanState& state, int r0) {
+VQVAE_FAST_AVX2_INLINE void store_state(const PassState& p, ScanState& state, int r0) {
   _mm256_store_ps(state.best + r0, p.best0);
   _mm256_store_ps(state.best + r0 + 8, p.best1);
   _mm256_store_ps(state.second + r0, p.second0);
@@ -75,7 +77,7 @@ VQVAE_FAST_AVX2 inline void store_state(const PassState& p, ScanState& state, in
 }
 
 // Codes [c0, c0 + kPassCodes) of group g against rows [r0, r0 + kPassRows), each score folded.
-VQVAE_FAST_AVX2 inline void code_pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g,
+VQVAE_FAST_AVX2_INLINE void code_pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g,
                                       int c0, int r0, ScanState& state) {
   __m256 acc0[kPassCodes], acc1[kPassCodes];
   scores(zt, group, norm, D, c0, r0, acc0, acc1);
@@ -93,7 +95,7 @@ VQVAE_FAST_AVX2 inline void code_pass(const float* zt, const float* group, const
 
 // The whole group g (both halves of its codes) against rows [r0, r0 + kPassRows), folded once as
 // its minimum (scan.h's group_index): one fold, compare and blend a group instead of two.
-VQVAE_FAST_AVX2 inline void group_pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g,
+VQVAE_FAST_AVX2_INLINE void group_pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g,
                                        int r0, ScanState& state) {
   __m256 acc0[kPassCodes], acc1[kPassCodes];
   scores(zt, group, norm, D, 0, r0, acc0, acc1);
@@ -197,6 +199,7 @@ double ScanBody<ScanIsa::kAvx2>::exact_sq_dist(const void* z, const void* e, Ele
 }
 
 #undef VQVAE_FAST_AVX2
+#undef VQVAE_FAST_AVX2_INLINE
 #undef VQVAE_FAST_ROWS_TARGET
 
 }  // namespace vqvae_fast
