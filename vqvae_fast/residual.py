@@ -226,7 +226,8 @@ def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.
     straight = reference._Rotation if gradient == "rotation" else reference._StraightThrough
     stacked = fused_triton_codebooks(z, codebooks, len(books), backend) if not cosine else None
     if stacked is not None:  # every stage in one kernel: the forward in two launches, the backward in one
-        total, indices, stage_err, _, _ = torch.ops.vqvae_fast.triton_residual_quantize_fwd(z.detach(), stacked.detach())
+        fused = torch.ops.vqvae_fast.triton_residual_quantize_fwd(z.detach(), stacked.detach())
+        total, indices, stage_err = fused[:3]
         losses = (stage_err * ((1.0 + beta) / z.numel())).to(z.dtype)
         stage_losses = StackedStageLosses.apply(z, beta, indices, losses, stacked)
         return ResidualQuantizeOutput(straight.apply(z, total.to(z.dtype)), indices, stage_losses.sum(), stage_losses)

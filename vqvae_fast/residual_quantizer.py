@@ -194,8 +194,9 @@ class ResidualVectorQuantizer(nn.Module):
         kernel sums the EMA statistics with atomics), else None (the stage loop)."""
         stages = self.stages[:active]
         backend = resolve_backend(stages[0].backend, source.device)
+        initialising = any(stage._needs_init for stage in stages)
         if (self.distance != "euclidean" or backend != "triton"
-                or (update and (any(stage._needs_init for stage in stages) or torch.are_deterministic_algorithms_enabled()))):
+                or (update and (initialising or torch.are_deterministic_algorithms_enabled()))):
             return None
         # A copy: the stages' updates below rewrite their codebooks in place, not what was searched.
         stacked = torch.stack([stage.codebook for stage in stages])

@@ -365,11 +365,11 @@ def _stage_rows(z, codebooks, indices, *, grad=None, beta=0.0, grad_z=None, grad
     n, d = z.shape
     s, k, _ = codebooks.shape
     meta = backward_meta(d, z.dtype)
+    stats = 2 if sums is not None else 1 if counts is not None else 0
     _stage_rows_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
         grad, z.contiguous(), codebooks.contiguous(), indices.contiguous(), grad_z, grad_books, counts, sums, n, k,
-        d, s, float(beta), 2.0 / max(n * d, 1), 0 if grad is None else grad.stride(0), **meta, WANT_Z=grad_z is not None,
-        WANT_BOOKS=grad_books is not None, WANT_STATS=2 if sums is not None else 1 if counts is not None else 0,
-        num_warps=encode_warps(d))
+        d, s, float(beta), 2.0 / max(n * d, 1), 0 if grad is None else grad.stride(0), **meta,
+        WANT_Z=grad_z is not None, WANT_BOOKS=grad_books is not None, WANT_STATS=stats, num_warps=encode_warps(d))
 
 
 def stage_losses_bwd(grad: torch.Tensor, z: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor,
