@@ -81,6 +81,30 @@ def assert_nearest(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tenso
         f"{float((gap / scale).max()):.3g} of the scale (allowed {rtol:g})")
 
 
+def away_from_ties(n: int, books: list, cosine: bool = False, margin: float = 1e-3) -> torch.Tensor:
+    """(n, D) float64 random rows whose nearest code, at every stage of residual quantization with
+    `books` (one book: plain quantization), beats the runner-up by `margin` in squared distance
+    (cosine: between unit vectors): gradcheck's finite differences (eps 1e-6) then never cross a
+    code boundary, where the loss has no derivative (a near-tie gives a wrong numerical one)."""
+    books = [book.detach().cpu().double() for book in books]
+
+    def unit(x):
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    for _ in range(1000):
+        z = torch.randn(n, books[0].shape[1], dtype=torch.float64)
+        residual, clear = z, True
+        for book in books:
+            codes = unit(book) if cosine else book
+            dist = torch.cdist(unit(residual) if cosine else residual, codes).square()
+            two = dist.topk(min(2, book.shape[0]), dim=1, largest=False).values
+            clear &= book.shape[0] == 1 or bool((two[:, 1] - two[:, 0] > margin).all())
+            residual = residual - codes[dist.argmin(1)]
+        if clear:
+            return z
+    raise AssertionError("no rows away from ties in 1000 draws")
+
+
 # Fresh random inputs on every run; set VQVAE_FAST_TEST_SEED to replay a failing one.
 SEED = int(os.environ.get("VQVAE_FAST_TEST_SEED", random.randrange(2**31)))
 
@@ -96,8 +120,8 @@ def _seed_and_restore_determinism(request):
     torch.use_deterministic_algorithms(False)
 
 
-__all__ = ["ALL_BACKENDS", "HAS_CUDA", "assert_nearest", "backend_device", "distance_rtol", "vqvae_fast",
-           "_extension"]
+__all__ = ["ALL_BACKENDS", "HAS_CUDA", "assert_nearest", "away_from_ties", "backend_device", "distance_rtol",
+           "vqvae_fast", "_extension"]
 
 
 def write_cifar_batch(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:

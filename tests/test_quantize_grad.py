@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ALL_BACKENDS, backend_device
+from conftest import ALL_BACKENDS, away_from_ties, backend_device
 from vqvae_fast import quantize, reference
 from vqvae_fast.ops import triton_interpreting
 
@@ -73,8 +73,8 @@ def test_gradcheck_codebook_and_commitment(backend):
     gradcheck-able: the stop-gradients make its gradient differ from its derivative.)
     """
     device = backend_device(backend)
-    z = torch.randn(13, 4, device=device, dtype=torch.float64, requires_grad=True)
     codebook = torch.randn(6, 4, device=device, dtype=torch.float64, requires_grad=True)
+    z = away_from_ties(13, [codebook]).to(device).requires_grad_()
 
     def codebook_loss(e):
         return quantize(z.detach(), e, beta=0.0, backend=backend).loss
