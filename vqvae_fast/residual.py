@@ -187,6 +187,17 @@ class StackedStageLosses(torch.autograd.Function):
         return (grad_z if need_z else None), None, None, None, (grad_books if need_books else None)
 
 
+def fused_stages(z: torch.Tensor, stacked: torch.Tensor, beta: float, loss_dtype: torch.dtype, stats: int = 0):
+    """Every stage on the fused Triton kernels (ops/triton_residual.py): (sum of the codes (N, D)
+    in at least fp32, indices (N, S), stage losses (S,) in loss_dtype with their gradients
+    (StackedStageLosses), counts, sums: the EMA statistics `stats` asks for, see
+    triton_residual.residual_quantize_fwd)."""
+    total, indices, stage_err, counts, sums = torch.ops.vqvae_fast.triton_residual_quantize_fwd(
+        z.detach(), stacked.detach(), stats)
+    losses = (stage_err * ((1.0 + beta) / z.numel())).to(loss_dtype)
+    return total, indices, StackedStageLosses.apply(z, beta, indices, losses, stacked), counts, sums
+
+
 def fused_triton_codebooks(z: torch.Tensor, codebooks: Codebooks, stages: int, backend: str):
     """The (stages, K, D) codebooks the fused Triton kernel takes (a view of the stacked tensor), or
     None: another backend, a list of codebooks, rows too wide, N = 0 (the per-stage loop)."""
@@ -226,10 +237,7 @@ def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.
     straight = reference._Rotation if gradient == "rotation" else reference._StraightThrough
     stacked = fused_triton_codebooks(z, codebooks, len(books), backend) if not cosine else None
     if stacked is not None:  # every stage in one kernel: the forward in two launches, the backward in one
-        fused = torch.ops.vqvae_fast.triton_residual_quantize_fwd(z.detach(), stacked.detach())
-        total, indices, stage_err = fused[:3]
-        losses = (stage_err * ((1.0 + beta) / z.numel())).to(z.dtype)
-        stage_losses = StackedStageLosses.apply(z, beta, indices, losses, stacked)
+        total, indices, stage_losses, _, _ = fused_stages(z, stacked, beta, z.dtype)
         return ResidualQuantizeOutput(straight.apply(z, total.to(z.dtype)), indices, stage_losses.sum(), stage_losses)
     with torch.set_grad_enabled(cosine and torch.is_grad_enabled()):  # Euclidean: StageLosses forms the gradients
         total, indices, losses = _stages(

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import reference
 from .functional import InputError, check_distance, check_options, resolve_backend
-from .residual import (StackedStageLosses, StageLosses, fused_triton_codebooks, residual_decode, residual_nearest_code,
+from .residual import (StageLosses, fused_stages, fused_triton_codebooks, residual_decode, residual_nearest_code,
                        stage_residual)
 from .vector_quantizer import VectorQuantizer, channel_dim, usage_stats
 
@@ -210,10 +210,7 @@ class ResidualVectorQuantizer(nn.Module):
         needs its residual (its candidates), formed from z and the codes before it."""
         stages = self.stages[:stacked.shape[0]]
         ema = update and any(stage.ema_decay is not None for stage in stages)
-        total, index, stage_err, counts, sums = torch.ops.vqvae_fast.triton_residual_quantize_fwd(
-            source.detach(), stacked.detach(), 2 if ema else 1)
-        losses = (stage_err * ((1.0 + self.beta) / source.numel())).float()
-        losses = StackedStageLosses.apply(source, self.beta, index, losses, stacked)
+        total, index, losses, counts, sums = fused_stages(source, stacked, self.beta, torch.float32, 2 if ema else 1)
         restarts = [update and stage.restart_dead for stage in stages]
         running = torch.zeros_like(total) if any(restarts) else None
         books = stacked.detach()

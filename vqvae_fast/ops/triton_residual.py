@@ -350,6 +350,7 @@ def residual_quantize_fwd(z: torch.Tensor, codebooks: torch.Tensor, stats: int =
     (ResidualVectorQuantizer). The encoder's two launches, and a third for the statistics
     (`_stage_rows_kernel`: in the search kernel their atomics made ptxas cap it at 128 registers
     and spill 16-84 bytes a thread on sm_80)."""
+    z, codebooks = z.contiguous(), codebooks.contiguous()  # once, for both launches
     indices, total, row_err = _encode(z, codebooks, want_loss=True)
     s, k, d = codebooks.shape
     counts = torch.zeros((s, k) if stats else (0,), dtype=torch.float32, device=z.device)
@@ -381,11 +382,10 @@ def stage_losses_bwd(grad: torch.Tensor, z: torch.Tensor, codebooks: torch.Tenso
     n, d = z.shape
     s, k, _ = codebooks.shape
     acc = _ACC[z.dtype]
-    z, books, indices = z.contiguous(), codebooks.contiguous(), indices.contiguous()
     grad_z = torch.empty(n, d, dtype=z.dtype, device=z.device) if need_grad_z else z.new_empty(0)
     grad_books = (torch.zeros(s, k, d, dtype=acc, device=z.device) if need_grad_codebooks
                   else codebooks.new_empty(0))
     if n and (need_grad_z or need_grad_codebooks):
-        _stage_rows(z, books, indices, grad=grad, beta=beta, grad_z=grad_z if need_grad_z else None,
+        _stage_rows(z, codebooks, indices, grad=grad, beta=beta, grad_z=grad_z if need_grad_z else None,
                     grad_books=grad_books if need_grad_codebooks else None)
     return grad_z, grad_books.to(codebooks.dtype)
