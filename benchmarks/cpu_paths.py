@@ -27,6 +27,7 @@ SHAPES = ((65536, 1024, 64), (16384, 512, 128), (65536, 4096, 32), (16384, 1024,
 PROVIDERS = ("cdist", "faiss", "vqvae_fast[cpu]")
 # Environment of each forced path: ours, and the instruction set of the libraries we compare with.
 PATH_ENV = {
+    "native": {},  # nothing forced: every library (ours too) picks its path for this CPU
     "amx": dict(VQVAE_FAST_CPU_SCAN="amx"),
     "avx512": dict(VQVAE_FAST_CPU_SCAN="avx512", ONEDNN_MAX_CPU_ISA="AVX512_CORE", OPENBLAS_CORETYPE="SkylakeX",
                    VQVAE_FAST_BENCH_FAISS_SIMD="AVX512"),

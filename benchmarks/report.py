@@ -325,7 +325,7 @@ def cpu_paths_table(data: dict) -> str:
         rate = (run["large_gemm_gflops"] if run.get("large_gemm_dtype") == "float32"
                 else fp32_rate.get((run["path"], run["threads"])))
         return "–" if ours is None or not rate else f"{_sig(ours / (run['flops'] / rate / 1e6))}×"
-    lines = ["| emulated CPU (forced path) | threads | dtype | N×K×D | cdist ms | FAISS ms | ours ms | ours vs cdist "
+    lines = ["| path (forced; native: none) | threads | dtype | N×K×D | cdist ms | FAISS ms | ours ms | ours vs cdist "
              "| ours vs FAISS | ours / flop floor | our path (D = 8 / 256) | other processes' CPU share |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for run in data["runs"]:
