@@ -29,6 +29,7 @@ PROVIDERS = ("cdist", "faiss", "vqvae_fast[cpu]")
 PATH_ENV = {
     "native": {},  # nothing forced: every library (ours too) picks its path for this CPU
     "amx": dict(VQVAE_FAST_CPU_SCAN="amx"),
+    "avx512bf16": dict(VQVAE_FAST_CPU_SCAN="avx512bf16"),  # bf16 inputs: the bf16 scan (others: avx512)
     "avx512": dict(VQVAE_FAST_CPU_SCAN="avx512", ONEDNN_MAX_CPU_ISA="AVX512_CORE", OPENBLAS_CORETYPE="SkylakeX",
                    VQVAE_FAST_BENCH_FAISS_SIMD="AVX512"),
     "avx2": dict(VQVAE_FAST_CPU_SCAN="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
                         m = medians(run)
                         ours, cdist, faiss = m["vqvae_fast[cpu]"], m.get("cdist"), m.get("faiss")
                         vs_cdist = "-" if cdist is None else f"{cdist / ours:.2f}x"
-                        taken = run["machine"].get("cpu_forward_path", {})
+                        key = "cpu_forward_path_bf16" if dtype == "bfloat16" else "cpu_forward_path"
+                        taken = run["machine"].get(key, run["machine"].get("cpu_forward_path", {}))
                         print(f"| {path} | {threads} | {dtype} | {'x'.join(map(str, shape))} | "
                               f"{taken.get('8')}/{taken.get('256')} | {cdist if cdist is None else f'{cdist:.1f}'} | "
                               f"{faiss if faiss is None else f'{faiss:.1f}'} | {ours:.1f} | {vs_cdist} | "

@@ -101,6 +101,8 @@ def machine_info(device: str) -> dict:
         library = Path(ext._C.__file__)
         # fused-amx (D >= 16 where the CPU has AMX), fused-avx512 or gemm, at a small and a large D
         info["cpu_forward_path"] = {d: torch.ops.vqvae_fast.cpu_forward_path(d) for d in (8, 256)}
+        # bf16 inputs may take another (the bf16 scan on CPUs with AVX512-BF16)
+        info["cpu_forward_path_bf16"] = {d: torch.ops.vqvae_fast.cpu_forward_path(d, torch.bfloat16) for d in (8, 256)}
         info["vqvae_fast_library"] = dict(file=library.name, size=library.stat().st_size, modified=datetime.datetime.
                                           fromtimestamp(library.stat().st_mtime, datetime.timezone.utc)
                                           .isoformat(timespec="seconds"))

@@ -337,7 +337,8 @@ def cpu_paths_table(data: dict) -> str:
                 return "–"
             text = f"{_sig(theirs / ours)}×"
             return text if theirs / ours >= bar else f"**{text}**"
-        taken = run["machine"].get("cpu_forward_path", {})
+        key = "cpu_forward_path_bf16" if run["point"]["dtype"] == "bfloat16" else "cpu_forward_path"
+        taken = run["machine"].get(key, run["machine"].get("cpu_forward_path", {}))
         lines.append(f"| {run['path']} | {run['threads']} | {SHORT_DTYPE[run['point']['dtype']]} | "
                      f"{'×'.join(map(str, run['shape']))} | "
                      + " | ".join("–" if v is None else _sig(v) for v in (cdist, faiss, ours))

@@ -23,8 +23,10 @@ from vqvae_fast import nearest_code, quantize
 
 TESTS = Path(__file__).parent
 # What each forced path reports where the CPU can run it.
-REPORTED = {"amx": "fused-amx", "avx512": "fused-avx512", "avx2": "fused-avx2", "portable": "fused-portable",
-            "gemm": "gemm"}
+REPORTED = {"amx": "fused-amx", "avx512": "fused-avx512", "avx512bf16": "fused-avx512-bf16", "avx2": "fused-avx2",
+            "portable": "fused-portable", "gemm": "gemm"}
+# The dtype a forced path is reported for (the bf16 scan takes bf16 inputs only; others get the float scan).
+FORCED_DTYPE = {"avx512bf16": torch.bfloat16}
 
 
 def cpu_flags() -> set[str]:
@@ -39,7 +41,7 @@ def cpu_flags() -> set[str]:
 def force(path: str, monkeypatch) -> None:
     """Forces a forward path, skipping where this CPU cannot run it."""
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", path)
-    if torch.ops.vqvae_fast.cpu_forward_path(64) != REPORTED[path]:
+    if torch.ops.vqvae_fast.cpu_forward_path(64, FORCED_DTYPE.get(path)) != REPORTED[path]:
         pytest.skip(f"this CPU cannot run the {path} path")
 
 
@@ -61,6 +63,8 @@ def test_reported_path_matches_the_cpu(monkeypatch):
     # AMX also needs the kernel's permission for this process (Linux 5.16 on): where the flags
     # say AMX, the AVX-512 scan is the only other acceptable answer.
     assert large == ("fused-amx" if amx else small) or (amx and large == "fused-avx512")
+    bf16 = avx512 and "avx512_bf16" in flags  # bf16 inputs below AMX's D: the bf16 scan
+    assert torch.ops.vqvae_fast.cpu_forward_path(15, torch.bfloat16) == ("fused-avx512-bf16" if bf16 else small)
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "gemm")
     assert torch.ops.vqvae_fast.cpu_forward_path(256) == "gemm"
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "avx512")
@@ -72,7 +76,8 @@ def test_reported_path_matches_the_cpu(monkeypatch):
 
 
 # Profiler events the kernel records for each stage it runs (csrc/cpu/settle.cpp).
-STAGE_EVENTS = {"vqvae_fast::cpu_scan_amx": "fused-amx", "vqvae_fast::cpu_scan_avx512": "fused-avx512",
+STAGE_EVENTS = {"vqvae_fast::cpu_scan_amx": "fused-amx", "vqvae_fast::cpu_scan_avx512_bf16": "fused-avx512-bf16",
+                "vqvae_fast::cpu_scan_avx512": "fused-avx512",
                 "vqvae_fast::cpu_scan_avx2": "fused-avx2", "vqvae_fast::cpu_scan_portable": "fused-portable",
                 "vqvae_fast::cpu_settle_gemm": "gemm"}
 
@@ -83,11 +88,12 @@ def path_taken(z: torch.Tensor, codebook: torch.Tensor) -> str:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         quantize(z, codebook, backend="cpu")
     stages = {STAGE_EVENTS[e.name] for e in prof.events() if e.name in STAGE_EVENTS}
-    return next(path for path in ("fused-amx", "fused-avx512", "fused-avx2", "fused-portable", "gemm")
+    return next(path for path in ("fused-amx", "fused-avx512-bf16", "fused-avx512", "fused-avx2", "fused-portable",
+                                  "gemm")
                 if path in stages)
 
 
-@pytest.mark.parametrize("forced", ("", "amx", "avx512", "avx2", "portable", "gemm"))
+@pytest.mark.parametrize("forced", ("", "amx", "avx512", "avx512bf16", "avx2", "portable", "gemm"))
 def test_reported_path_is_the_kernels(forced, monkeypatch):
     """cpu_forward_path(D, dtype, K) names the path the kernel takes for those inputs, for every
     dtype, D on both sides of the AMX threshold (16) and each forced path."""
@@ -129,16 +135,17 @@ def test_exact_nearest_on_both_paths(scan, dtype, shape):
     assert torch.equal(nearest_code(z, codebook, backend="cpu"), indices)
 
 
-def test_paths_agree_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_paths_agree_bit_for_bit(dtype, monkeypatch):
     """Same indices and the same loss (exact distances summed in row order) on every path, with
     threads: rows settled by a scan and rows it hands back (near-ties) mixed in one call."""
     base = torch.randn(50, 40)
-    codebook = torch.cat([base, torch.randn(400, 40), base])  # exact duplicates: ties for the GEMM path
-    z = torch.cat([torch.randn(3000, 40), base[torch.randint(0, 50, (500,))] + 1e-3 * torch.randn(500, 40)])
+    codebook = torch.cat([base, torch.randn(400, 40), base]).to(dtype)  # exact duplicates: ties for the GEMM path
+    z = torch.cat([torch.randn(3000, 40), base[torch.randint(0, 50, (500,))] + 1e-3 * torch.randn(500, 40)]).to(dtype)
     results = {}
     for path in REPORTED:
         monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", path)
-        if torch.ops.vqvae_fast.cpu_forward_path(40) == REPORTED[path]:
+        if torch.ops.vqvae_fast.cpu_forward_path(40, dtype) == REPORTED[path]:
             _, indices, loss = quantize(z, codebook, backend="cpu")
             results[path] = (indices, loss)
     assert "gemm" in results
@@ -207,3 +214,25 @@ def test_near_ties_among_short_codes_beside_long_ones(scan, dtype, d):
                   + [torch.randn(20, d) * 1e-3, torch.randn(10, d) * 50])
     z, codebook = z.to(dtype), codebook.to(dtype)
     assert_nearest(z, codebook, nearest_code(z, codebook, backend="cpu"), 0.0)
+
+
+def test_bf16_scan_leaves_subnormals_and_offsets_to_the_float_scan(monkeypatch):
+    """VDPBF16PS reads subnormal inputs as zero: a row with one is handed to the float scan, a
+    codebook with one takes the float scan, and (unforced) so does a codebook far from the
+    origin (its scores would not be centred); the codes are exact every way."""
+    force("avx512bf16", monkeypatch)
+    codebook = torch.randn(200, 12).bfloat16()  # D < 16: not AMX's, unforced either
+    z = torch.randn(300, 12).bfloat16()
+    assert path_taken(z, codebook) == "fused-avx512-bf16"
+    tiny = z.clone()
+    tiny[::7, 3] = 1e-39  # subnormal in bf16
+    assert_nearest(tiny, codebook, nearest_code(tiny, codebook, backend="cpu"), 1e-12)
+    odd = codebook.clone()
+    odd[5, 0] = 1e-39
+    assert path_taken(z, odd) == "fused-avx512"
+    assert_nearest(z, odd, nearest_code(z, odd, backend="cpu"), 1e-12)
+    monkeypatch.delenv("VQVAE_FAST_CPU_SCAN")
+    far = codebook + 100
+    assert path_taken(z + 100, far) == "fused-avx512"  # the centre is not small: centred float scores
+    assert path_taken(z, codebook) == "fused-avx512-bf16"
+    assert_nearest(z + 100, far, nearest_code(z + 100, far, backend="cpu"), 1e-12)

@@ -76,11 +76,14 @@ namespace {
 // Which forward the CPU kernels run. Where the CPU has AVX-512F, a fused scan: its AMX form
 // (CPUs with AMX-BF16, from D = kAmxMinD on; float32, bf16 and fp16 rows) or its float form;
 // where it has AVX2 and FMA but not AVX-512F, the float form with AVX2 instructions; on aarch64,
-// the float form in portable C++ (NEON). Scan states index codes with int32 (so K <= INT32_MAX).
+// the float form in portable C++ (NEON). bf16 inputs that AMX does not take, on CPUs with
+// AVX512-BF16 (AMD Zen 4/5): the bf16 form, on the uncentred codebook where its centre is small
+// (else the float form). Scan states index codes with int32 (so K <= INT32_MAX).
 // Otherwise (other CPUs, other ISAs) one BLAS GEMM per block of rows.
-// VQVAE_FAST_CPU_SCAN=gemm | portable | avx2 | avx512 | amx forces a path where the CPU and the
-// inputs allow it (tests, comparisons; portable runs everywhere); it is read on every call.
-enum class ForwardPath { kGemm, kFusedPortable, kFusedAvx2, kFusedAvx512, kFusedAmx };
+// VQVAE_FAST_CPU_SCAN=gemm | portable | avx2 | avx512 | avx512bf16 | amx forces a path where the
+// CPU and the inputs allow it (tests, comparisons; portable runs everywhere); it is read on every
+// call. Forced avx512bf16 uncentres whatever the centre (more rows then go to the fallbacks).
+enum class ForwardPath { kGemm, kFusedPortable, kFusedAvx2, kFusedAvx512, kFusedBf16, kFusedAmx };
 
 // Below, storing and folding the score tiles costs more than the tiles save: measured 0.5-0.7x the
 // AVX-512 scan's speed at D = 8 (Intel Xeon with AMX, 2026-11-26; benchmarks/RESULTS.md "CPU: the
@@ -96,6 +99,8 @@ const char* path_name(ForwardPath path) {
       return "fused-amx";
     case ForwardPath::kFusedAvx512:
       return "fused-avx512";
+    case ForwardPath::kFusedBf16:
+      return "fused-avx512-bf16";
     case ForwardPath::kFusedAvx2:
       return "fused-avx2";
     case ForwardPath::kFusedPortable:
@@ -117,8 +122,13 @@ ForwardPath choose_forward_path(at::ScalarType dtype, int64_t D, int64_t K) {
     return kPortableScanIsVector ? ForwardPath::kFusedPortable : ForwardPath::kGemm;
   }
   // The AMX scan reads float32, bf16 and fp16 rows; float64 rows are centred in double by the float scan.
-  if (dtype == at::kDouble || forced == "avx512" || !amx_scan_available()) return ForwardPath::kFusedAvx512;
-  return forced == "amx" || D >= kAmxMinD ? ForwardPath::kFusedAmx : ForwardPath::kFusedAvx512;
+  // bf16 inputs on CPUs with AVX512-BF16: its scan (twice the products an instruction), where AMX
+  // does not take them; nearest_code_kernel may still fall back to the float scan (see there).
+  const bool bf16 = dtype == at::kBFloat16 && bf16_scan_available() && (forced.empty() || forced == "avx512bf16");
+  const bool amx = amx_scan_available() && dtype != at::kDouble && forced != "avx512" && forced != "avx512bf16" &&
+                   (forced == "amx" || D >= kAmxMinD);
+  if (amx) return ForwardPath::kFusedAmx;
+  return bf16 ? ForwardPath::kFusedBf16 : ForwardPath::kFusedAvx512;
 }
 
 // Fills indices (N,) and, unless quantized is null, quantized (N, D, contiguous); returns
@@ -127,12 +137,23 @@ template <typename scalar_t>
 double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* indices,
                            scalar_t* quantized) {
   const int64_t N = z.size(0);
-  const PreparedCodebook cb(codebook, View2D<scalar_t>(codebook));
+  PreparedCodebook cb(codebook, View2D<scalar_t>(codebook));
+  ForwardPath path = choose_forward_path(z.scalar_type(), cb.D, cb.K);
+  if (path == ForwardPath::kFusedBf16) {
+    // Its operands must be the bf16 values themselves: uncentred, which costs little where the
+    // centre is small next to the codes (forced: always), and no subnormal code (read as zero).
+    const char* env = std::getenv("VQVAE_FAST_CPU_SCAN");
+    const bool forced = env != nullptr && std::string(env) == "avx512bf16";
+    if (!cb.bf16_subnormal && (forced || cb.centre_is_small())) {
+      cb.uncentre(View2D<scalar_t>(codebook));
+    } else {
+      path = ForwardPath::kFusedAvx512;
+    }
+  }
   std::vector<double> row_err(N);
   RowSettler<scalar_t> settler(cb, z, codebook, indices, quantized, row_err);
   std::vector<int64_t> rows;
   Tensor z_rows, e_rows;  // outlive every stage: settler.z_rows and e_rows point into them
-  const ForwardPath path = choose_forward_path(z.scalar_type(), cb.D, cb.K);
   settler.isa = path == ForwardPath::kFusedAvx2       ? ScanIsa::kAvx2
                 : path == ForwardPath::kFusedPortable ? ScanIsa::kPortable
                                                       : ScanIsa::kAvx512;
@@ -159,6 +180,13 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
         break;
       }
       TORCH_INTERNAL_ASSERT(false, "choose_forward_path chose the AMX scan for float64");
+    case ForwardPath::kFusedBf16:
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        const std::vector<int64_t> near_ties = settle_rows_bf16(settler, N);
+        if (!near_ties.empty()) rows = settle_rows_float(settler, static_cast<int64_t>(near_ties.size()), &near_ties);
+        break;
+      }
+      TORCH_INTERNAL_ASSERT(false, "choose_forward_path chose the bf16 scan for another dtype");
     case ForwardPath::kFusedAvx512:
     case ForwardPath::kFusedAvx2:
     case ForwardPath::kFusedPortable:

@@ -59,13 +59,23 @@ double exact_sq_dist(ScanIsa isa, const void* z, const void* e, Elem type, int64
   return Portable::exact_sq_dist(z, e, type, D);
 }
 
-#if !defined(__x86_64__)  // no AMX: every call below is a bug of the caller (amx_scan_available says no)
+#if !defined(__x86_64__)  // no AMX, no AVX512-BF16: every call below is a bug of the caller (*_available say no)
 
 namespace {
-[[noreturn]] void no_amx() { TORCH_INTERNAL_ASSERT(false, "the AMX scan runs on x86-64 only"); }
+[[noreturn]] void no_amx() { TORCH_INTERNAL_ASSERT(false, "the AMX and bf16 scans run on x86-64 only"); }
 }  // namespace
 
 bool amx_scan_available() { return false; }
+bool bf16_scan_available() { return false; }
+void bf16_pack_codes(const float*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { no_amx(); }
+void bf16_pack_panel(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*, float*) { no_amx(); }
+void bf16_scan_panel(const uint32_t*, const uint32_t*, const float*, int64_t, int64_t, int64_t, ScanState&, bool) {
+  no_amx();
+}
+int64_t bf16_code_in_group(const uint32_t*, int64_t, const uint32_t*, const float*, int64_t, int64_t, float,
+                           float*) {
+  no_amx();
+}
 void centre_panel_rows(const void*, Elem, int64_t, int64_t, const float*, int64_t, float*, float*) { no_amx(); }
 int64_t amx_row_length(int64_t) { no_amx(); }
 void amx_pack_codes(const float*, int64_t, int64_t, int64_t, int64_t, uint16_t*) { no_amx(); }

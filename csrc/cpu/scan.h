@@ -103,6 +103,25 @@ auto with_elem(Elem type, F&& f) {
 void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D, float* out,
                        float* norms);
 
+// The bf16 variant (scan_bf16.cpp; bf16 inputs on CPUs with AVX512-BF16): one VDPBF16PS (two
+// exact bf16 products added to a float lane) per pair of coordinates where the float scan has two
+// FMAs, on uncentred values (every operand must be a bf16: the codebook's centre is zero).
+// Words hold a pair of bf16 (coordinate 2p in the low half), zero past D.
+bool bf16_scan_available();  // AVX-512F and AVX512-BF16, x86-64 only
+constexpr int64_t bf16_pairs(int64_t D) { return (D + 1) / 2; }
+// codes of groups [g0, g1) of ec (K x D floats, -2 e, each exact in bf16; asserted) as pairs x
+// kScanCodes words per group, word (g * P + p) * kScanCodes + j; codes past K are zero.
+void bf16_pack_codes(const float* ec, int64_t K, int64_t D, int64_t g0, int64_t g1, uint32_t* packed);
+// n <= kScanRows bf16 rows (row t at element t * ld) as pairs x kScanRows words, zero rows after n,
+// and their squared norms summed in float (+inf for a row with a subnormal, which the instruction
+// would read as zero: the caller leaves such rows to another scan).
+void bf16_pack_panel(const uint16_t* z, int64_t ld, int64_t n, int64_t D, uint32_t* zt, float* norms);
+// As scan_panel and code_in_group, on packed words (P = bf16_pairs(D)).
+void bf16_scan_panel(const uint32_t* zt, const uint32_t* codes, const float* norms, int64_t P, int64_t g0,
+                     int64_t g1, ScanState& state, bool group_index);
+int64_t bf16_code_in_group(const uint32_t* zt, int64_t row, const uint32_t* codes, const float* norms, int64_t P,
+                           int64_t g, float best, float* second);
+
 // The AMX variant (D >= 16 where the CPU has AMX-BF16). Scores come from split operands: the
 // centred row x and code y (float) are each split into bf16 parts, x = xh + xl + rx with |rx| <=
 // 2^-16 |x|, and xh.yh + xh.yl + xl.yh is one bf16 tile product of codes [yh, yl, yh] and rows

@@ -16,24 +16,12 @@
 namespace vqvae_fast {
 namespace {
 
-// The smallest of a group's scores, lane by lane: a tree, 11 operations of depth 4 (written
-// out: an array updated in place made GCC keep the accumulators on the stack).
-__attribute__((target("avx512f"), always_inline)) inline __m512 min_of(const __m512 (&a)[kScanCodes]) {
-  static_assert(kScanCodes == 12, "the tree below takes 12 scores");
-  const __m512 b0 = _mm512_min_ps(a[0], a[1]), b1 = _mm512_min_ps(a[2], a[3]), b2 = _mm512_min_ps(a[4], a[5]);
-  const __m512 b3 = _mm512_min_ps(a[6], a[7]), b4 = _mm512_min_ps(a[8], a[9]), b5 = _mm512_min_ps(a[10], a[11]);
-  return _mm512_min_ps(_mm512_min_ps(_mm512_min_ps(b0, b1), _mm512_min_ps(b2, b3)), _mm512_min_ps(b4, b5));
-}
-
 // kGroupIndex: record the group of the best code (two operations per group instead of two per
 // code; the caller finds the code inside the group), else the code itself.
 template <bool kGroupIndex>
 __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes, const float* norms, int64_t D,
                                              int64_t g0, int64_t g1, ScanState& state) {
-  __m512 best0 = _mm512_load_ps(state.best), best1 = _mm512_load_ps(state.best + 16);
-  __m512 second0 = _mm512_load_ps(state.second), second1 = _mm512_load_ps(state.second + 16);
-  __m512i index0 = _mm512_load_si512(state.index), index1 = _mm512_load_si512(state.index + 16);
-
+  PanelFold f = load_fold(state);
   for (int64_t g = g0; g < g1; ++g) {
     const float* group = codes + g * D * kScanCodes;
     const float* norm = norms + g * kScanCodes;
@@ -51,26 +39,10 @@ __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes
         acc1[j] = _mm512_fmadd_ps(row1, cj, acc1[j]);
       }
     }
-    if constexpr (kGroupIndex) {
-      const __m512 before0 = best0, before1 = best1;
-      fold(min_of(acc0), best0, second0);
-      fold(min_of(acc1), best1, second1);
-      const __m512i here = _mm512_set1_epi32(static_cast<int>(g));
-      index0 = _mm512_mask_mov_epi32(index0, _mm512_cmp_ps_mask(best0, before0, _CMP_LT_OQ), here);
-      index1 = _mm512_mask_mov_epi32(index1, _mm512_cmp_ps_mask(best1, before1, _CMP_LT_OQ), here);
-    } else {
-#pragma GCC unroll 12
-      for (int j = 0; j < kScanCodes; ++j) {
-        const __m512i k = _mm512_set1_epi32(static_cast<int>(g * kScanCodes + j));
-        index0 = _mm512_mask_mov_epi32(index0, _mm512_cmp_ps_mask(acc0[j], best0, _CMP_LT_OQ), k);
-        index1 = _mm512_mask_mov_epi32(index1, _mm512_cmp_ps_mask(acc1[j], best1, _CMP_LT_OQ), k);
-        fold(acc0[j], best0, second0);
-        fold(acc1[j], best1, second1);
-      }
-    }
+    fold_group<kGroupIndex>(f, acc0, acc1, g);
   }
 
-  store_fold({best0, best1, second0, second1, index0, index1}, state);
+  store_fold(f, state);
 }
 
 }  // namespace

@@ -86,6 +86,31 @@ struct RowMap {
   int64_t operator()(int64_t j) const { return subset != nullptr ? (*subset)[j] : j; }
 };
 
+// Settles row t of a scanned panel (row i of z) if its best code is its one candidate (no other
+// score within `threshold`); false for a near-tie, left to the caller. With a group index the
+// state holds the best group, and find(g, best, &second) gives the code in it (-1 if none) and
+// the group's own second, as code_in_group does.
+template <typename scalar_t, typename FindInGroup>
+bool settle_scanned_row(bool group_index, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler,
+                        double threshold, FindInGroup find) {
+  if (!group_index) {
+    if (!(static_cast<double>(s.second[t]) > threshold)) return false;
+    settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
+    return true;
+  }
+  // s.second is the best of the other groups; the group's own second comes with its code.
+  const int64_t g = s.index[t];
+  float second = s.second[t];
+  const int64_t j = find(g, s.best[t], &second);
+  const int64_t code = g * kScanCodes + j;
+  // j < 0 is not expected (the best score is the group's); the GEMM path would settle the row.
+  if (j < 0 || code >= settler.cb.K || !(static_cast<double>(std::min(second, s.second[t])) > threshold)) {
+    return false;
+  }
+  settler.finish(i, code, settler.exact_dist(i, code));
+  return true;
+}
+
 // The float scan (scan.h, scan_panel, with settler.isa's instructions), as settle_rows_scan
 // drives it. The codebook goes in groups of kScanCodes codes, coordinate-major inside a group;
 // padding codes score +inf. Its tolerance is RowSettler's (the float score error).
@@ -178,27 +203,66 @@ struct FloatScan {
       scan_panel(scan.settler.isa, panel(p), scan.codes.data(), scan.norms.data(), scan.D, g0, g1, state, scan.group_index);
     }
 
-    // Settles row t of panel p (row i of z) if its best code is its one candidate (no other
-    // score within `threshold`); false for a near-tie, left to the caller.
     bool settle(int64_t p, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler,
                 double threshold) {
-      if (!scan.group_index) {
-        if (!(static_cast<double>(s.second[t]) > threshold)) return false;
-        settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
-        return true;
-      }
-      // s.second is the best of the other groups; the group's own second comes with its code.
-      const int64_t g = s.index[t];
-      float second = s.second[t];
-      const int64_t j = code_in_group(settler.isa, panel(p), t, scan.codes.data(), scan.norms.data(), scan.D, g,
-                                      s.best[t], &second);
-      const int64_t code = g * kScanCodes + j;
-      // j < 0 is not expected (the best score is the group's); the GEMM path would settle the row.
-      if (j < 0 || code >= settler.cb.K || !(static_cast<double>(std::min(second, s.second[t])) > threshold)) {
-        return false;
-      }
-      settler.finish(i, code, settler.exact_dist(i, code));
-      return true;
+      return settle_scanned_row(scan.group_index, t, s, i, settler, threshold, [&](int64_t g, float best, float* second) {
+        return code_in_group(settler.isa, panel(p), t, scan.codes.data(), scan.norms.data(), scan.D, g, best, second);
+      });
+    }
+  };
+};
+
+// The bf16 scan (scan.h, bf16_scan_panel: bf16 rows and codes, uncentred), as settle_rows_scan
+// drives it; its scores are float sums of exact products, so RowSettler's float bound holds.
+template <typename scalar_t>
+struct Bf16Scan {
+  static const char* event(const RowSettler<scalar_t>&) { return "vqvae_fast::cpu_scan_avx512_bf16"; }
+  const RowSettler<scalar_t>& settler;
+  int64_t D, P, groups;
+  std::vector<uint32_t> codes;
+  std::vector<float> norms;
+  bool group_index;
+  int64_t panel_bytes, group_bytes;
+
+  explicit Bf16Scan(const RowSettler<scalar_t>& settler)
+      : settler(settler), D(settler.cb.D), P(bf16_pairs(D)), groups(ceil_div(settler.cb.K, kScanCodes)),
+        codes(groups * P * kScanCodes), norms(groups * kScanCodes, std::numeric_limits<float>::infinity()),
+        group_index(D <= kGroupIndexMaxD), panel_bytes(kScanRows * P * 4), group_bytes(P * kScanCodes * 4) {
+    const PreparedCodebook& cb = settler.cb;
+    const float* ecp = cb.ec_m2.const_data_ptr<float>();
+    at::parallel_for(0, groups, grain_for(D * kScanCodes), [&](int64_t g0, int64_t g1) {
+      bf16_pack_codes(ecp, cb.K, D, g0, g1, codes.data());
+    });
+    std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
+  }
+
+  double threshold(float best, double bound, double zc_norm2) const { return settler.threshold(best, bound, zc_norm2); }
+
+  // One thread's block of packed panels (P x kScanRows words each); rows [0, N) only.
+  struct Panels {
+    const Bf16Scan& scan;
+    std::vector<uint32_t> zt;
+
+    Panels(const Bf16Scan& scan, int64_t block, RowMap row_of) : scan(scan), zt(block * scan.P * kScanRows) {
+      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the bf16 scan reads rows [0, N)");
+    }
+    uint32_t* panel(int64_t p) { return zt.data() + p * scan.P * kScanRows; }
+
+    void pack(int64_t p, int64_t first, int64_t rows, float* zc_norm2) {
+      const RowSettler<scalar_t>& settler = scan.settler;
+      bf16_pack_panel(static_cast<const uint16_t*>(settler.row_ptr(first)), settler.z_ld, rows, scan.D, panel(p),
+                      zc_norm2);
+    }
+
+    void scan_groups(int64_t p, int64_t g0, int64_t g1, ScanState& state) {
+      bf16_scan_panel(panel(p), scan.codes.data(), scan.norms.data(), scan.P, g0, g1, state, scan.group_index);
+    }
+
+    bool settle(int64_t p, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler,
+                double threshold) {
+      return settle_scanned_row(scan.group_index, t, s, i, settler, threshold, [&](int64_t g, float best, float* second) {
+        return bf16_code_in_group(panel(p), t, scan.codes.data(), scan.norms.data(), scan.P, g, best, second);
+      });
     }
   };
 };
@@ -348,6 +412,12 @@ template <typename scalar_t>
 std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N) {
   static_assert(!std::is_same_v<scalar_t, double>, "the AMX scan reads float, bf16 and fp16 rows");
   return settle_rows_scan<AmxScan<scalar_t>>(settler, N, RowMap{nullptr});
+}
+
+std::vector<int64_t> settle_rows_bf16(RowSettler<at::BFloat16>& settler, int64_t N) {
+  TORCH_INTERNAL_ASSERT(std::all_of(settler.cb.centre.begin(), settler.cb.centre.end(), [](float c) { return c == 0.0f; }),
+                        "the bf16 scan reads an uncentred codebook");
+  return settle_rows_scan<Bf16Scan<at::BFloat16>>(settler, N, RowMap{nullptr});
 }
 
 // Settles the given rows with one float32 GEMM per block of rows: scores

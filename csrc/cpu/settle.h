@@ -78,13 +78,16 @@ struct PreparedCodebook {
   std::vector<double> e_root;  // K, ||e_k - mu|| (+inf where e_norm is)
   at::Tensor ec_m2;               // K x D float, -2 (e_k - mu) (0 for a non-finite code)
   double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
+  std::vector<char> usable;    // K, finite and not a duplicate
+  bool bf16_subnormal = false;  // a bf16 code has a subnormal entry (the bf16 scan would read it as zero)
 
   // The passes over K x D run on all threads (page faults of the workspace included); every
   // value is computed as a serial pass would, so the result does not depend on the threads.
   template <typename scalar_t>
   PreparedCodebook(const at::Tensor& codebook, const View2D<scalar_t>& E) : K(codebook.size(0)), D(codebook.size(1)) {
     const int64_t grain = grain_for(D);
-    std::vector<char> usable(K, 1);
+    usable.assign(K, 1);
+    std::vector<char> subnormal(K, 0);
     std::vector<uint64_t> row_hash(K, 0);
     at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -94,12 +97,16 @@ struct PreparedCodebook {
         for (int64_t d = 0; d < D; ++d) {
           const scalar_t v = E(k, d);
           if (!std::isfinite(to_double(v))) usable[k] = 0;
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            subnormal[k] |= (element_bits(v) & 0x7F80u) == 0 && (element_bits(v) & 0x7Fu) != 0;
+          }
           h = (h ^ element_bits(v)) * 0xD6E8FEB86659FD93ull;
         }
         row_hash[k] = mix_hash(h, static_cast<uint64_t>(D));
       }
     });
     exclude_duplicates(E, row_hash, usable);
+    bf16_subnormal = std::any_of(subnormal.begin(), subnormal.end(), [](char c) { return c != 0; });
     // Column sums over the usable codes, each column summed in code order by one thread: a code
     // with a NaN/Inf entry takes no part, not even through its finite entries (a [1e30, NaN]
     // code would move the centre by 5e29 and leave every float score to the fallbacks).
@@ -115,8 +122,30 @@ struct PreparedCodebook {
     });
     centre.resize(D);
     for (int64_t d = 0; d < D; ++d) centre[d] = static_cast<float>(count[d] > 0 ? mu[d] / count[d] : 0.0);
-
     ec_m2 = at::empty({K, D}, codebook.options().dtype(at::kFloat));
+    centre_codes(E);
+  }
+
+  // Whether the centre is small next to the codes around it (||mu||^2 <= M2 / 16): then
+  // uncentred scores have nearly the same error bound (at most ~1.6 times) as centred ones.
+  bool centre_is_small() const {
+    double c2 = 0.0;
+    for (float c : centre) c2 += static_cast<double>(c) * c;
+    return c2 <= M2 / 16.0;
+  }
+
+  // The codebook uncentred (mu = 0): what the bf16 scan reads (every -2 e_k exact in bf16).
+  template <typename scalar_t>
+  void uncentre(const View2D<scalar_t>& E) {
+    std::fill(centre.begin(), centre.end(), 0.0f);
+    centre_codes(E);
+  }
+
+ private:
+  // ec_m2, e_norm, e_root, M2 and M of the codes around `centre`.
+  template <typename scalar_t>
+  void centre_codes(const View2D<scalar_t>& E) {
+    const int64_t grain = grain_for(D);
     float* ecp = ec_m2.data_ptr<float>();
     e_norm.resize(K);
     e_root.resize(K);
@@ -288,6 +317,7 @@ std::vector<int64_t> settle_rows_float(RowSettler<scalar_t>& settler, int64_t N,
                                         const std::vector<int64_t>* subset = nullptr);
 template <typename scalar_t>
 std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N);
+std::vector<int64_t> settle_rows_bf16(RowSettler<at::BFloat16>& settler, int64_t N);
 template <typename scalar_t>
 void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>& rows);
 
