@@ -49,8 +49,8 @@ distance="cosine", the peer with use_cosine_sim=True, the loops on the l2-normal
 and codes. Each stage adds the unit code nearest to its unit residual and the next residual
 subtracts it (the peer's rule; DAC picks codes the same way, but adds the raw codebook row
 through a per-stage projection, which no provider here has). The check compares the unit
-residual with the unit codes. Ours encodes cosine stage by stage (the fused triton encoder is
-Euclidean only).
+residual with the unit codes. On triton ours runs cosine on the fused kernels too (stacked
+codebooks, D <= 128).
 
 Timing, load recording and memory are bench_layer.py's (harness.py): providers interleaved round
 by round, median with quartiles; on CPU the peak RSS growth of one call in a fresh process

@@ -25,6 +25,7 @@ if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse
+import itertools
 import json
 import re
 import subprocess
@@ -262,24 +263,27 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
                               "BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D}".format(**update.VECTOR_BLOCKS)))
     for d in (8, 64, residual.RESIDENT_MAX_D):  # the fused residual encoding (DAC's and EnCodec's code sizes)
         meta = residual.encode_meta(d, dtype)
-        for want_loss in (False, True):  # encode, and the training forward (the sum and row errors too)
-            cases.append(Case("residual_train_fwd" if want_loss else "residual_encode",
-                              residual._residual_encode_kernel, dict(
+        for want_loss, normalize in itertools.product((False, True), (False, True)):
+            # encode, and the training forward (the sum and row errors too); Euclidean and cosine
+            name = ("residual_train_fwd" if want_loss else "residual_encode") + ("[cosine]" if normalize else "")
+            cases.append(Case(name, residual._residual_encode_kernel, dict(
                 z_ptr=dtype, books_ptr=dtype, absmax_ptr=torch.int32, indices_ptr=torch.int64,
                 total_ptr=acc if want_loss else None, row_err_ptr=torch.float64 if want_loss else None,
                 N=LARGE[0], K=1024, D=d, S=8, bound_rel=1e-6, bound_abs=1e-36, stride_zn=d, stride_zd=1,
-                stride_bs=1024 * d, stride_bk=d, stride_bd=1, **meta, WANT_LOSS=want_loss),
+                stride_bs=1024 * d, stride_bk=d, stride_bd=1, **meta, WANT_LOSS=want_loss, NORMALIZE=normalize),
                 residual.encode_warps(d), 1, dtype,
                 "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} warps={w}; D={d}".format(d=d, w=residual.encode_warps(d), **meta),
                 needs_mma=False))
         rows_meta = residual.backward_meta(d, dtype)
-        for use, grads, stats in (("grad", True, 0), ("stats", False, 2)):  # the loss backward; the module's EMA sums
-            cases.append(Case(f"residual_stage_rows[{use}]", residual._stage_rows_kernel, dict(
+        # the loss backward; the module's EMA sums; Euclidean and cosine
+        for (use, grads, stats), normalize in itertools.product((("grad", True, 0), ("stats", False, 2)),
+                                                                (False, True)):
+            cases.append(Case(f"residual_stage_rows[{use}{',cosine' if normalize else ''}]", residual._stage_rows_kernel, dict(
                 grad_ptr=torch.float32 if grads else None, z_ptr=dtype, books_ptr=dtype, indices_ptr=torch.int64,
                 grad_z_ptr=dtype if grads else None, grad_books_ptr=acc if grads else None,
                 counts_ptr=torch.float32 if stats else None, sums_ptr=acc if stats else None, N=LARGE[0], K=1024, D=d,
                 S=8, beta=0.25, two_over_count=1e-9, stride_grad=1, **rows_meta, WANT_Z=grads, WANT_BOOKS=grads,
-                WANT_STATS=stats), residual.encode_warps(d), 1, dtype,
+                WANT_STATS=stats, NORMALIZE=normalize), residual.encode_warps(d), 1, dtype,
                 "BLOCK_N={BLOCK_N} warps={w}; D={d}".format(d=d, w=residual.encode_warps(d), **rows_meta),
                 needs_mma=False))
     absmax_pad = 256

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import ALL_BACKENDS, assert_nearest, away_from_ties, backend_device, distance_rtol
+from test_cosine_ops import kernel_unit
 from vqvae_fast import (InputError, ResidualVectorQuantizer, residual_decode, residual_nearest_code,
                         residual_quantize)
+from vqvae_fast.residual import unit_codebooks
 
 SHAPES = ((53, 3, 19, 7), (1, 1, 1, 4), (0, 2, 5, 3), (40, 4, 33, 65))  # N, S, K, D
 
@@ -402,12 +404,12 @@ def test_fused_encoding_op_passes_opcheck_and_compiles():
 # ----------------------------------------------------------------------------- fused training (triton)
 
 
-def _fused_and_loop(z, books, weight, stage_weights, beta=0.3, gradient="ste"):
+def _fused_and_loop(z, books, weight, stage_weights, beta=0.3, gradient="ste", distance="euclidean"):
     """(outputs, gradients w.r.t. (z, books)) of residual_quantize on triton with the stacked
     codebooks (the fused kernels) and with the same codebooks as a list (the per-stage loop)."""
     results = []
     for codebooks in (books, list(books.unbind(0))):
-        out = residual_quantize(z, codebooks, beta=beta, backend="triton", gradient=gradient)
+        out = residual_quantize(z, codebooks, beta=beta, backend="triton", gradient=gradient, distance=distance)
         objective = (out.quantized.float() * weight).sum() + (out.stage_losses.float() * stage_weights).sum()
         results.append((out, torch.autograd.grad(objective, (z, books))))
     return results
@@ -494,6 +496,68 @@ class _deterministic:
         torch.use_deterministic_algorithms(self.before)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("shape", ((53, 3, 19, 7), (70, 5, 100, 40), (20, 3, 70, 120)),
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_cosine_is_the_per_stage_loop(shape, dtype):
+    """distance="cosine" on the fused kernels (unit codes from unit_codebooks, each residual
+    normalised inside them): the per-stage loop's codes (each stage the nearest unit code to its
+    unit residual), sum, losses and gradients, through the residual's normalisation to z and the
+    codes' to the codebooks; encoding the same codes in one launch."""
+    n, s, k, d = shape
+    device = backend_device("triton")
+    z = (torch.randn(n, d) * torch.rand(n, 1).mul(4).exp()).to(dtype).to(device).requires_grad_()
+    books = stacked_codebooks(s, k, d, dtype, device).requires_grad_()
+    weight = torch.randn(n, d, device=device)
+    stage_weights = torch.linspace(1.5, -2.0, s, device=device)
+    stage_weights[1] = 0.0
+    (fused, fused_grads), (loop, loop_grads) = _fused_and_loop(z, books, weight, stage_weights, distance="cosine")
+    assert torch.equal(fused.indices, loop.indices)
+    sixteen = dtype == torch.bfloat16
+    eps = torch.finfo(dtype).eps
+    # unit codes normalised with a float64 norm on both sides, summed in another order: an ulp apart at most
+    torch.testing.assert_close(fused.quantized, loop.quantized, rtol=0, atol=4 * s * eps)
+    torch.testing.assert_close(fused.stage_losses, loop.stage_losses, rtol=1e-2 if sixteen else 1e-5, atol=1e-7)
+    tol = dict(rtol=5e-2, atol=1e-3) if sixteen else dict(rtol=1e-4, atol=1e-6)
+    for ours, expected in zip(fused_grads, loop_grads):
+        torch.testing.assert_close(ours.float(), expected.float(), **tol)
+    assert torch.equal(residual_nearest_code(z, books, backend="triton", distance="cosine"), fused.indices)
+    residuals = _stage_residuals(z.detach().cpu(), unit_codebooks(books.detach()).cpu(), fused.indices.cpu())
+    for stage, residual in enumerate(residuals):  # among the unit vectors the kernels see
+        assert_nearest(kernel_unit(residual), kernel_unit(books[stage].detach().cpu()), fused.indices[:, stage].cpu(),
+                       distance_rtol("triton", dtype))
+
+
+def test_fused_cosine_launches_and_compiles(monkeypatch):
+    """Cosine: the forward is one launch (unit vectors need no scale; the codebooks are normalised
+    by torch ops), the backward one; opcheck of the three ops with normalize, and torch.compile."""
+    device = backend_device("triton")
+    launched = _count_launches(monkeypatch)
+    z = torch.randn(64, 8, device=device, requires_grad=True)
+    books = torch.randn(4, 32, 8, device=device, requires_grad=True)
+    out = residual_quantize(z, books, backend="triton", distance="cosine")
+    assert launched == ["_residual_encode_kernel"]
+    launched.clear()
+    out.loss.backward()
+    assert launched == ["_stage_rows_kernel"]
+    assert z.grad is not None and books.grad is not None
+    unit = unit_codebooks(books.detach())
+    zd = z.detach()
+    torch.library.opcheck(torch.ops.vqvae_fast.triton_residual_nearest_code, (zd, unit, True))
+    torch.library.opcheck(torch.ops.vqvae_fast.triton_residual_quantize_fwd, (zd, unit, 2, True))
+    indices = out.indices
+    torch.library.opcheck(torch.ops.vqvae_fast.triton_stage_losses_bwd,
+                          (torch.randn(4, device=device), zd, unit, indices, 0.25, True, True, True))
+    torch._dynamo.reset()
+    zg, bg = zd.clone().requires_grad_(), books.detach().clone().requires_grad_()
+    compiled = torch.compile(lambda a, b: residual_quantize(a, b, backend="triton", distance="cosine").loss,
+                             fullgraph=True)
+    compiled(zg, bg).backward()
+    expected = torch.autograd.grad(residual_quantize(zd.clone().requires_grad_(), books, backend="triton",
+                                                     distance="cosine").loss, (books,))
+    torch.testing.assert_close(bg.grad, expected[0], rtol=1e-5, atol=1e-7)
+
+
 def test_fused_training_launches(monkeypatch):
     """Forward: the encoder's two launches whatever S (then a torch sum of the row errors);
     backward of the stage losses: one."""
@@ -531,7 +595,8 @@ def test_fused_training_ops_pass_opcheck_and_compile():
     torch.testing.assert_close(bg.grad, expected[1], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("health", ("ema+restarts", "learned", "learned+restarts"))
+@pytest.mark.parametrize("health", ("ema+restarts", "learned", "learned+restarts", "cosine ema+restarts",
+                                    "cosine learned"))
 def test_module_training_step_fused_is_the_stage_loop(monkeypatch, health):
     """The module on triton takes the fused kernels (one search launch for every stage, the EMA
     counts and residual sums from its epilogue, one backward launch) once every stage is
@@ -542,7 +607,8 @@ def test_module_training_step_fused_is_the_stage_loop(monkeypatch, health):
     device = backend_device("triton")
     torch.manual_seed(0)
     options = dict(ema_decay=0.9 if "ema" in health else None, restart_dead="restarts" in health,
-                   dead_threshold=0.8, kmeans_init=True, kmeans_iters=2, channels_last=True, backend="triton")
+                   dead_threshold=0.8, kmeans_init=True, kmeans_iters=2, channels_last=True, backend="triton",
+                   distance="cosine" if "cosine" in health else "euclidean")
     fused = ResidualVectorQuantizer(3, 24, 6, 0.3, **options).to(device)
     looped = ResidualVectorQuantizer(3, 24, 6, 0.3, **options).to(device)
     looped._fused_codebooks = lambda *args: None  # always the stage loop
@@ -568,7 +634,10 @@ def test_module_training_step_fused_is_the_stage_loop(monkeypatch, health):
                 assert "_residual_encode_kernel" not in launched
         (f_out, f_grads, f_state), (l_out, l_grads, l_state) = results
         assert torch.equal(f_out.indices, l_out.indices)
-        assert torch.equal(f_out.quantized, l_out.quantized)
+        if "cosine" in health:  # unit codes from a float64 norm summed in another order: an ulp apart at most
+            torch.testing.assert_close(f_out.quantized, l_out.quantized, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(f_out.quantized, l_out.quantized)
         torch.testing.assert_close(f_out.stage_losses, l_out.stage_losses, rtol=1e-6, atol=1e-8)
         for name in ("perplexity", "codes_used", "dead_codes"):
             torch.testing.assert_close(getattr(f_out, name), getattr(l_out, name), rtol=1e-5, atol=1e-6)
@@ -583,7 +652,7 @@ def test_module_training_step_fused_is_the_stage_loop(monkeypatch, health):
 
 def test_module_fused_eval_fewer_stages_and_when_it_is_not_taken(monkeypatch):
     """Eval and fewer stages take the fused kernels too (usage statistics from its counts); the
-    first step (k-means init), cosine and torch.use_deterministic_algorithms take the loop."""
+    first step (k-means init) and torch.use_deterministic_algorithms take the loop."""
     device = backend_device("triton")
     rvq = ResidualVectorQuantizer(3, 16, 5, channels_last=True, backend="triton", kmeans_init=True,
                                   ema_decay=0.9).to(device)

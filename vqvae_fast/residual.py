@@ -29,8 +29,9 @@ between stages. Euclidean quantization on triton with stacked (S, K, D) codebook
 fused (ops/triton_residual.py): every stage's search in one kernel, the residual in registers,
 the same codes as the loop. Encoding is two launches whatever S; the training forward is the
 same two launches (the kernel also writes the sum of the codes and each row's squared error per
-stage), the stage losses' backward one (StackedStageLosses). Cosine takes the per-stage loop
-(the fused kernel does not normalise).
+stage), the stage losses' backward one (StackedStageLosses). Cosine too: the codebooks are
+normalised once in torch (unit_codebooks, as the Triton kernels normalise a row), each residual
+inside the kernels (one launch fewer: unit vectors need no scale).
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import reference
-from .functional import (InputError, check_distance, check_inputs, check_options, l2_normalize, nearest_code,
-                         quantize, resolve_backend)
+from .functional import (NORMALIZE_EPS, InputError, check_distance, check_inputs, check_options, l2_normalize,
+                         nearest_code, quantize, resolve_backend)
 
 
 class ResidualQuantizeOutput(NamedTuple):
@@ -163,13 +164,16 @@ def stage_losses_grads(grad, z, indices, books, beta, total_dtype, need_z, need_
 class StackedStageLosses(torch.autograd.Function):
     """StageLosses for codebooks stacked as one (S, K, D) tensor on triton, the backward one launch
     (ops/triton_residual.stage_losses_bwd). Under torch.use_deterministic_algorithms a codebook
-    gradient is formed stage by stage in torch instead (the launch adds it with atomics).
+    gradient is formed stage by stage in torch instead (the launch adds it with atomics; cosine
+    never gets here in that mode: residual_quantize takes the stage loop).
 
-    apply(z (N, D), beta, indices (N, S), losses (S,), codebooks (S, K, D))."""
+    apply(z (N, D), beta, indices (N, S), losses (S,), codebooks (S, K, D), normalize): normalize
+    (cosine): the codebooks are the unit codes, and each stage's loss compares them with the unit
+    residual (its gradient to z through the residual's normalisation)."""
 
     @staticmethod
-    def forward(ctx, z, beta, indices, losses, codebooks):
-        ctx.beta = beta
+    def forward(ctx, z, beta, indices, losses, codebooks, normalize=False):
+        ctx.beta, ctx.normalize = beta, normalize
         ctx.save_for_backward(z, indices, codebooks)
         return losses.clone()
 
@@ -177,25 +181,37 @@ class StackedStageLosses(torch.autograd.Function):
     def backward(ctx, grad):
         z, indices, codebooks = ctx.saved_tensors
         need_z, need_books = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
-        if need_books and torch.are_deterministic_algorithms_enabled():
+        if need_books and torch.are_deterministic_algorithms_enabled() and not ctx.normalize:
             total_dtype = torch.promote_types(z.dtype, torch.float32)
             grad_z, grad_books = stage_losses_grads(grad, z, indices, list(codebooks.unbind(0)), ctx.beta,
                                                     total_dtype, need_z, [True] * codebooks.shape[0])
-            return grad_z, None, None, None, torch.stack(grad_books)
+            return grad_z, None, None, None, torch.stack(grad_books), None
         grad_z, grad_books = torch.ops.vqvae_fast.triton_stage_losses_bwd(grad, z, codebooks, indices, ctx.beta,
-                                                                          need_z, need_books)
-        return (grad_z if need_z else None), None, None, None, (grad_books if need_books else None)
+                                                                          need_z, need_books, ctx.normalize)
+        return (grad_z if need_z else None), None, None, None, (grad_books if need_books else None), None
 
 
-def fused_stages(z: torch.Tensor, stacked: torch.Tensor, beta: float, loss_dtype: torch.dtype, stats: int = 0):
+def unit_codebooks(codebooks: torch.Tensor) -> torch.Tensor:
+    """The unit codes of (S, K, D) codebooks, x * (1 / max(|x|, 1e-12)) in float64 rounded once
+    to their dtype (16-bit via fp32), as the Triton cosine kernels normalise a row (unit_rows), so
+    the fused kernels search and add the codes the single-stage op would; differentiable."""
+    x = codebooks.double()
+    y = x * (1.0 / torch.sqrt((x * x).sum(-1, keepdim=True)).clamp_min(NORMALIZE_EPS))
+    return (y.float() if codebooks.dtype in (torch.float16, torch.bfloat16) else y).to(codebooks.dtype)
+
+
+def fused_stages(z: torch.Tensor, stacked: torch.Tensor, beta: float, loss_dtype: torch.dtype, stats: int = 0,
+                 cosine: bool = False):
     """Every stage on the fused Triton kernels (ops/triton_residual.py): (sum of the codes (N, D)
     in at least fp32, indices (N, S), stage losses (S,) in loss_dtype with their gradients
     (StackedStageLosses), counts, sums: the EMA statistics `stats` asks for, see
-    triton_residual.residual_quantize_fwd)."""
+    triton_residual.residual_quantize_fwd). cosine: the unit codes (unit_codebooks, whose
+    gradient reaches `stacked` through autograd) against each normalised residual."""
+    books = unit_codebooks(stacked) if cosine else stacked
     total, indices, stage_err, counts, sums = torch.ops.vqvae_fast.triton_residual_quantize_fwd(
-        z.detach(), stacked.detach(), stats)
+        z.detach(), books.detach(), stats, cosine)
     losses = (stage_err * ((1.0 + beta) / z.numel())).to(loss_dtype)
-    return total, indices, StackedStageLosses.apply(z, beta, indices, losses, stacked), counts, sums
+    return total, indices, StackedStageLosses.apply(z, beta, indices, losses, books, cosine), counts, sums
 
 
 def fused_triton_codebooks(z: torch.Tensor, codebooks: Codebooks, stages: int, backend: str):
@@ -235,9 +251,12 @@ def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.
     backend = resolve_backend(backend, z.device)
     cosine = distance == "cosine"
     straight = reference._Rotation if gradient == "rotation" else reference._StraightThrough
-    stacked = fused_triton_codebooks(z, codebooks, len(books), backend) if not cosine else None
+    # Cosine under deterministic algorithms: the stage loop (the fused backward's codebook
+    # gradient is added with atomics, and only the Euclidean one has a torch form here).
+    fused = not (cosine and torch.are_deterministic_algorithms_enabled())
+    stacked = fused_triton_codebooks(z, codebooks, len(books), backend) if fused else None
     if stacked is not None:  # every stage in one kernel: the forward in two launches, the backward in one
-        total, indices, stage_losses, _, _ = fused_stages(z, stacked, beta, z.dtype)
+        total, indices, stage_losses, _, _ = fused_stages(z, stacked, beta, z.dtype, cosine=cosine)
         return ResidualQuantizeOutput(straight.apply(z, total.to(z.dtype)), indices, stage_losses.sum(), stage_losses)
     with torch.set_grad_enabled(cosine and torch.is_grad_enabled()):  # Euclidean: StageLosses forms the gradients
         total, indices, losses = _stages(
@@ -257,14 +276,16 @@ def residual_nearest_code(z: torch.Tensor, codebooks: Codebooks, *, backend: str
     check_distance(distance)
     books = as_codebooks(z, codebooks, stages)
     backend = resolve_backend(backend, z.device)
+    stacked = fused_triton_codebooks(z, codebooks, len(books), backend)
+    if stacked is not None:
+        cosine = distance == "cosine"
+        stacked = unit_codebooks(stacked.detach()) if cosine else stacked.detach()
+        return torch.ops.vqvae_fast.triton_residual_nearest_code(z.detach(), stacked, cosine)
     if distance == "cosine":  # the forward's own op: the same codes and unit codes, bit for bit
         with torch.no_grad():
             _, indices, _ = _stages(z.detach(), [book.detach() for book in books],
                                     lambda r, book: quantize(r, book, backend=backend, distance="cosine"))
         return torch.stack(indices, dim=1)
-    stacked = fused_triton_codebooks(z, codebooks, len(books), backend)
-    if stacked is not None:
-        return torch.ops.vqvae_fast.triton_residual_nearest_code(z.detach(), stacked.detach())
 
     gathered = torch.empty_like(z, dtype=books[0].dtype)  # one buffer for every stage's codes
 

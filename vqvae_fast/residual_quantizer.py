@@ -10,7 +10,7 @@ from torch import nn
 from . import reference
 from .functional import InputError, check_distance, check_options, resolve_backend
 from .residual import (StageLosses, fused_stages, fused_triton_codebooks, residual_decode, residual_nearest_code,
-                       stage_residual)
+                       stage_residual, unit_codebooks)
 from .vector_quantizer import VectorQuantizer, channel_dim, usage_stats
 
 
@@ -55,12 +55,12 @@ class ResidualVectorQuantizer(nn.Module):
     near zero, wasting those codes (and making the exact search re-score many near-ties).
     Euclidean training keeps O(N*D + S*K*D) for autograd whatever S: the stages search without a
     graph and `residual.StageLosses` forms their loss gradients in one backward. On triton
-    (Euclidean, dim <= 128, every stage initialised) every stage's search, the sum of the codes
+    (dim <= 128, every stage initialised; Euclidean or cosine) every stage's search, the sum of the codes
     and the losses come from one fused kernel, each stage's EMA counts and sums from one more
     launch and the loss gradients from one backward launch (ops/triton_residual.py); each stage's
     update then runs from its counts and sums (a stage that restarts dead codes forms its residual
     for the candidates).
-    The first step (k-means init), cosine and torch.use_deterministic_algorithms take the stage loop.
+    The first step (k-means init) and torch.use_deterministic_algorithms take the stage loop.
 
     quantizer_dropout: in training, with this probability a step uses only a random prefix of
         1..S stages (SoundStream, DAC), so that fewer stages decode well too (bitrate scalability).
@@ -190,13 +190,14 @@ class ResidualVectorQuantizer(nn.Module):
 
     def _fused_codebooks(self, source: torch.Tensor, active: int, update: bool) -> torch.Tensor | None:
         """The active stages' codebooks stacked (S, K, D) when the fused Triton kernels take this
-        step (Euclidean, D <= 128, every stage initialised, no deterministic-algorithms mode: the
-        kernel sums the EMA statistics with atomics), else None (the stage loop)."""
+        step (D <= 128, every stage initialised, no deterministic-algorithms mode: the kernels
+        sum the EMA statistics and the codebook gradient with atomics), else None (the stage loop)."""
         stages = self.stages[:active]
         backend = resolve_backend(stages[0].backend, source.device)
         initialising = any(stage._needs_init for stage in stages)
-        if (self.distance != "euclidean" or backend != "triton"
-                or (update and (initialising or torch.are_deterministic_algorithms_enabled()))):
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if (backend != "triton" or (update and (initialising or deterministic))
+                or (deterministic and self.distance == "cosine" and torch.is_grad_enabled())):
             return None
         # A copy: the stages' updates below rewrite their codebooks in place, not what was searched.
         stacked = torch.stack([stage.codebook for stage in stages])
@@ -210,10 +211,12 @@ class ResidualVectorQuantizer(nn.Module):
         needs its residual (its candidates), formed from z and the codes before it."""
         stages = self.stages[:stacked.shape[0]]
         ema = update and any(stage.ema_decay is not None for stage in stages)
-        total, index, losses, counts, sums = fused_stages(source, stacked, self.beta, torch.float32, 2 if ema else 1)
+        cosine = self.distance == "cosine"
+        total, index, losses, counts, sums = fused_stages(source, stacked, self.beta, torch.float32, 2 if ema else 1,
+                                                          cosine=cosine)
         restarts = [update and stage.restart_dead for stage in stages]
         running = torch.zeros_like(total) if any(restarts) else None
-        books = stacked.detach()
+        books = (unit_codebooks(stacked) if cosine else stacked).detach()  # the codes the residuals subtract
         stats = []
         for s, stage in enumerate(stages):
             if update:

@@ -32,6 +32,8 @@ What the arguments and outputs mean:
   (S, K) of each stage's codes, 2: and the sums (S, K, D) of their residuals (the module's EMA), else empty.
 - triton_stage_losses_bwd: residual.StageLosses' gradients in one launch, from the upstream
   gradient of the stage losses (S,), z, the codebooks (S, K, D) and the indices.
+- The three residual ops' `normalize`: cosine; the codebooks given are the unit codes (normalised
+  by the caller, residual.unit_codebooks), each residual is normalised inside the kernels.
 - triton_update_codebook_state: vector_quantizer.update_codebook_state in two Triton launches
   (usage, EMA, restarts, codebook, perplexity); returns (perplexity, tallies).
 
@@ -65,11 +67,11 @@ SCHEMAS = {
     "triton_quantize_bwd": "triton_quantize_bwd(Tensor grad_quantized, Tensor grad_loss, Tensor z, Tensor codebook, "
                            "Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook, "
                            "bool rotation=False, bool normalize=False) -> (Tensor grad_z, Tensor grad_codebook)",
-    "triton_residual_nearest_code": "triton_residual_nearest_code(Tensor z, Tensor codebooks) -> Tensor",
-    "triton_residual_quantize_fwd": "triton_residual_quantize_fwd(Tensor z, Tensor codebooks, int stats=0) -> "
+    "triton_residual_nearest_code": "triton_residual_nearest_code(Tensor z, Tensor codebooks, bool normalize=False) -> Tensor",
+    "triton_residual_quantize_fwd": "triton_residual_quantize_fwd(Tensor z, Tensor codebooks, int stats=0, bool normalize=False) -> "
                                     "(Tensor total, Tensor indices, Tensor stage_err, Tensor counts, Tensor sums)",
     "triton_stage_losses_bwd": "triton_stage_losses_bwd(Tensor grad, Tensor z, Tensor codebooks, Tensor indices, "
-                               "float beta, bool need_grad_z, bool need_grad_codebooks) -> "
+                               "float beta, bool need_grad_z, bool need_grad_codebooks, bool normalize=False) -> "
                                "(Tensor grad_z, Tensor grad_codebooks)",
     "triton_update_codebook_state": "triton_update_codebook_state(Tensor(a0!) usage, Tensor(a1!)? ema_count, "
                                     "Tensor(a2!)? ema_sum, Tensor(a3!)? codebook, Tensor counts, Tensor sums, "

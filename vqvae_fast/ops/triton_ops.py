@@ -24,22 +24,22 @@ def triton_nearest_code(z, codebook):
 
 
 @_op("triton_residual_nearest_code")
-def triton_residual_nearest_code(z, codebooks):
-    return residual.residual_nearest_code(z, codebooks)
+def triton_residual_nearest_code(z, codebooks, normalize=False):
+    return residual.residual_nearest_code(z, codebooks, normalize)
 
 
 @triton_residual_nearest_code.register_fake
-def _(z, codebooks):
+def _(z, codebooks, normalize=False):
     return z.new_empty((z.shape[0], codebooks.shape[0]), dtype=torch.long)
 
 
 @_op("triton_residual_quantize_fwd")
-def triton_residual_quantize_fwd(z, codebooks, stats=0):
-    return residual.residual_quantize_fwd(z, codebooks, stats)
+def triton_residual_quantize_fwd(z, codebooks, stats=0, normalize=False):
+    return residual.residual_quantize_fwd(z, codebooks, stats, normalize)
 
 
 @triton_residual_quantize_fwd.register_fake
-def _(z, codebooks, stats=0):
+def _(z, codebooks, stats=0, normalize=False):
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     s, k, d = codebooks.shape
     return (z.new_empty(z.shape, dtype=acc), z.new_empty((z.shape[0], s), dtype=torch.long),
@@ -48,12 +48,12 @@ def _(z, codebooks, stats=0):
 
 
 @_op("triton_stage_losses_bwd")
-def triton_stage_losses_bwd(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks):
-    return residual.stage_losses_bwd(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks)
+def triton_stage_losses_bwd(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks, normalize=False):
+    return residual.stage_losses_bwd(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks, normalize)
 
 
 @triton_stage_losses_bwd.register_fake
-def _(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks):
+def _(grad, z, codebooks, indices, beta, need_grad_z, need_grad_codebooks, normalize=False):
     return (z.new_empty(z.shape) if need_grad_z else z.new_empty(0),
             codebooks.new_empty(codebooks.shape) if need_grad_codebooks else codebooks.new_empty(0))
 

@@ -31,6 +31,12 @@ these kernels whatever S (four with the module's statistics; plus a few small to
 the per-stage loop launches about eight a stage forward and six backward.
 
 A row with a NaN/Inf entry takes code 0 at every stage; a code with one is never chosen.
+Cosine (`normalize`): the caller passes the unit codes (residual.unit_codebooks); each residual
+is normalised in the kernels as the single-stage cosine search normalises its input (a float64
+inverse norm, one rounding: `unit_rows`); the chosen unit code is added to the sum, so the next
+residual subtracts it; errors, sums and gradients are of the unit residual, the gradient to z
+through its normalisation. No absmax launch: unit vectors need no scale.
+
 Scope: codebooks stacked as (S, K, D), D <= RESIDENT_MAX_D (128); other inputs take the
 per-stage loop. Not measured on a GPU: any of these kernels' time.
 """
@@ -40,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_prepare import _bf16_nearest
+from .triton_prepare import _bf16_nearest, normalize_eps, unit_rows
+from .triton_quantize_bwd import _normalization_grad
 
 # The widest rows the fused kernel takes: at D = 256 it spilled 264-344 bytes a thread even at 8
 # warps and 16-code tiles (fp32/16-bit, sm_90, scripts/inspect_kernels.py); wider rows take the loop.
@@ -106,6 +113,18 @@ def _residual_chunk(z_ptr, books_ptr, indices_ptr, rows64, row_mask, stage, S, d
 
 
 @triton.jit
+def _unit_residual(r, rows64, IN_DTYPE: tl.constexpr, ACC: tl.constexpr, NORMALIZE: tl.constexpr):
+    """(r, placeholder) or, NORMALIZE, (unit(r), 1 / max(|r|, eps) in fp64): r (in ACC, exact in
+    IN_DTYPE) normalised as the single-stage cosine search normalises its input (unit_rows)."""
+    inv = rows64.to(tl.float64)  # a placeholder unless NORMALIZE
+    if NORMALIZE:
+        r64 = r.to(tl.float64)
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(r64 * r64, axis=1)), normalize_eps())
+        r = unit_rows(r.to(IN_DTYPE), inv, NORMALIZE).to(ACC)
+    return r, inv
+
+
+@triton.jit
 def _residual_encode_kernel(
     # pointers: z (N, D), codebooks (S, K, D), absmax (fp32 bits), indices (N, S) int64 out;
     # WANT_LOSS: total (N, D) in ACC out (the sum of the chosen codes), row_err (N, S) float64 out
@@ -117,7 +136,7 @@ def _residual_encode_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, EXACT_D: tl.constexpr,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, SETTLE: tl.constexpr, PRECISION: tl.constexpr,
-    WANT_LOSS: tl.constexpr,
+    WANT_LOSS: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -136,6 +155,7 @@ def _residual_encode_kernel(
         z = tl.load(z_ptr + rows64[:, None] * stride_zn + d[None, :] * stride_zd, mask=mask, other=0.0).to(ACC)
         r = _round_to(z - total, IN_DTYPE)  # the residual as the per-stage loop forms it
         finite_row = tl.sum((mask & ~(tl.abs(r) < float("inf"))).to(tl.int32), axis=1) == 0
+        r, inv = _unit_residual(r, rows64, IN_DTYPE, ACC, NORMALIZE)  # cosine: the search's vector
         rs = tl.where(finite_row[:, None], r, 0.0) * scale
         best = tl.full((BLOCK_N,), float("inf"), ACC)
         second = tl.full((BLOCK_N,), float("inf"), ACC)
@@ -159,8 +179,8 @@ def _residual_encode_kernel(
             flagged = row_mask & finite_row & (best < float("inf")) & (second <= threshold)
             if tl.max(flagged.to(tl.int32), axis=0) > 0:
                 best_idx = _rescore(z_ptr, books_ptr, indices_ptr, rs, scale, threshold, flagged, best_idx, rows64,
-                                    s, S, K, D, d, d_mask, stride_zn, stride_zd, stride_bs, stride_bk, stride_bd,
-                                    BLOCK_N, BLOCK_K, EXACT_D, IN_DTYPE, ACC, PRECISION)
+                                    inv, s, S, K, D, d, d_mask, stride_zn, stride_zd, stride_bs, stride_bk,
+                                    stride_bd, BLOCK_N, BLOCK_K, EXACT_D, IN_DTYPE, ACC, PRECISION, NORMALIZE)
         best_idx = tl.where(finite_row, best_idx, 0)
         tl.store(indices_ptr + rows64 * S + s, best_idx.to(tl.int64), mask=row_mask)
         chosen = tl.load(base + best_idx.to(tl.int64)[:, None] * stride_bk + d[None, :] * stride_bd, mask=mask,
@@ -174,13 +194,14 @@ def _residual_encode_kernel(
 
 
 @triton.jit
-def _rescore(z_ptr, books_ptr, indices_ptr, rs, scale, threshold, flagged, best_idx, rows64, stage, S, K, D, d,
+def _rescore(z_ptr, books_ptr, indices_ptr, rs, scale, threshold, flagged, best_idx, rows64, inv, stage, S, K, D, d,
              d_mask, stride_zn, stride_zd, stride_bs, stride_bk, stride_bd, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, EXACT_D: tl.constexpr, IN_DTYPE: tl.constexpr, ACC: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, NORMALIZE: tl.constexpr):
     """The flagged rows' nearest code among those whose fp32 score is within their threshold, by
     float64 distances sum((r - e)^2) of the unscaled values, EXACT_D columns at a time (the
-    residual rebuilt from memory, `_residual_chunk`); ties to the lowest index."""
+    residual rebuilt from memory, `_residual_chunk`; NORMALIZE: times the row's inv, as the scan
+    normalised it); ties to the lowest index."""
     base = books_ptr + stage * stride_bs
     cols = tl.arange(0, BLOCK_K)
     best = tl.full((BLOCK_N,), float("inf"), tl.float64)
@@ -196,7 +217,8 @@ def _rescore(z_ptr, books_ptr, indices_ptr, rs, scale, threshold, flagged, best_
             for d0 in range(0, D, EXACT_D):
                 dc = d0 + tl.arange(0, EXACT_D)
                 r = _residual_chunk(z_ptr, books_ptr, indices_ptr, rows64, flagged, stage, S, dc, D, stride_zn,
-                                    stride_zd, stride_bs, stride_bk, stride_bd, IN_DTYPE, ACC).to(tl.float64)
+                                    stride_zd, stride_bs, stride_bk, stride_bd, IN_DTYPE, ACC)
+                r = unit_rows(r.to(IN_DTYPE), inv, NORMALIZE).to(tl.float64)
                 e = tl.load(base + codes.to(tl.int64)[:, None] * stride_bk + dc[None, :] * stride_bd,
                             mask=k_mask[:, None] & (dc < D)[None, :], other=0.0).to(tl.float64)
                 diff = r[:, None, :] - e[None, :, :]
@@ -218,7 +240,7 @@ def _stage_rows_kernel(
     grad_ptr, z_ptr, books_ptr, indices_ptr, grad_z_ptr, grad_books_ptr, counts_ptr, sums_ptr,
     N, K, D, S, beta, two_over_count, stride_grad,
     BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, IN_DTYPE: tl.constexpr, ACC: tl.constexpr,
-    WANT_Z: tl.constexpr, WANT_BOOKS: tl.constexpr, WANT_STATS: tl.constexpr,
+    WANT_Z: tl.constexpr, WANT_BOOKS: tl.constexpr, WANT_STATS: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     """For BLOCK_N rows, every stage's residual r_s formed again as the forward formed it (z minus
     the sum of the earlier stages' codes, rounded to z's dtype), then what the caller wants of it:
@@ -226,7 +248,8 @@ def _stage_rows_kernel(
     sums[s, idx] += r_s (2); WANT_Z / WANT_BOOKS, residual.StageLosses' backward: 2 beta w_s (r_s -
     e_s) / (N D) summed into the rows' grad_z and -2 w_s (r_s - e_s) / (N D) added to the rows of
     codebook s they chose, w_s = grad[s]. A stage whose loss has no gradient (w_s = 0) adds nothing
-    (not 0 * NaN)."""
+    (not 0 * NaN). NORMALIZE (cosine; the codebooks given are unit codes): unit(r_s) in place of
+    r_s, and the commitment term taken back through the residual's normalisation."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
@@ -236,7 +259,7 @@ def _stage_rows_kernel(
     grad_z = tl.zeros((BLOCK_N, D_PAD), ACC)
     for s in range(0, S):
         z = tl.load(z_ptr + rows64[:, None] * D + d[None, :], mask=mask, other=0.0).to(ACC)
-        r = _round_to(z - total, IN_DTYPE)
+        r, inv = _unit_residual(_round_to(z - total, IN_DTYPE), rows64, IN_DTYPE, ACC, NORMALIZE)
         idx = tl.load(indices_ptr + rows64 * S + s, mask=row_mask, other=0)
         code_rows = (s * K + idx)[:, None] * D + d[None, :]
         chosen = tl.load(books_ptr + code_rows, mask=mask, other=0.0).to(ACC)
@@ -248,7 +271,10 @@ def _stage_rows_kernel(
             weight = tl.load(grad_ptr + s * stride_grad).to(ACC) * two_over_count
             diff = tl.where(weight == 0, 0.0, r - chosen)
             if WANT_Z:
-                grad_z += diff * (beta * weight)
+                step = diff * (beta * weight)
+                if NORMALIZE:
+                    step = _normalization_grad(step, r, tl.sum(r * step, axis=1), inv)
+                grad_z += step
             if WANT_BOOKS:
                 if weight != 0:
                     tl.atomic_add(grad_books_ptr + code_rows, -weight * diff, mask=mask, sem="relaxed")
@@ -314,54 +340,59 @@ def absmax_rows(d_pad: int) -> int:
     return max(1, 4096 // d_pad)  # a (rows, d_pad) tile of 4096 values
 
 
-def _encode(z: torch.Tensor, codebooks: torch.Tensor, want_loss: bool):
+def _encode(z: torch.Tensor, codebooks: torch.Tensor, want_loss: bool, normalize: bool):
     """(indices (N, S) int64, total (N, D) or None, row_err (N, S) float64 or None): the two
     launches of the module docstring; want_loss: the kernel also writes the sum of the chosen
-    codes (fp32, fp64 for fp64) and each row's squared error |r_s - e_s|^2 at each stage."""
+    codes (fp32, fp64 for fp64) and each row's squared error |r_s - e_s|^2 at each stage.
+    normalize (cosine; codebooks holds unit codes): each residual is normalised before its search
+    (and in its error), one launch: unit vectors need no scale (the absmax stays 0: scale 1)."""
     n, d = z.shape
     s, k, _ = codebooks.shape
     z, books = z.contiguous(), codebooks.contiguous()
     meta = encode_meta(d, z.dtype)
     absmax = torch.zeros(1, dtype=torch.int32, device=z.device)
-    block_r = absmax_rows(meta["D_PAD"])
-    z_programs = triton.cdiv(n, block_r)
-    _absmax_kernel[(z_programs + triton.cdiv(s * k, block_r),)](z, books, absmax, n, s * k, d, z_programs,
-                                                                BLOCK_R=block_r, D_PAD=meta["D_PAD"])
+    if not normalize:
+        block_r = absmax_rows(meta["D_PAD"])
+        z_programs = triton.cdiv(n, block_r)
+        _absmax_kernel[(z_programs + triton.cdiv(s * k, block_r),)](z, books, absmax, n, s * k, d, z_programs,
+                                                                    BLOCK_R=block_r, D_PAD=meta["D_PAD"])
     indices = torch.empty(n, s, dtype=torch.long, device=z.device)
     total = torch.empty(n, d, dtype=_ACC[z.dtype], device=z.device) if want_loss else None
     row_err = torch.empty(n, s, dtype=torch.float64, device=z.device) if want_loss else None
     _residual_encode_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
         z, books, absmax, indices, total, row_err, n, k, d, s, *residual_bound(meta["D_PAD"]), z.stride(0),
         z.stride(1), books.stride(0), books.stride(1), books.stride(2), **meta, WANT_LOSS=want_loss,
-        num_warps=encode_warps(d))
+        NORMALIZE=normalize, num_warps=encode_warps(d))
     return indices, total, row_err
 
 
-def residual_nearest_code(z: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(N, S) int64: the fused residual encoding (module docstring) of z (N, D) with (S, K, D)."""
-    return _encode(z, codebooks, want_loss=False)[0]
+def residual_nearest_code(z: torch.Tensor, codebooks: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """(N, S) int64: the fused residual encoding (module docstring) of z (N, D) with (S, K, D)
+    (normalize: unit codes, and each residual normalised for its search: cosine)."""
+    return _encode(z, codebooks, want_loss=False, normalize=normalize)[0]
 
 
-def residual_quantize_fwd(z: torch.Tensor, codebooks: torch.Tensor, stats: int = 0):
+def residual_quantize_fwd(z: torch.Tensor, codebooks: torch.Tensor, stats: int = 0, normalize: bool = False):
     """The training forward: (total (N, D), the sum of the chosen codes in fp32 (fp64 for fp64 z),
     indices (N, S) int64, stage_err (S,) float64: the sum over rows of |r_s - e_s|^2, so that stage
     s's loss is (1 + beta) stage_err[s] / (N D), then counts (S, K) fp32 and sums (S, K, D) of each
     stage's codes and residuals (stats 1: counts only; 0: both empty) for the stages' EMA and usage
     (ResidualVectorQuantizer). The encoder's two launches, and a third for the statistics
     (`_stage_rows_kernel`: in the search kernel their atomics made ptxas cap it at 128 registers
-    and spill 16-84 bytes a thread on sm_80)."""
+    and spill 16-84 bytes a thread on sm_80). normalize: cosine (unit codes given; the errors and
+    sums are of the unit residuals)."""
     z, codebooks = z.contiguous(), codebooks.contiguous()  # once, for both launches
-    indices, total, row_err = _encode(z, codebooks, want_loss=True)
+    indices, total, row_err = _encode(z, codebooks, want_loss=True, normalize=normalize)
     s, k, d = codebooks.shape
     counts = torch.zeros((s, k) if stats else (0,), dtype=torch.float32, device=z.device)
     sums = torch.zeros((s, k, d) if stats == 2 else (0,), dtype=_ACC[z.dtype], device=z.device)
     if stats:
-        _stage_rows(z, codebooks, indices, counts=counts, sums=sums if stats == 2 else None)
+        _stage_rows(z, codebooks, indices, counts=counts, sums=sums if stats == 2 else None, normalize=normalize)
     return total, indices, row_err.sum(0), counts, sums
 
 
 def _stage_rows(z, codebooks, indices, *, grad=None, beta=0.0, grad_z=None, grad_books=None, counts=None,
-                sums=None):
+                sums=None, normalize=False):
     """One launch of `_stage_rows_kernel` filling the outputs given (the others None)."""
     n, d = z.shape
     s, k, _ = codebooks.shape
@@ -370,15 +401,18 @@ def _stage_rows(z, codebooks, indices, *, grad=None, beta=0.0, grad_z=None, grad
     _stage_rows_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
         grad, z.contiguous(), codebooks.contiguous(), indices.contiguous(), grad_z, grad_books, counts, sums, n, k,
         d, s, float(beta), 2.0 / max(n * d, 1), 0 if grad is None else grad.stride(0), **meta,
-        WANT_Z=grad_z is not None, WANT_BOOKS=grad_books is not None, WANT_STATS=stats, num_warps=encode_warps(d))
+        WANT_Z=grad_z is not None, WANT_BOOKS=grad_books is not None, WANT_STATS=stats, NORMALIZE=normalize,
+        num_warps=encode_warps(d))
 
 
 def stage_losses_bwd(grad: torch.Tensor, z: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor,
-                     beta: float, need_grad_z: bool, need_grad_codebooks: bool):
+                     beta: float, need_grad_z: bool, need_grad_codebooks: bool, normalize: bool = False):
     """The stage losses' gradients (residual.StageLosses' formulas) in one launch: (grad_z (N, D)
     in z's dtype, grad_codebooks (S, K, D) in theirs); one not needed is an empty tensor. grad
     (S,): the upstream gradient of each stage's loss. The codebooks' gradient is added with
-    atomics (fp32, fp64 for fp64): its summation order is not fixed."""
+    atomics (fp32, fp64 for fp64): its summation order is not fixed. normalize: cosine (the
+    codebooks given are the unit codes; their gradient is the unit codes', z's goes through each
+    residual's normalisation)."""
     n, d = z.shape
     s, k, _ = codebooks.shape
     acc = _ACC[z.dtype]
@@ -387,5 +421,5 @@ def stage_losses_bwd(grad: torch.Tensor, z: torch.Tensor, codebooks: torch.Tenso
                   else codebooks.new_empty(0))
     if n and (need_grad_z or need_grad_codebooks):
         _stage_rows(z, codebooks, indices, grad=grad, beta=beta, grad_z=grad_z if need_grad_z else None,
-                    grad_books=grad_books if need_grad_codebooks else None)
+                    grad_books=grad_books if need_grad_codebooks else None, normalize=normalize)
     return grad_z, grad_books.to(codebooks.dtype)
