@@ -262,8 +262,8 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
                                    EMA=True, RESTART=True, GATHER=True, NORMALIZE=normalize), 4, 1, dtype,
                               "BLOCK_K={BLOCK_K} BLOCK_D={BLOCK_D}".format(**update.VECTOR_BLOCKS)))
     for d in (8, 64, residual.RESIDENT_MAX_D):  # the fused residual encoding (DAC's and EnCodec's code sizes)
-        meta = residual.encode_meta(d, dtype)
         for want_loss, normalize in itertools.product((False, True), (False, True)):
+            meta = residual.encode_meta(d, dtype, normalize)
             # encode, and the training forward (the sum and row errors too); Euclidean and cosine
             name = ("residual_train_fwd" if want_loss else "residual_encode") + ("[cosine]" if normalize else "")
             cases.append(Case(name, residual._residual_encode_kernel, dict(
@@ -272,7 +272,8 @@ def support_cases(machine, dtype: torch.dtype) -> list[Case]:
                 N=LARGE[0], K=1024, D=d, S=8, bound_rel=1e-6, bound_abs=1e-36, stride_zn=d, stride_zd=1,
                 stride_bs=1024 * d, stride_bk=d, stride_bd=1, **meta, WANT_LOSS=want_loss, NORMALIZE=normalize),
                 residual.encode_warps(d), 1, dtype,
-                "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} warps={w}; D={d}".format(d=d, w=residual.encode_warps(d), **meta),
+                "BLOCK_N={BLOCK_N} BLOCK_K={BLOCK_K} warps={w}; D={d}".format(d=d, w=residual.encode_warps(d),
+                                                                              **meta),
                 needs_mma=False))
         rows_meta = residual.backward_meta(d, dtype)
         # the loss backward; the module's EMA sums; Euclidean and cosine

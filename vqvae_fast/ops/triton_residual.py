@@ -310,14 +310,17 @@ def supports(z: torch.Tensor, codebooks) -> bool:
             and 0 < z.shape[1] <= RESIDENT_MAX_D and z.shape[0] > 0)
 
 
-def encode_meta(d: int, dtype: torch.dtype) -> dict:
+def encode_meta(d: int, dtype: torch.dtype, normalize: bool = False) -> dict:
     """The encode kernel's constexprs: 32 rows a program up to D = 64, 16 beyond (two resident
-    (BLOCK_N, D_PAD) tiles), code tiles of 64 (32 for fp64 or D > 64, 16 for D > 128: chosen for no
-    spills on sm_90/sm_80, scripts/inspect_kernels.py; not timed on a GPU)."""
+    (BLOCK_N, D_PAD) tiles) and for cosine up to D = 32 but in fp32, code tiles of 64 (32 for fp64
+    or D > 64, 16 for D > 128). Chosen for no spills on sm_90/sm_80 (scripts/inspect_kernels.py:
+    cosine at D = 8 with 32 rows spilled 8 bytes on sm_80 in fp64 and bf16, fp32 with 16 rows 32
+    bytes on sm_90, 8 warps or halved code tiles more); not timed on a GPU."""
     d_pad = max(16, triton.next_power_of_2(d))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     block_k = 64 if d_pad <= 64 and acc == torch.float32 else 32 if d_pad <= 128 else 16
-    return dict(BLOCK_N=32 if d_pad <= 64 else 16, BLOCK_K=block_k, D_PAD=d_pad, EXACT_D=1, IN_DTYPE=_TL[dtype],
+    rows = 32 if d_pad <= 64 and not (normalize and d_pad <= 32 and dtype != torch.float32) else 16
+    return dict(BLOCK_N=rows, BLOCK_K=block_k, D_PAD=d_pad, EXACT_D=1, IN_DTYPE=_TL[dtype],
                 ACC=_TL[acc], SETTLE=acc == torch.float32, PRECISION="tf32x3" if acc == torch.float32 else "ieee")
 
 
@@ -349,7 +352,7 @@ def _encode(z: torch.Tensor, codebooks: torch.Tensor, want_loss: bool, normalize
     n, d = z.shape
     s, k, _ = codebooks.shape
     z, books = z.contiguous(), codebooks.contiguous()
-    meta = encode_meta(d, z.dtype)
+    meta = encode_meta(d, z.dtype, normalize)
     absmax = torch.zeros(1, dtype=torch.int32, device=z.device)
     if not normalize:
         block_r = absmax_rows(meta["D_PAD"])
