@@ -110,7 +110,7 @@ if [ "${quick:-0}" = 1 ]; then
   COMPARE_SPECS=${COMPARE_SPECS:-"262144 16384 256 bfloat16 forward,262144 16384 256 float32 forward"}
   LAYER_SHAPES=${LAYER_SHAPES:-"vqgan-f16 llamagen-vq16 trainer-default cifar-vqvae mimi-first encodec-stage"}
   TRAINING_RUNS=${TRAINING_RUNS:-"tokenizer:--amp cifar:--amp"}
-  TESTS=${TESTS:-"tests/test_triton_nearest_code.py tests/test_residual.py tests/test_layer_step.py tests/test_extreme_inputs.py tests/test_nearest_code.py tests/test_custom_ops.py tests/test_quantize_grad.py tests/test_inputs.py tests/test_vector_quantizer.py tests/test_build.py"}
+  TESTS=${TESTS:-"tests/test_triton_nearest_code.py tests/test_residual.py tests/test_residual_cosine.py tests/test_layer_step.py tests/test_extreme_inputs.py tests/test_nearest_code.py tests/test_custom_ops.py tests/test_quantize_grad.py tests/test_inputs.py tests/test_vector_quantizer.py tests/test_build.py"}
   STAGE_LIMIT_S=${STAGE_LIMIT_S:-600}
 fi
 
