@@ -205,13 +205,15 @@ def fused_stages(z: torch.Tensor, stacked: torch.Tensor, beta: float, loss_dtype
     """Every stage on the fused Triton kernels (ops/triton_residual.py): (sum of the codes (N, D)
     in at least fp32, indices (N, S), stage losses (S,) in loss_dtype with their gradients
     (StackedStageLosses), counts, sums: the EMA statistics `stats` asks for, see
-    triton_residual.residual_quantize_fwd). cosine: the unit codes (unit_codebooks, whose
-    gradient reaches `stacked` through autograd) against each normalised residual."""
+    triton_residual.residual_quantize_fwd; the codes searched and summed, detached). cosine: the
+    unit codes (unit_codebooks, whose gradient reaches `stacked` through autograd) against each
+    normalised residual."""
     books = unit_codebooks(stacked) if cosine else stacked
     total, indices, stage_err, counts, sums = torch.ops.vqvae_fast.triton_residual_quantize_fwd(
         z.detach(), books.detach(), stats, cosine)
     losses = (stage_err * ((1.0 + beta) / z.numel())).to(loss_dtype)
-    return total, indices, StackedStageLosses.apply(z, beta, indices, losses, books, cosine), counts, sums
+    losses = StackedStageLosses.apply(z, beta, indices, losses, books, cosine)
+    return total, indices, losses, counts, sums, books.detach()
 
 
 def fused_triton_codebooks(z: torch.Tensor, codebooks: Codebooks, stages: int, backend: str):
@@ -256,7 +258,7 @@ def residual_quantize(z: torch.Tensor, codebooks: Codebooks, *, beta: float = 0.
     fused = not (cosine and torch.are_deterministic_algorithms_enabled())
     stacked = fused_triton_codebooks(z, codebooks, len(books), backend) if fused else None
     if stacked is not None:  # every stage in one kernel: the forward in two launches, the backward in one
-        total, indices, stage_losses, _, _ = fused_stages(z, stacked, beta, z.dtype, cosine=cosine)
+        total, indices, stage_losses, *_ = fused_stages(z, stacked, beta, z.dtype, cosine=cosine)
         return ResidualQuantizeOutput(straight.apply(z, total.to(z.dtype)), indices, stage_losses.sum(), stage_losses)
     with torch.set_grad_enabled(cosine and torch.is_grad_enabled()):  # Euclidean: StageLosses forms the gradients
         total, indices, losses = _stages(

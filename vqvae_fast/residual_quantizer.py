@@ -10,7 +10,7 @@ from torch import nn
 from . import reference
 from .functional import InputError, check_distance, check_options, resolve_backend
 from .residual import (StageLosses, fused_stages, fused_triton_codebooks, residual_decode, residual_nearest_code,
-                       stage_residual, unit_codebooks)
+                       stage_residual)
 from .vector_quantizer import VectorQuantizer, channel_dim, usage_stats
 
 
@@ -212,11 +212,10 @@ class ResidualVectorQuantizer(nn.Module):
         stages = self.stages[:stacked.shape[0]]
         ema = update and any(stage.ema_decay is not None for stage in stages)
         cosine = self.distance == "cosine"
-        total, index, losses, counts, sums = fused_stages(source, stacked, self.beta, torch.float32, 2 if ema else 1,
-                                                          cosine=cosine)
+        total, index, losses, counts, sums, books = fused_stages(source, stacked, self.beta, torch.float32,
+                                                                 2 if ema else 1, cosine=cosine)
         restarts = [update and stage.restart_dead for stage in stages]
         running = torch.zeros_like(total) if any(restarts) else None
-        books = (unit_codebooks(stacked) if cosine else stacked).detach()  # the codes the residuals subtract
         stats = []
         for s, stage in enumerate(stages):
             if update:

@@ -111,10 +111,15 @@ const char* path_name(ForwardPath path) {
   return "gemm";
 }
 
+// VQVAE_FAST_CPU_SCAN, or "" (nothing forced).
+std::string forced_scan() {
+  const char* env = std::getenv("VQVAE_FAST_CPU_SCAN");
+  return env == nullptr ? "" : env;
+}
+
 // The one place that decides; the kernels take the path it names, and cpu_forward_path reports it.
 ForwardPath choose_forward_path(at::ScalarType dtype, int64_t D, int64_t K) {
-  const char* env = std::getenv("VQVAE_FAST_CPU_SCAN");
-  const std::string forced = env == nullptr ? "" : env;
+  const std::string forced = forced_scan();
   if (forced == "gemm" || K > std::numeric_limits<int32_t>::max()) return ForwardPath::kGemm;
   if (forced == "portable") return ForwardPath::kFusedPortable;
   if (forced == "avx2" || !scan_available(ScanIsa::kAvx512)) {
@@ -137,18 +142,15 @@ template <typename scalar_t>
 double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* indices,
                            scalar_t* quantized) {
   const int64_t N = z.size(0);
-  PreparedCodebook cb(codebook, View2D<scalar_t>(codebook));
-  ForwardPath path = choose_forward_path(z.scalar_type(), cb.D, cb.K);
-  if (path == ForwardPath::kFusedBf16) {
-    // Its operands must be the bf16 values themselves: uncentred, which costs little where the
-    // centre is small next to the codes (forced: always), and no subnormal code (read as zero).
-    const char* env = std::getenv("VQVAE_FAST_CPU_SCAN");
-    const bool forced = env != nullptr && std::string(env) == "avx512bf16";
-    if (!cb.bf16_subnormal && (forced || cb.centre_is_small())) {
-      cb.uncentre(View2D<scalar_t>(codebook));
-    } else {
-      path = ForwardPath::kFusedAvx512;
-    }
+  ForwardPath path = choose_forward_path(z.scalar_type(), codebook.size(1), codebook.size(0));
+  // The bf16 scan's operands are the bf16 values themselves: the codebook uncentred, which costs
+  // little where its mean is small next to the codes (forced: always), and no subnormal code (the
+  // instruction reads it as zero); else the float scan on the centred codebook.
+  PreparedCodebook cb(codebook, View2D<scalar_t>(codebook), path != ForwardPath::kFusedBf16);
+  if (path == ForwardPath::kFusedBf16 &&
+      (cb.bf16_subnormal || (forced_scan() != "avx512bf16" && !cb.mean_is_small()))) {
+    cb.recentre(View2D<scalar_t>(codebook));
+    path = ForwardPath::kFusedAvx512;
   }
   std::vector<double> row_err(N);
   RowSettler<scalar_t> settler(cb, z, codebook, indices, quantized, row_err);

@@ -73,18 +73,21 @@ void exclude_duplicates(const View2D<scalar_t>& E, const std::vector<uint64_t>& 
 // codes (a shared offset would otherwise be lost to cancellation in the float scores).
 struct PreparedCodebook {
   int64_t K, D;
-  std::vector<float> centre;   // D, the per-column mean of the usable codes, rounded to float
+  std::vector<float> centre;   // D, what the codes and rows are centred on: `mean`, or zero
   std::vector<float> e_norm;   // K, ||e_k - mu||^2 in float; +inf for a code with a NaN/Inf entry or a duplicate
   std::vector<double> e_root;  // K, ||e_k - mu|| (+inf where e_norm is)
   at::Tensor ec_m2;               // K x D float, -2 (e_k - mu) (0 for a non-finite code)
   double M2 = 0.0, M = 0.0;    // max ||e_k - mu||^2 over finite codes and its root; +inf: no float scores
+  std::vector<float> mean;     // D, the per-column mean of the usable codes, rounded to float (the centre unless uncentred)
   std::vector<char> usable;    // K, finite and not a duplicate
   bool bf16_subnormal = false;  // a bf16 code has a subnormal entry (the bf16 scan would read it as zero)
 
   // The passes over K x D run on all threads (page faults of the workspace included); every
   // value is computed as a serial pass would, so the result does not depend on the threads.
+  // centred = false: around zero (what the bf16 scan reads; recentre() when it cannot run).
   template <typename scalar_t>
-  PreparedCodebook(const at::Tensor& codebook, const View2D<scalar_t>& E) : K(codebook.size(0)), D(codebook.size(1)) {
+  PreparedCodebook(const at::Tensor& codebook, const View2D<scalar_t>& E, bool centred = true)
+      : K(codebook.size(0)), D(codebook.size(1)) {
     const int64_t grain = grain_for(D);
     usable.assign(K, 1);
     std::vector<char> subnormal(K, 0);
@@ -120,24 +123,25 @@ struct PreparedCodebook {
         }
       }
     });
-    centre.resize(D);
-    for (int64_t d = 0; d < D; ++d) centre[d] = static_cast<float>(count[d] > 0 ? mu[d] / count[d] : 0.0);
+    mean.resize(D);
+    for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<float>(count[d] > 0 ? mu[d] / count[d] : 0.0);
+    centre = centred ? mean : std::vector<float>(D, 0.0f);
     ec_m2 = at::empty({K, D}, codebook.options().dtype(at::kFloat));
     centre_codes(E);
   }
 
-  // Whether the centre is small next to the codes around it (||mu||^2 <= M2 / 16): then
-  // uncentred scores have nearly the same error bound (at most ~1.6 times) as centred ones.
-  bool centre_is_small() const {
-    double c2 = 0.0;
-    for (float c : centre) c2 += static_cast<double>(c) * c;
-    return c2 <= M2 / 16.0;
+  // Whether the mean is small next to the codes (||mu||^2 <= M2 / 16, M2 of the codes around
+  // the current centre): then uncentred scores have nearly the error bound of centred ones.
+  bool mean_is_small() const {
+    double m2 = 0.0;
+    for (float m : mean) m2 += static_cast<double>(m) * m;
+    return m2 <= M2 / 16.0;
   }
 
-  // The codebook uncentred (mu = 0): what the bf16 scan reads (every -2 e_k exact in bf16).
+  // The codebook centred on its mean (after an uncentred construction).
   template <typename scalar_t>
-  void uncentre(const View2D<scalar_t>& E) {
-    std::fill(centre.begin(), centre.end(), 0.0f);
+  void recentre(const View2D<scalar_t>& E) {
+    centre = mean;
     centre_codes(E);
   }
 
