@@ -17,7 +17,8 @@ using Avx2 = ScanBody<ScanIsa::kAvx2>;
 bool scan_available(ScanIsa isa) {
 #if defined(__x86_64__)
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa == ScanIsa::kAvx512) return avx512;
   if (isa == ScanIsa::kAvx2) return avx2;
 #endif

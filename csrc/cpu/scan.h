@@ -107,7 +107,7 @@ void centre_panel_rows(const void* z, Elem type, int64_t ld, int64_t n, const fl
 // exact bf16 products added to a float lane) per pair of coordinates where the float scan has two
 // FMAs, on uncentred values (every operand must be a bf16: the codebook's centre is zero).
 // Words hold a pair of bf16 (coordinate 2p in the low half), zero past D.
-bool bf16_scan_available();  // AVX-512F and AVX512-BF16, x86-64 only
+bool bf16_scan_available();  // AVX-512F, BW and BF16, x86-64 only
 constexpr int64_t bf16_pairs(int64_t D) { return (D + 1) / 2; }
 // codes of groups [g0, g1) of ec (K x D floats, -2 e, each exact in bf16; asserted) as pairs x
 // kScanCodes words per group, word (g * P + p) * kScanCodes + j; codes past K are zero.

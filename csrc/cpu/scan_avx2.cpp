@@ -1,5 +1,5 @@
-// AVX2 + FMA body of the fused CPU scan (see scan.h), for x86-64 CPUs without AVX-512 (laptops,
-// older servers). Compiled through function attributes and called only after
+// AVX2 + FMA (and F16C) body of the fused CPU scan (see scan.h), for x86-64 CPUs without AVX-512
+// (laptops, older servers). Compiled through function attributes and called only after
 // scan_available(ScanIsa::kAvx2); x86-64 only. Same layouts and the same scores, bit for bit, as
 // the AVX-512 body: each score is the norm, then one FMA per coordinate in order.
 //
@@ -18,8 +18,6 @@
 #include <limits>
 
 #include "scan.h"
-#define VQVAE_FAST_ROWS_TARGET __attribute__((target("avx2,fma")))
-#include "scan_rows.h"
 
 namespace vqvae_fast {
 namespace {
@@ -27,9 +25,9 @@ namespace {
 constexpr int kPassRows = 16;              // two vectors of 8 rows
 constexpr int kPassCodes = kScanCodes / 2;  // 6 codes: 12 accumulators
 
-#define VQVAE_FAST_AVX2 __attribute__((target("avx2,fma")))
+#define VQVAE_FAST_AVX2 __attribute__((target("avx2,fma,f16c")))
 // The pass helpers inlined into the scan loop (GCC kept code_pass out of line, a call per pass).
-#define VQVAE_FAST_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#define VQVAE_FAST_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
 // Folds 8 scores s into the running best and second-best of 8 rows (scan_fold.h's fold).
 VQVAE_FAST_AVX2 inline void fold(__m256 s, __m256& best, __m256& second) {
@@ -121,6 +119,99 @@ VQVAE_FAST_AVX2_INLINE void group_pass(const float* zt, const float* group, cons
   store_state(p, state, r0);
 }
 
+// Packing and the exact distance, vectorised: scalar loops (a dependent FMA an element, a
+// scattered store) cost up to 12 % of a call at D = 128 (AMD Zen 4, where the scan itself runs at
+// the AVX-512 scan's rate).
+
+template <Elem T>
+constexpr int64_t elem_size() { return T == Elem::kFloat ? 4 : 2; }
+
+// `count` <= kLanes values at p as floats (16-bit floats widen exactly), zeros after them;
+// nothing past them is read.
+template <Elem T, int kLanes>
+VQVAE_FAST_AVX2_INLINE __m256 load_floats(const void* p, int64_t count) {
+  static_assert(kLanes == 4 || kLanes == 8, "a __m128 or a __m256 of values");
+  alignas(32) uint8_t part[32] = {};
+  if (count < kLanes) p = static_cast<const uint8_t*>(std::memcpy(part, p, count * elem_size<T>()));
+  if constexpr (T == Elem::kFloat) {
+    return kLanes == 8 ? _mm256_loadu_ps(static_cast<const float*>(p))
+                       : _mm256_castps128_ps256(_mm_loadu_ps(static_cast<const float*>(p)));
+  } else {
+    const __m128i raw = kLanes == 8 ? _mm_loadu_si128(static_cast<const __m128i*>(p))
+                                    : _mm_loadl_epi64(static_cast<const __m128i*>(p));
+    if constexpr (T == Elem::kBFloat16) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));  // bf16: a float's top half
+    } else {
+      return _mm256_cvtph_ps(raw);
+    }
+  }
+}
+
+// In-register transpose of an 8 x 8 block: r[i][j] -> r[j][i].
+VQVAE_FAST_AVX2_INLINE void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+  }
+}
+
+// Blocks of 8 rows x 8 coordinates, centred as rows, transposed in registers; each row's norm is
+// one FMA chain over its coordinates in order (a lane a row), as the AVX-512 body forms it.
+template <Elem T>
+VQVAE_FAST_AVX2 void pack(const void* z, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
+                          float* norms) {
+  const char* base = static_cast<const char*>(z);
+  alignas(32) float all[kScanRows];
+  for (int64_t row0 = 0; row0 < kScanRows; row0 += 8) {
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(8, n - row0));
+    __m256 norm = _mm256_setzero_ps();
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      const int64_t width = std::min<int64_t>(8, D - d0);
+      const __m256 c = load_floats<Elem::kFloat, 8>(centre + d0, width);
+      __m256 r[8];
+      for (int t = 0; t < 8; ++t) {
+        r[t] = t < rows ? _mm256_sub_ps(load_floats<T, 8>(base + ((row0 + t) * ld + d0) * elem_size<T>(), width), c)
+                        : _mm256_setzero_ps();
+      }
+      transpose8(r);
+      for (int64_t j = 0; j < width; ++j) {
+        _mm256_storeu_ps(zt + (d0 + j) * kScanRows + row0, r[j]);
+        norm = _mm256_fmadd_ps(r[j], r[j], norm);
+      }
+    }
+    _mm256_store_ps(all + row0, norm);
+  }
+  std::copy(all, all + n, norms);
+}
+
+// Four float64 chains (lane j: coordinates d = j mod 4), added pairwise at the end.
+template <Elem T>
+VQVAE_FAST_AVX2 double exact(const void* z, const void* e, int64_t D) {
+  const char* zb = static_cast<const char*>(z);
+  const char* eb = static_cast<const char*>(e);
+  __m256d sum = _mm256_setzero_pd();
+  for (int64_t d = 0; d < D; d += 4) {
+    const int64_t width = std::min<int64_t>(4, D - d);  // zeros past D in both
+    const __m256d t = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(load_floats<T, 4>(zb + d * elem_size<T>(), width))),
+                                    _mm256_cvtps_pd(_mm256_castps256_ps128(load_floats<T, 4>(eb + d * elem_size<T>(), width))));
+    sum = _mm256_fmadd_pd(t, t, sum);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, sum);
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
 // Each row sees a group's codes in index order (both passes of its rows, in code order), so
 // ties keep the lower index as in the AVX-512 scan.
 template <bool kGroupIndex>
@@ -200,7 +291,6 @@ double ScanBody<ScanIsa::kAvx2>::exact_sq_dist(const void* z, const void* e, Ele
 
 #undef VQVAE_FAST_AVX2
 #undef VQVAE_FAST_AVX2_INLINE
-#undef VQVAE_FAST_ROWS_TARGET
 
 }  // namespace vqvae_fast
 

@@ -16,7 +16,6 @@
 #include <utility>
 
 #include "scan.h"
-#define VQVAE_FAST_ROWS_TARGET
 #include "scan_rows.h"
 
 #if defined(__aarch64__) && defined(__ARM_NEON)
@@ -218,7 +217,5 @@ template <>
 double ScanBody<ScanIsa::kPortable>::exact_sq_dist(const void* z, const void* e, Elem type, int64_t D) {
   return with_elem(type, [&](auto t) { return exact<decltype(t)::value>(z, e, D); });
 }
-
-#undef VQVAE_FAST_ROWS_TARGET
 
 }  // namespace vqvae_fast

@@ -1,8 +1,6 @@
-// The row helpers of the float scans written in plain C++ (the AVX2 and portable bodies): an
-// element as a float, packing a panel (scan.h, pack_panel) and the exact distance (exact_sq_dist).
-// Each including file defines VQVAE_FAST_ROWS_TARGET first: its function attribute (the AVX2
-// body's target("avx2,fma"), so that std::fma is one instruction there) or nothing. Internal
-// linkage: each body has its own copy, compiled for its instruction set.
+// The row helpers of the portable scan body in plain C++: an element as a float, packing a panel
+// (scan.h, pack_panel) and the exact distance (exact_sq_dist). The x86 bodies have vectorised
+// ones of their own.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -13,10 +11,6 @@
 #include <cstdint>
 
 #include "scan.h"
-
-#ifndef VQVAE_FAST_ROWS_TARGET
-#error "define VQVAE_FAST_ROWS_TARGET (a function attribute, or nothing) before including scan_rows.h"
-#endif
 
 namespace vqvae_fast {
 namespace {
@@ -36,7 +30,7 @@ inline float element(const void* z, int64_t i) {
 // pack_panel: the norm of each row is one FMA chain over its coordinates in order, as the
 // AVX-512 body forms it.
 template <Elem T>
-VQVAE_FAST_ROWS_TARGET void pack(const void* z, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
+void pack(const void* z, int64_t ld, int64_t n, const float* centre, int64_t D, float* zt,
                                  float* norms) {
   std::fill(zt, zt + D * kScanRows, 0.0f);
   for (int64_t t = 0; t < n; ++t) {
@@ -51,7 +45,7 @@ VQVAE_FAST_ROWS_TARGET void pack(const void* z, int64_t ld, int64_t n, const flo
 }
 
 template <Elem T>
-VQVAE_FAST_ROWS_TARGET double exact(const void* z, const void* e, int64_t D) {
+double exact(const void* z, const void* e, int64_t D) {
   double s[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: not one add latency per coordinate
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
