@@ -65,6 +65,9 @@ int64_t code_in_group(ScanIsa isa, const float* zt, int64_t row, const float* co
 // Element types the packing and the exact distances read directly (16-bit ones widen exactly).
 enum class Elem { kFloat, kBFloat16, kHalf };
 
+template <Elem T>
+constexpr int64_t elem_size() { return T == Elem::kFloat ? 4 : 2; }
+
 // Packs n <= kScanRows rows of z (row i at element i * ld) minus `centre` into zt (D x
 // kScanRows, zero rows after n) and their squared norms, summed in float, into norms[0..n).
 void pack_panel(ScanIsa isa, const void* z, Elem type, int64_t ld, int64_t n, const float* centre, int64_t D,

@@ -123,16 +123,10 @@ VQVAE_FAST_AVX2_INLINE void group_pass(const float* zt, const float* group, cons
 // scattered store) cost up to 12 % of a call at D = 128 (AMD Zen 4, where the scan itself runs at
 // the AVX-512 scan's rate).
 
-template <Elem T>
-constexpr int64_t elem_size() { return T == Elem::kFloat ? 4 : 2; }
-
-// `count` <= kLanes values at p as floats (16-bit floats widen exactly), zeros after them;
-// nothing past them is read.
+// kLanes values at p as floats (16-bit floats widen exactly).
 template <Elem T, int kLanes>
-VQVAE_FAST_AVX2_INLINE __m256 load_floats(const void* p, int64_t count) {
+VQVAE_FAST_AVX2_INLINE __m256 load_all(const void* p) {
   static_assert(kLanes == 4 || kLanes == 8, "a __m128 or a __m256 of values");
-  alignas(32) uint8_t part[32] = {};
-  if (count < kLanes) p = static_cast<const uint8_t*>(std::memcpy(part, p, count * elem_size<T>()));
   if constexpr (T == Elem::kFloat) {
     return kLanes == 8 ? _mm256_loadu_ps(static_cast<const float*>(p))
                        : _mm256_castps128_ps256(_mm_loadu_ps(static_cast<const float*>(p)));
@@ -145,6 +139,15 @@ VQVAE_FAST_AVX2_INLINE __m256 load_floats(const void* p, int64_t count) {
       return _mm256_cvtph_ps(raw);
     }
   }
+}
+
+// `count` <= kLanes values at p as floats, zeros after them; nothing past them is read.
+template <Elem T, int kLanes>
+VQVAE_FAST_AVX2_INLINE __m256 load_floats(const void* p, int64_t count) {
+  if (count >= kLanes) return load_all<T, kLanes>(p);
+  alignas(32) uint8_t part[32] = {};
+  std::memcpy(part, p, count * elem_size<T>());
+  return load_all<T, kLanes>(part);
 }
 
 // In-register transpose of an 8 x 8 block: r[i][j] -> r[j][i].
@@ -203,8 +206,9 @@ VQVAE_FAST_AVX2 double exact(const void* z, const void* e, int64_t D) {
   __m256d sum = _mm256_setzero_pd();
   for (int64_t d = 0; d < D; d += 4) {
     const int64_t width = std::min<int64_t>(4, D - d);  // zeros past D in both
-    const __m256d t = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(load_floats<T, 4>(zb + d * elem_size<T>(), width))),
-                                    _mm256_cvtps_pd(_mm256_castps256_ps128(load_floats<T, 4>(eb + d * elem_size<T>(), width))));
+    const __m128 zv = _mm256_castps256_ps128(load_floats<T, 4>(zb + d * elem_size<T>(), width));
+    const __m128 ev = _mm256_castps256_ps128(load_floats<T, 4>(eb + d * elem_size<T>(), width));
+    const __m256d t = _mm256_sub_pd(_mm256_cvtps_pd(zv), _mm256_cvtps_pd(ev));
     sum = _mm256_fmadd_pd(t, t, sum);
   }
   alignas(32) double lanes[4];

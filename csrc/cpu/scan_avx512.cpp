@@ -104,9 +104,6 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 load16(const voi
 }
 
 template <Elem T>
-constexpr int64_t elem_size() { return T == Elem::kFloat ? 4 : 2; }
-
-template <Elem T>
 __attribute__((target("avx512f"))) void pack(const void* z, int64_t ld, int64_t n, const float* centre, int64_t D,
                                              float* zt, float* norms) {
   // Blocks of 16 rows x 16 coordinates: centred as rows, transposed in registers, stored as

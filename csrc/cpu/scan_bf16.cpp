@@ -93,7 +93,8 @@ __attribute__((target("avx512f,avx512bw"))) void bf16_pack_panel(const uint16_t*
   const int64_t P = bf16_pairs(D);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m512i low_exponent = _mm512_set1_epi32(0x7F80), low_mantissa = _mm512_set1_epi32(0x7F);
-  const __m512i high_exponent = _mm512_slli_epi32(low_exponent, 16), high_mantissa = _mm512_slli_epi32(low_mantissa, 16);
+  const __m512i high_exponent = _mm512_slli_epi32(low_exponent, 16);
+  const __m512i high_mantissa = _mm512_slli_epi32(low_mantissa, 16);
   alignas(64) float all[kScanRows];
   for (int64_t half = 0; half < kScanRows / 16; ++half) {
     const int64_t row0 = half * 16, rows = std::max<int64_t>(0, std::min<int64_t>(16, n - row0));
