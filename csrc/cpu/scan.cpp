@@ -26,12 +26,12 @@ bool scan_available(ScanIsa isa) {
 }
 
 void scan_panel(ScanIsa isa, const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0,
-                int64_t g1, ScanState& state, bool group_index) {
+                int64_t g1, ScanState& state, bool group_index, LinePrefetch& fetch) {
 #if defined(__x86_64__)
-  if (isa == ScanIsa::kAvx512) return Avx512::scan_panel(zt, codes, norms, D, g0, g1, state, group_index);
-  if (isa == ScanIsa::kAvx2) return Avx2::scan_panel(zt, codes, norms, D, g0, g1, state, group_index);
+  if (isa == ScanIsa::kAvx512) return Avx512::scan_panel(zt, codes, norms, D, g0, g1, state, group_index, fetch);
+  if (isa == ScanIsa::kAvx2) return Avx2::scan_panel(zt, codes, norms, D, g0, g1, state, group_index, fetch);
 #endif
-  Portable::scan_panel(zt, codes, norms, D, g0, g1, state, group_index);
+  Portable::scan_panel(zt, codes, norms, D, g0, g1, state, group_index, fetch);
 }
 
 int64_t code_in_group(ScanIsa isa, const float* zt, int64_t row, const float* codes, const float* norms,
@@ -70,7 +70,8 @@ bool amx_scan_available() { return false; }
 bool bf16_scan_available() { return false; }
 void bf16_pack_codes(const float*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { no_amx(); }
 void bf16_pack_panel(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*, float*) { no_amx(); }
-void bf16_scan_panel(const uint32_t*, const uint32_t*, const float*, int64_t, int64_t, int64_t, ScanState&, bool) {
+void bf16_scan_panel(const uint32_t*, const uint32_t*, const float*, int64_t, int64_t, int64_t, ScanState&, bool,
+                     LinePrefetch&) {
   no_amx();
 }
 int64_t bf16_code_in_group(const uint32_t*, int64_t, const uint32_t*, const float*, int64_t, int64_t, float,

@@ -220,11 +220,13 @@ VQVAE_FAST_AVX2 double exact(const void* z, const void* e, int64_t D) {
 // ties keep the lower index as in the AVX-512 scan.
 template <bool kGroupIndex>
 VQVAE_FAST_AVX2 void scan(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0, int64_t g1,
-                          ScanState& state) {
+                          ScanState& state, LinePrefetch& fetch) {
   for (int64_t g = g0; g < g1; ++g) {
     const float* group = codes + g * D * kScanCodes;
     const float* norm = norms + g * kScanCodes;
     for (int r0 = 0; r0 < kScanRows; r0 += kPassRows) {
+      // A line of `fetch` every 384 FMAs or so, asked for between passes.
+      for (int64_t i = 0; i < std::max<int64_t>(2, D / 16); ++i) fetch.step();
       if constexpr (kGroupIndex) {
         group_pass(zt, group, norm, D, g, r0, state);
       } else {
@@ -238,11 +240,11 @@ VQVAE_FAST_AVX2 void scan(const float* zt, const float* codes, const float* norm
 
 template <>
 void ScanBody<ScanIsa::kAvx2>::scan_panel(const float* zt, const float* codes, const float* norms,
-    int64_t D, int64_t g0, int64_t g1, ScanState& state, bool group_index) {
+    int64_t D, int64_t g0, int64_t g1, ScanState& state, bool group_index, LinePrefetch& fetch) {
   if (group_index) {
-    scan<true>(zt, codes, norms, D, g0, g1, state);
+    scan<true>(zt, codes, norms, D, g0, g1, state, fetch);
   } else {
-    scan<false>(zt, codes, norms, D, g0, g1, state);
+    scan<false>(zt, codes, norms, D, g0, g1, state, fetch);
   }
 }
 

@@ -21,7 +21,7 @@ namespace {
 // code; the caller finds the code inside the group), else the code itself.
 template <bool kGroupIndex>
 __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes, const float* norms, int64_t D,
-                                             int64_t g0, int64_t g1, ScanState& state) {
+                                             int64_t g0, int64_t g1, ScanState& state, LinePrefetch& fetch) {
   PanelFold f = load_fold(state);
   for (int64_t g = g0; g < g1; ++g) {
     const float* group = codes + g * D * kScanCodes;
@@ -30,6 +30,7 @@ __attribute__((target("avx512f"))) void scan(const float* zt, const float* codes
 #pragma GCC unroll 12
     for (int j = 0; j < kScanCodes; ++j) acc0[j] = acc1[j] = _mm512_set1_ps(norm[j]);
     for (int64_t d = 0; d < D; ++d) {
+      fetch.step();
       const __m512 row0 = _mm512_loadu_ps(zt + d * kScanRows);
       const __m512 row1 = _mm512_loadu_ps(zt + d * kScanRows + 16);
       const float* c = group + d * kScanCodes;
@@ -70,11 +71,11 @@ __attribute__((target("avx512f"))) int64_t ScanBody<ScanIsa::kAvx512>::code_in_g
 
 template <>
 void ScanBody<ScanIsa::kAvx512>::scan_panel(const float* zt, const float* codes, const float* norms,
-    int64_t D, int64_t g0, int64_t g1, ScanState& state, bool group_index) {
+    int64_t D, int64_t g0, int64_t g1, ScanState& state, bool group_index, LinePrefetch& fetch) {
   if (group_index) {
-    scan<true>(zt, codes, norms, D, g0, g1, state);
+    scan<true>(zt, codes, norms, D, g0, g1, state, fetch);
   } else {
-    scan<false>(zt, codes, norms, D, g0, g1, state);
+    scan<false>(zt, codes, norms, D, g0, g1, state, fetch);
   }
 }
 

@@ -31,7 +31,8 @@ __attribute__((target("avx512f,avx512bf16"), always_inline)) inline __m512 dot2(
 
 template <bool kGroupIndex>
 __attribute__((target("avx512f,avx512bf16"))) void scan(const uint32_t* zt, const uint32_t* codes, const float* norms,
-                                                        int64_t P, int64_t g0, int64_t g1, ScanState& state) {
+                                                        int64_t P, int64_t g0, int64_t g1, ScanState& state,
+                                                        LinePrefetch& fetch) {
   PanelFold f = load_fold(state);
   for (int64_t g = g0; g < g1; ++g) {
     const uint32_t* group = codes + g * P * kScanCodes;
@@ -40,6 +41,7 @@ __attribute__((target("avx512f,avx512bf16"))) void scan(const uint32_t* zt, cons
 #pragma GCC unroll 12
     for (int j = 0; j < kScanCodes; ++j) acc0[j] = acc1[j] = _mm512_set1_ps(norm[j]);
     for (int64_t p = 0; p < P; ++p) {
+      fetch.step();
       const __m512i row0 = _mm512_loadu_si512(zt + p * kScanRows);
       const __m512i row1 = _mm512_loadu_si512(zt + p * kScanRows + 16);
       const uint32_t* c = group + p * kScanCodes;
@@ -126,11 +128,11 @@ __attribute__((target("avx512f,avx512bw"))) void bf16_pack_panel(const uint16_t*
 }
 
 void bf16_scan_panel(const uint32_t* zt, const uint32_t* codes, const float* norms, int64_t P, int64_t g0, int64_t g1,
-                     ScanState& state, bool group_index) {
+                     ScanState& state, bool group_index, LinePrefetch& fetch) {
   if (group_index) {
-    scan<true>(zt, codes, norms, P, g0, g1, state);
+    scan<true>(zt, codes, norms, P, g0, g1, state, fetch);
   } else {
-    scan<false>(zt, codes, norms, P, g0, g1, state);
+    scan<false>(zt, codes, norms, P, g0, g1, state, fetch);
   }
 }
 

@@ -110,13 +110,14 @@ inline void accumulate(Floats (&acc)[kPassVectors], const Floats (&row)[kPassVec
 // One pass: codes [c0, c0 + kPassCodes) of group g against rows [r0, r0 + kPassRows) of the panel.
 template <bool kGroupIndex>
 inline void pass(const float* zt, const float* group, const float* norm, int64_t D, int64_t g, int c0, int r0,
-                 ScanState& state) {
+                 ScanState& state, LinePrefetch& fetch) {
   Floats acc[kPassCodes][kPassVectors];
 #pragma GCC unroll 6
   for (int j = 0; j < kPassCodes; ++j) {
 #pragma GCC unroll 4
     for (int v = 0; v < kPassVectors; ++v) acc[j][v] = splat(norm[c0 + j]);
   }
+  for (int64_t i = 0; i < std::max<int64_t>(1, D / 32); ++i) fetch.step();  // as the AVX2 scan
   for (int64_t d = 0; d < D; ++d) {
     Floats row[kPassVectors];
 #pragma GCC unroll 4
@@ -169,12 +170,12 @@ inline int64_t code_of_best(const float* scores, float best, float* second) {
 // ties keep the lower index as in the other bodies.
 template <bool kGroupIndex>
 void scan(const float* zt, const float* codes, const float* norms, int64_t D, int64_t g0, int64_t g1,
-          ScanState& state) {
+          ScanState& state, LinePrefetch& fetch) {
   for (int64_t g = g0; g < g1; ++g) {
     const float* group = codes + g * D * kScanCodes;
     const float* norm = norms + g * kScanCodes;
     for (int r0 = 0; r0 < kScanRows; r0 += kPassRows) {
-      for (int c0 = 0; c0 < kScanCodes; c0 += kPassCodes) pass<kGroupIndex>(zt, group, norm, D, g, c0, r0, state);
+      for (int c0 = 0; c0 < kScanCodes; c0 += kPassCodes) pass<kGroupIndex>(zt, group, norm, D, g, c0, r0, state, fetch);
     }
   }
 }
@@ -183,11 +184,12 @@ void scan(const float* zt, const float* codes, const float* norms, int64_t D, in
 
 template <>
 void ScanBody<ScanIsa::kPortable>::scan_panel(const float* zt, const float* codes, const float* norms, int64_t D,
-                                              int64_t g0, int64_t g1, ScanState& state, bool group_index) {
+                                              int64_t g0, int64_t g1, ScanState& state, bool group_index,
+                                              LinePrefetch& fetch) {
   if (group_index) {
-    scan<true>(zt, codes, norms, D, g0, g1, state);
+    scan<true>(zt, codes, norms, D, g0, g1, state, fetch);
   } else {
-    scan<false>(zt, codes, norms, D, g0, g1, state);
+    scan<false>(zt, codes, norms, D, g0, g1, state, fetch);
   }
 }
 

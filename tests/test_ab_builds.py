@@ -1,0 +1,27 @@
+"""benchmarks/ab_builds.py runs end to end: this checkout timed against itself, one tiny shape."""
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_ab_builds_times_both_builds():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_builds.py"), "--base", str(ROOT), "--shapes", "40x13x9",
+         "--rounds", "2", "--calls", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.strip().startswith("40x13x9"))
+    match = re.search(r"base\s+([\d.]+)\s+new\s+([\d.]+)\s+base/new ([\d.]+)", line)
+    assert match, line
+    base, new, ratio = map(float, match.groups())
+    assert base > 0 and new > 0 and ratio > 0
+
+
+def test_ab_builds_refuses_a_base_without_the_package(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ab_builds.py"), "--base", str(tmp_path), "--shapes", "8x2x2"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no vqvae_fast package" in done.stderr
