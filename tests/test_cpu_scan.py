@@ -236,3 +236,56 @@ def test_bf16_scan_leaves_subnormals_and_offsets_to_the_float_scan(monkeypatch):
     assert path_taken(z + 100, far) == "fused-avx512"  # the centre is not small: centred float scores
     assert path_taken(z, codebook) == "fused-avx512-bf16"
     assert_nearest(z + 100, far, nearest_code(z + 100, far, backend="cpu"), 1e-12)
+
+
+# Every body that packs rows for a scan (the op cpu_pack_norms reaches each by name).
+PACK_BODIES = ("avx512", "avx2", "portable", "amx", "avx512bf16")
+
+
+def pack_norms(z: torch.Tensor, centre: torch.Tensor, body: str) -> torch.Tensor:
+    try:
+        return torch.ops.vqvae_fast.cpu_pack_norms(z, centre, body)
+    except RuntimeError as error:
+        if "cannot run" in str(error):
+            pytest.skip(f"this CPU cannot run the {body} body")
+        raise
+
+
+@pytest.mark.parametrize("body", PACK_BODIES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("d", (1, 7, 16, 17, 64, 100, 256))
+def test_packing_reports_each_rows_squared_distance_to_the_centre(body, dtype, d):
+    """The norms a panel's packing reports enter only the float error bound of the scan: too small
+    a norm lets a near-tie through as settled, yet no forward result on ordinary inputs shows it
+    (a norm of 0 passed the whole forward suite). So they are compared here, for every body,
+    with the float64 norm of the rows rounded as the scan reads them (z - centre in float)."""
+    if body == "avx512bf16" and dtype != torch.bfloat16:
+        pytest.skip("the bf16 scan packs bf16 rows only")
+    generator = torch.Generator().manual_seed(d)
+    centre = torch.zeros(d) if body == "avx512bf16" else torch.randn(d, generator=generator) * 3
+    for n in (1, 31, 32, 33, 70):
+        z = (torch.randn(n, d, generator=generator) * 4 + 1).to(dtype)
+        norms = pack_norms(z, centre, body)
+        centred = (z.double() - centre.double()).float().double()  # what the packing sums, exactly
+        expected = (centred ** 2).sum(1)
+        # float sums of d + 1 rounded terms: within (d + 2) units of float rounding of the total.
+        tolerance = (d + 2) * 2.0 ** -23 * expected + 1e-30
+        assert norms.shape == (n,) and torch.all((norms.double() - expected).abs() <= tolerance), (
+            body, n, (norms.double() - expected).abs().max().item())
+
+
+def test_bf16_packing_marks_rows_with_subnormals():
+    z = torch.randn(40, 9).bfloat16()
+    z[3, 4] = torch.tensor(1e-40).bfloat16()  # subnormal in bf16: the instruction would read it as 0
+    norms = pack_norms(z, torch.zeros(9), "avx512bf16")
+    assert torch.isinf(norms[3]) and torch.isfinite(torch.cat([norms[:3], norms[4:]])).all()
+
+
+def test_pack_norms_refuses_what_it_cannot_pack():
+    z = torch.randn(5, 3)
+    with pytest.raises(RuntimeError, match="unknown body"):
+        torch.ops.vqvae_fast.cpu_pack_norms(z, torch.zeros(3), "sse")
+    with pytest.raises(RuntimeError, match="float64 rows are not packed"):
+        torch.ops.vqvae_fast.cpu_pack_norms(z.double(), torch.zeros(3), "portable")
+    with pytest.raises(RuntimeError, match=r"shape \(D,\) = \(3,\)"):
+        torch.ops.vqvae_fast.cpu_pack_norms(z, torch.zeros(4), "portable")

@@ -11,7 +11,7 @@ from vqvae_fast._extension import has_compiled
 from vqvae_fast.ops import triton_available
 from vqvae_fast.ops.registration import SCHEMAS, schema_arguments
 
-CPP_OPS = ("nearest_code", "quantize_fwd", "quantize_bwd", "cpu_forward_path")
+CPP_OPS = ("nearest_code", "quantize_fwd", "quantize_bwd", "cpu_forward_path", "cpu_pack_norms")
 TRITON_OPS = ("triton_nearest_code", "triton_quantize_fwd", "triton_quantize_stats_fwd", "triton_quantize_bwd",
               "triton_residual_nearest_code", "triton_residual_quantize_fwd", "triton_stage_losses_bwd",
               "triton_update_codebook_state")

@@ -251,11 +251,61 @@ std::string cpu_forward_path(int64_t D, std::optional<at::ScalarType> dtype, int
   return path_name(choose_forward_path(t, D, K));
 }
 
+// The squared norms ||z_i - centre||^2 (float, (n,)) that packing reports for the rows of z (n, D,
+// contiguous), packed 32 rows at a time by the named body: "avx512", "avx2", "portable" (pack_panel),
+// "avx512bf16" (bf16_pack_panel: bf16 rows, zero centre; +inf for a row with a subnormal) or
+// "amx" (centre_panel_rows, AVX-512F). They enter only the float error bound, so a wrong one
+// changes no result on ordinary inputs: tests compare them with float64 norms here.
+at::Tensor cpu_pack_norms(const at::Tensor& z, const at::Tensor& centre, const std::string& body) {
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && z.device().is_cpu(),
+              "vqvae_fast::cpu_pack_norms: z must be a contiguous 2-D CPU tensor, got shape ", z.sizes());
+  TORCH_CHECK(centre.dim() == 1 && centre.size(0) == z.size(1) && centre.scalar_type() == at::kFloat &&
+                  centre.is_contiguous() && centre.device().is_cpu(),
+              "vqvae_fast::cpu_pack_norms: centre must be a contiguous float32 CPU tensor of shape (D,) = (",
+              z.size(1), ",), got ", centre.sizes(), " ", dtype_name(centre.scalar_type()));
+  const at::ScalarType t = z.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "vqvae_fast::cpu_pack_norms: z must be ",
+              "torch.float32, torch.bfloat16 or torch.float16 (float64 rows are not packed), got ", dtype_name(t));
+  const int64_t n = z.size(0), D = z.size(1);
+  const Elem type = t == at::kFloat ? Elem::kFloat : t == at::kBFloat16 ? Elem::kBFloat16 : Elem::kHalf;
+  const auto isa = [&]() -> std::optional<ScanIsa> {
+    if (body == "avx512" || body == "amx") return ScanIsa::kAvx512;
+    if (body == "avx2") return ScanIsa::kAvx2;
+    if (body == "portable") return ScanIsa::kPortable;
+    return std::nullopt;
+  }();
+  const bool bf16 = body == "avx512bf16";
+  TORCH_CHECK(isa.has_value() || bf16, "vqvae_fast::cpu_pack_norms: unknown body '", body,
+              "' (avx512, avx2, portable, avx512bf16, amx)");
+  TORCH_CHECK(bf16 ? bf16_scan_available() : scan_available(*isa), "vqvae_fast::cpu_pack_norms: this CPU cannot run '",
+              body, "'");
+  TORCH_CHECK(!bf16 || (t == at::kBFloat16 && centre.count_nonzero().item<int64_t>() == 0),
+              "vqvae_fast::cpu_pack_norms: 'avx512bf16' packs bf16 rows around a zero centre");
+  at::Tensor norms = at::empty({n}, z.options().dtype(at::kFloat));
+  std::vector<float> panel(kScanRows * std::max<int64_t>(D, 2));
+  const char* rows = static_cast<const char*>(z.const_data_ptr());
+  const int64_t row_bytes = D * z.element_size();
+  for (int64_t first = 0; first < n; first += kScanRows) {
+    const int64_t count = std::min(kScanRows, n - first);
+    const void* start = rows + first * row_bytes;
+    float* out = norms.data_ptr<float>() + first;
+    if (bf16) {
+      bf16_pack_panel(static_cast<const uint16_t*>(start), D, count, D, reinterpret_cast<uint32_t*>(panel.data()), out);
+    } else if (body == "amx") {
+      centre_panel_rows(start, type, D, count, centre.const_data_ptr<float>(), D, panel.data(), out);
+    } else {
+      pack_panel(*isa, start, type, D, count, centre.const_data_ptr<float>(), D, panel.data(), out);
+    }
+  }
+  return norms;
+}
+
 }  // namespace
 
-// No tensors, so no dispatch: defined here rather than in ops.cpp.
+// No tensors, so no dispatch: defined here rather than in ops.cpp. cpu_pack_norms is a test hook.
 TORCH_LIBRARY_FRAGMENT(vqvae_fast, m) {  // SCHEMAS in vqvae_fast/ops/registration.py, verbatim
   m.def("cpu_forward_path(int D=256, ScalarType? dtype=None, int K=1024) -> str", &cpu_forward_path);
+  m.def("cpu_pack_norms(Tensor z, Tensor centre, str body) -> Tensor", &cpu_pack_norms);
 }
 
 TORCH_LIBRARY_IMPL(vqvae_fast, CPU, m) {

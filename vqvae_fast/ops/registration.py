@@ -24,6 +24,8 @@ What the arguments and outputs mean:
   l2-normalised rows of z and codes, gradients through the normalisation.
 - cpu_forward_path (C++, no tensors, so no dispatch): the CPU forward's path ("fused-amx",
   "fused-avx512", "fused-avx512-bf16", "fused-avx2", "fused-portable" or "gemm") for rows of D elements of dtype (None: float32) and K codes.
+- cpu_pack_norms (C++, a test hook): the squared norms ||z_i - centre||^2 that a CPU scan body's
+  packing reports (they enter only the float error bound, so no result shows a wrong one).
 - triton_residual_nearest_code: the (N, S) codes of residual quantization with codebooks
   (S, K, D), every stage in one kernel (triton_residual.py); no gradient.
 - triton_residual_quantize_fwd: the same kernel for the training forward: the sum of the chosen
@@ -57,6 +59,7 @@ SCHEMAS = {
                     "Tensor indices, float beta, bool need_grad_z, bool need_grad_codebook, bool rotation=False) -> "
                     "(Tensor grad_z, Tensor grad_codebook)",
     "cpu_forward_path": "cpu_forward_path(int D=256, ScalarType? dtype=None, int K=1024) -> str",
+    "cpu_pack_norms": "cpu_pack_norms(Tensor z, Tensor centre, str body) -> Tensor",
     # the Triton kernels (triton_ops.py)
     "triton_nearest_code": "triton_nearest_code(Tensor z, Tensor codebook) -> Tensor",
     "triton_quantize_fwd": "triton_quantize_fwd(Tensor z, Tensor codebook, float beta, bool rotation=False, "
