@@ -1,7 +1,8 @@
 // One core's multiply-add peaks, the floors the CPU scans are judged against in RESULTS.md on
 // CPUs without AMX: independent chains (no loads) of 512-bit FMAs, 256-bit FMAs and 512-bit
 // VDPBF16PS (two bf16 products a lane), one second each, reported in GFLOP/s (an FMA lane is 2
-// flops, a VDPBF16PS lane 4). Pin it to one core: taskset -c 0.
+// flops, a VDPBF16PS lane 4); and 512-bit FMAs with a min every 8, the D = 8 scan's mix. Pin it
+// to one core: taskset -c 0.
 //
 //   g++ -O2 -o /tmp/fma_peak benchmarks/fma_peak.cpp && taskset -c 0 /tmp/fma_peak
 #include <immintrin.h>
@@ -67,8 +68,29 @@ __attribute__((target("avx512f,avx512bf16"))) float dpbf16(long iters) {
   return _mm512_reduce_add_ps(s);
 }
 
+// 24 chains of FMAs with a min every 8 (the D = 8 scan's mix: each score is 8 FMAs and one min
+// into the running best): whether the fold's mins take FMA slots (if not, the rate is the FMAs').
+__attribute__((target("avx512f"))) float fma512_with_min(long iters) {
+  __m512 acc[24], least[3];
+  const __m512 a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(0.9999999f);
+  for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(i);
+  for (int i = 0; i < 3; ++i) least[i] = _mm512_set1_ps(1e30f);
+  for (long it = 0; it < iters; ++it) {
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; ++i) acc[i] = _mm512_fmadd_ps(a, acc[i], b);
+#pragma GCC unroll 3
+    for (int i = 0; i < 3; ++i) least[i] = _mm512_min_ps(least[i], acc[8 * i]);
+  }
+  __m512 s = _mm512_add_ps(_mm512_add_ps(least[0], least[1]), least[2]);
+  for (int i = 0; i < 24; ++i) s = _mm512_add_ps(s, acc[i]);
+  return _mm512_reduce_add_ps(s);
+}
+
 int main() {
   if (__builtin_cpu_supports("avx512f")) std::printf("AVX-512 FMA  %6.1f GFLOP/s\n", gflops(fma512, kChains * 32.0));
+  if (__builtin_cpu_supports("avx512f")) {
+    std::printf("AVX-512 FMA, a min every 8  %6.1f GFLOP/s (FMA flops)\n", gflops(fma512_with_min, 24 * 32.0));
+  }
   if (__builtin_cpu_supports("avx2")) std::printf("AVX2 FMA     %6.1f GFLOP/s\n", gflops(fma256, kChains * 16.0));
   if (__builtin_cpu_supports("avx512bf16")) std::printf("VDPBF16PS    %6.1f GFLOP/s\n", gflops(dpbf16, kChains * 64.0));
 }
