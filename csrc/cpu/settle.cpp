@@ -358,8 +358,8 @@ struct AmxScan {
 // of its best has exactly one candidate, the best, and only that code's distance is computed
 // exactly; the others (near-ties, rows that could overflow) are returned. Each panel is packed just
 // before its first scan and settled right after its last, and while a panel is scanned the next
-// one's rows of z are fetched (16384 x 256 x D, 1 thread, AMD Zen 4: 4-6 % faster at D = 64-256;
-// 1-2 % at K = 1024; D = 8 unchanged with AVX-512, 2 % slower with the AVX2 scan forced).
+// one's rows of z are fetched (AMD Zen 4: 3-6 % faster at K = 256, D >= 128, 1-3 % at K = 1024;
+// at D = 8 unchanged with AVX-512, 3 % slower with the AVX2 scan forced; benchmarks/RESULTS.md).
 template <typename Scan, typename scalar_t>
 std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, RowMap row_of) {
   RECORD_USER_SCOPE(Scan::event(settler));
@@ -399,7 +399,9 @@ std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, 
           }
           // The next panel's rows are read next when it is packed (first chunk) or settled (last).
           LinePrefetch fetch;
-          if ((first_chunk || last_chunk) && p + 1 < np) fetch = contiguous_rows(settler, row_of, first_row(p + 1), rows_in(p + 1));
+          if ((first_chunk || last_chunk) && p + 1 < np) {
+            fetch = contiguous_rows(settler, row_of, first_row(p + 1), rows_in(p + 1));
+          }
           work.scan_groups(p, g0, g1, states[p], fetch);
           if (!last_chunk) continue;
           // Settled right after its last scan, while its rows of z are still in cache.
