@@ -282,7 +282,7 @@ at::Tensor cpu_pack_norms(const at::Tensor& z, const at::Tensor& centre, const s
   TORCH_CHECK(!bf16 || (t == at::kBFloat16 && centre.count_nonzero().item<int64_t>() == 0),
               "vqvae_fast::cpu_pack_norms: 'avx512bf16' packs bf16 rows around a zero centre");
   at::Tensor norms = at::empty({n}, z.options().dtype(at::kFloat));
-  std::vector<float> panel(kScanRows * std::max<int64_t>(D, 2));
+  std::vector<float> panel(kScanRows * D);  // the largest packed panel: D x 32 floats (bf16: (D + 1) / 2 x 32 words)
   const char* rows = static_cast<const char*>(z.const_data_ptr());
   const int64_t row_bytes = D * z.element_size();
   for (int64_t first = 0; first < n; first += kScanRows) {

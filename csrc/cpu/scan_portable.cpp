@@ -117,7 +117,7 @@ inline void pass(const float* zt, const float* group, const float* norm, int64_t
 #pragma GCC unroll 4
     for (int v = 0; v < kPassVectors; ++v) acc[j][v] = splat(norm[c0 + j]);
   }
-  for (int64_t i = 0; i < std::max<int64_t>(1, D / 32); ++i) fetch.step();  // as the AVX2 scan
+  for (int64_t i = 0; i < std::max<int64_t>(1, D / 32); ++i) fetch.step();  // D / 8 lines a group, as the AVX2 scan
   for (int64_t d = 0; d < D; ++d) {
     Floats row[kPassVectors];
 #pragma GCC unroll 4
