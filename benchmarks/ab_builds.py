@@ -8,7 +8,9 @@ A change to the C++ kernels is timed against the commit before it, built in a gi
 Each process imports one build (the base through PYTHONPATH, the other as installed), times every
 shape (median of --calls calls after a warm-up) and exits; the builds alternate, in swapped order
 every other round, so drift of the machine falls on both. Printed per shape: the median over the
-rounds of each build and the ratio base / new (> 1: the new build is faster), with the range.
+rounds of each build and the ratio base / new (> 1: the new build is faster), with the range, and
+the median of the ratios within a round ("paired": the two processes ran one after the other, so
+a slow spell of a shared machine that spans a round cancels out there).
 Environment variables (VQVAE_FAST_CPU_SCAN=avx2, ...) pass through to both.
 """
 from __future__ import annotations
@@ -80,7 +82,9 @@ def main() -> None:
     print(f"{args.task}, {args.dtype}, {args.threads} thread(s), {args.rounds} rounds; ms, median over rounds")
     for shape, by_build in times.items():
         base, new = statistics.median(by_build["base"]), statistics.median(by_build["new"])
+        paired = statistics.median(b / n for b, n in zip(by_build["base"], by_build["new"]))
         print(f"{shape:>16}  base {base * 1e3:8.2f}  new {new * 1e3:8.2f}  base/new {base / new:.3f}"
+              f"  paired {paired:.3f}"
               f"  (base {min(by_build['base']) * 1e3:.2f}-{max(by_build['base']) * 1e3:.2f},"
               f" new {min(by_build['new']) * 1e3:.2f}-{max(by_build['new']) * 1e3:.2f})")
 

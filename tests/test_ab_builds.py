@@ -14,10 +14,10 @@ def test_ab_builds_times_both_builds():
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if line.strip().startswith("40x13x9"))
-    match = re.search(r"base\s+([\d.]+)\s+new\s+([\d.]+)\s+base/new ([\d.]+)", line)
+    match = re.search(r"base\s+([\d.]+)\s+new\s+([\d.]+)\s+base/new ([\d.]+)\s+paired ([\d.]+)", line)
     assert match, line
-    base, new, ratio = map(float, match.groups())
-    assert base > 0 and new > 0 and ratio > 0
+    base, new, ratio, paired = map(float, match.groups())
+    assert base > 0 and new > 0 and ratio > 0 and paired > 0
 
 
 def test_ab_builds_refuses_a_base_without_the_package(tmp_path):

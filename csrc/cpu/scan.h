@@ -41,6 +41,9 @@ struct LinePrefetch {
       next += 64;
     }
   }
+  void all() {
+    while (next < end) step();
+  }
 };
 
 // The instruction set a float scan and its helpers run with. Every score is the same chain of

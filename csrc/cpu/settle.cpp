@@ -359,7 +359,8 @@ struct AmxScan {
 // exactly; the others (near-ties, rows that could overflow) are returned. Each panel is packed just
 // before its first scan and settled right after its last, and while a panel is scanned the next
 // one's rows of z are fetched (AMD Zen 4: 3-6 % faster at K = 256, D >= 128, 1-3 % at K = 1024;
-// at D = 8 unchanged with AVX-512, 3 % slower with the AVX2 scan forced; benchmarks/RESULTS.md).
+// at D = 8 unchanged with AVX-512; with the AVX2 scan forced 3 % slower, about half of it won back
+// by fetching all at once below D = 16; benchmarks/RESULTS.md).
 template <typename Scan, typename scalar_t>
 std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, RowMap row_of) {
   RECORD_USER_SCOPE(Scan::event(settler));
