@@ -1,14 +1,20 @@
-"""Two builds of vqvae_fast side by side: the CPU forward of each, in alternating processes.
+"""Two builds of vqvae_fast, or two environments, side by side: the CPU forward of each, in
+alternating processes.
 
 A change to the C++ kernels is timed against the commit before it, built in a git worktree:
 
     git worktree add /tmp/base HEAD~1 && (cd /tmp/base && python setup.py build_ext --inplace)
     python benchmarks/ab_builds.py --base /tmp/base --shapes 16384x256x128 16384x1024x256 --threads 1
 
+An environment setting is timed against none, on the installed build (here torch's huge-page
+allocations, with the cdist baseline as the task):
+
+    python benchmarks/ab_builds.py --new-env THP_MEM_ALLOC_ENABLE=1 --task cdist --shapes 16384x512x128
+
 Each process imports one build (the base through PYTHONPATH, the other as installed), times every
-shape (median of --calls calls after a warm-up) and exits; the builds alternate, in swapped order
+shape (median of --calls calls after a warm-up) and exits; the two sides alternate, in swapped order
 every other round, so drift of the machine falls on both. Printed per shape: the median over the
-rounds of each build and the ratio base / new (> 1: the new build is faster), with the range, and
+rounds of each side and the ratio base / new (> 1: the new side is faster), with the range, and
 the median of the ratios within a round ("paired": the two processes ran one after the other, so
 a slow spell of a shared machine that spans a round cancels out there).
 Environment variables (VQVAE_FAST_CPU_SCAN=avx2, ...) pass through to both.
@@ -33,8 +39,22 @@ for shape in shapes:
     z, codebook = torch.randn(n, d).to(dtype), torch.randn(k, d).to(dtype)
     if task == "quantize":
         call = lambda: vqvae_fast.quantize(z, codebook, beta=0.25, backend="cpu")
-    else:
+    elif task == "nearest":
         call = lambda: vqvae_fast.nearest_code(z, codebook, backend="cpu")
+    else:  # a baseline's forward as providers.lookup_forward builds it: indices, gather, loss, output
+        if task == "cdist":
+            search = lambda: torch.cdist(z, codebook).argmin(1)
+        else:
+            import faiss
+            faiss.omp_set_num_threads(threads)
+            def search():  # the index built in each call, as the provider does
+                index = faiss.IndexFlatL2(d)
+                index.add(codebook.float().numpy())
+                return torch.from_numpy(index.search(z.float().numpy(), 1)[1][:, 0])
+        def call():
+            chosen = codebook[search()]
+            loss = torch.mean((chosen - z) ** 2) + 0.25 * torch.mean((z - chosen) ** 2)
+            return z + (chosen - z), loss
     for _ in range(3):
         call()
     times = []
@@ -46,8 +66,8 @@ for shape in shapes:
 """
 
 
-def run_build(base: str | None, args: argparse.Namespace) -> dict[str, float]:
-    env = dict(os.environ)
+def run_build(base: str | None, extra_env: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
+    env = {**os.environ, **extra_env}
     if base is not None:
         env["PYTHONPATH"] = base + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-c", _CHILD, ",".join(args.shapes), str(args.threads), args.dtype, args.task,
@@ -59,27 +79,46 @@ def run_build(base: str | None, args: argparse.Namespace) -> dict[str, float]:
     return {shape: float(seconds) for shape, seconds in (line.split() for line in done.stdout.strip().splitlines())}
 
 
+def parse_env(parser: argparse.ArgumentParser, assignments: list[str]) -> dict[str, str]:
+    env = {}
+    for assignment in assignments:
+        name, equals, value = assignment.partition("=")
+        if not name or not equals:
+            parser.error(f"expected NAME=VALUE, got {assignment!r}")
+        env[name] = value
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="root of the base build (a checkout built in place)")
+    parser.add_argument("--base", help="root of the base build (a checkout built in place); default: the installed one")
+    parser.add_argument("--base-env", nargs="*", default=[], metavar="NAME=VALUE", help="set for the base side only")
+    parser.add_argument("--new-env", nargs="*", default=[], metavar="NAME=VALUE", help="set for the new side only")
     parser.add_argument("--shapes", nargs="+", required=True, help="NxKxD, e.g. 16384x256x128")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    parser.add_argument("--task", default="quantize", choices=["quantize", "nearest"])
-    parser.add_argument("--rounds", type=int, default=6, help="processes per build")
+    parser.add_argument("--task", default="quantize", choices=["quantize", "nearest", "cdist", "faiss"],
+                        help="ours (quantize: the forward, nearest: indices only) or a baseline's forward (the "
+                             "benchmarks' cdist and FAISS providers: search, gather, loss, output)")
+    parser.add_argument("--rounds", type=int, default=6, help="processes per side")
     parser.add_argument("--calls", type=int, default=9, help="timed calls per shape in each process")
     args = parser.parse_args()
-    if not os.path.isdir(os.path.join(args.base, "vqvae_fast")):
+    if args.base is not None and not os.path.isdir(os.path.join(args.base, "vqvae_fast")):
         parser.error(f"--base {args.base!r} has no vqvae_fast package (a checkout built with build_ext --inplace)")
+    envs = {side: parse_env(parser, getattr(args, f"{side}_env")) for side in ("base", "new")}
+    if args.base is None and envs["base"] == envs["new"]:
+        parser.error("nothing differs between the two sides: give --base, or --base-env / --new-env")
 
     times: dict[str, dict[str, list[float]]] = {shape: {"base": [], "new": []} for shape in args.shapes}
     for round_ in range(args.rounds):
         order = ["base", "new"] if round_ % 2 == 0 else ["new", "base"]
         for build in order:
-            for shape, seconds in run_build(args.base if build == "base" else None, args).items():
+            for shape, seconds in run_build(args.base if build == "base" else None, envs[build], args).items():
                 times[shape][build].append(seconds)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    print(f"{args.task}, {args.dtype}, {args.threads} thread(s), {args.rounds} rounds; ms, median over rounds")
+    sides = "; ".join(f"{side}: {args.base if side == 'base' and args.base else 'installed build'}"
+                      + "".join(f" {name}={value}" for name, value in envs[side].items()) for side in ("base", "new"))
+    print(f"{args.task}, {args.dtype}, {args.threads} thread(s), {args.rounds} rounds ({sides}); ms, median over rounds")
     for shape, by_build in times.items():
         base, new = statistics.median(by_build["base"]), statistics.median(by_build["new"])
         paired = statistics.median(b / n for b, n in zip(by_build["base"], by_build["new"]))

@@ -78,6 +78,21 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def _memory_allocation() -> dict:
+    """What decides whether a new CPU tensor lands on fresh pages: each fresh page costs a fault, and
+    baselines that allocate N x K matrices per call ran 1.15-1.8x faster with torch's huge-page
+    allocations (THP_MEM_ALLOC_ENABLE=1; benchmarks/RESULTS.md), so results are comparable only
+    under the same settings."""
+    names = ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+             "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+    info = {name: os.environ[name] for name in names if name in os.environ}
+    try:  # e.g. "always [madvise] never": the bracketed mode is in force
+        info["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        pass
+    return info
+
+
 def machine_info(device: str) -> dict:
     """Everything needed to tell whether two result files are comparable."""
     info = dict(
@@ -94,6 +109,7 @@ def machine_info(device: str) -> dict:
         git_commit=_git("rev-parse", "HEAD"),
         git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
         load_average=os.getloadavg(),
+        memory_allocation=_memory_allocation(),
     )
     # Which build of the kernels ran: the library can be rebuilt between runs.
     import vqvae_fast._extension as ext

@@ -16,6 +16,7 @@ template's folder, options are key=value words:
     <!-- report: shapes FILE... -->                         one line per compare.py file (ours against the baselines)
     <!-- report: pytest_benchmark FILE rows=NxKxD:task,... -->
     <!-- report: bench_layer FP32_FILE BF16_FILE -->
+    <!-- report: bench_layer_allocation DEFAULT_FILE OTHER_FILE -->  the same run under two memory-allocation settings
     <!-- report: bench_layer_compat FILE... -->            the drop-in vqvae_fast.compat against the peer, one table per file
     <!-- report: bench_residual FILE -->
     <!-- report: cpu_paths FILE -->                         cpu_paths.py: each CPU path forced, against cdist and FAISS
@@ -49,7 +50,8 @@ def _machine(m: dict) -> str:
             f"commit {(m.get('git_commit') or '?')[:10]}{' + local changes' if m.get('git_dirty') else ''}; "
             f"load average {m['load_average'][0]:.2f}"
             + (f" (start {m['load_average_start'][0]:.2f})" if "load_average_start" in m else "")
-            + (f" (end {m['load_average_end'][0]:.2f})" if "load_average_end" in m else ""))
+            + (f" (end {m['load_average_end'][0]:.2f})" if "load_average_end" in m else "")
+            + "".join(f"; {k}={v}" for k, v in m.get("memory_allocation", {}).items() if k != "transparent_hugepage"))
 
 
 # (header, row key) of compare_table's optional columns: shown when some row of the file has the key, so a
@@ -216,10 +218,12 @@ def pytest_benchmark_table(data: dict, rows: str, faiss_backward_note: str = "")
     return "\n".join(lines)
 
 
-def bench_layer_table(fp32: dict, bf16: dict) -> str:
-    """bench_layer.py: median ms per step of ours, the peer and the cdist layer, fp32 and bf16 autocast side by side."""
-    lines = ["| shape (N×K×D) | ours fp32 | vector-quantize-pytorch fp32 | cdist layer fp32 | ours vs peer "
-             "| ours vs cdist | ours bf16 autocast | peer bf16 | cdist bf16 | ours vs peer | ours vs cdist |",
+def bench_layer_table(fp32: dict, bf16: dict, labels: tuple[str, str] = ("fp32", "bf16 autocast")) -> str:
+    """bench_layer.py: median ms per step of ours, the peer and the cdist layer, two runs side by side (fp32 and bf16
+    autocast, or the same precision under two settings: `labels`)."""
+    a, b = labels
+    lines = [f"| shape (N×K×D) | ours {a} | vector-quantize-pytorch {a} | cdist layer {a} | ours vs peer "
+             f"| ours vs cdist | ours {b} | peer {b} | cdist {b} | ours vs peer | ours vs cdist |",
              "|---|" + "---:|" * 10]
     other = {r["shape"]["name"]: r for r in bf16["results"]}
     for result in fp32["results"]:
@@ -233,6 +237,16 @@ def bench_layer_table(fp32: dict, bf16: dict) -> str:
             cells += [f"**{peer:.{1 if peer < 100 else 0}f}×**", f"{base:.1f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bench_layer_allocation_table(default: dict, other: dict) -> str:
+    """bench_layer.py run twice, under the default memory allocation and under other settings (machine's
+    memory_allocation, e.g. THP_MEM_ALLOC_ENABLE=1): the two side by side, each run's command and machine below."""
+    settings = ", ".join(f"{k}={v}" for k, v in other["machine"]["memory_allocation"].items()
+                         if k != "transparent_hugepage")
+    lines = [bench_layer_table(default, other, ("default", settings or "other"))]
+    lines += [f"<sub>`{d['machine']['command']}`; {_machine(d['machine'])}</sub>" for d in (default, other)]
+    return "\n\n".join(lines)
 
 
 LAYER_KINDS = (("ours", "ours"), ("compat", "compat"), ("peer", "peer"), ("baseline", "cdist layer"))
@@ -426,6 +440,7 @@ RENDERERS = {"keypoint": lambda files, **_: keypoint_table(*files),
              "shapes": lambda files, **_: shapes_table(files),
              "pytest_benchmark": lambda files, **kw: pytest_benchmark_table(files[0], **kw),
              "bench_layer": lambda files, **_: bench_layer_table(*files),
+             "bench_layer_allocation": lambda files, **_: bench_layer_allocation_table(*files),
              "bench_layer_compat": lambda files, **_: "\n\n".join(bench_layer_compat_table(f) for f in files),
              "bench_residual": lambda files, **_: bench_residual_table(files[0]),
              "cpu_paths": lambda files, **_: cpu_paths_table(files[0]),

@@ -112,3 +112,11 @@ def test_cosine_shape(bench_layer, tmp_path):
         assert_timed(rows["vqvae_fast"])
     else:
         assert rows["vqvae_fast"]["status"] == "skipped" and "distance" in rows["vqvae_fast"]["reason"]
+
+
+def test_the_memory_allocation_settings_are_recorded(bench_layer, tmp_path, monkeypatch):
+    """Huge pages or a preloaded allocator change the baselines' times (RESULTS.md): the JSON says which ran."""
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    allocation = run(bench_layer, tmp_path, "--providers", "vqvae_fast")["machine"]["memory_allocation"]
+    assert allocation["THP_MEM_ALLOC_ENABLE"] == "1" and "LD_PRELOAD" not in allocation
