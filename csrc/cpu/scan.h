@@ -41,7 +41,7 @@ struct LinePrefetch {
       next += 64;
     }
   }
-  void all() {
+  void all() {  // every line at once: where they are few (the AVX2 scan below D = 16)
     while (next < end) step();
   }
 };
