@@ -27,11 +27,15 @@ import statistics
 import subprocess
 import sys
 
-# What one process runs: argv = shapes (comma-separated NxKxD), threads, dtype, task, calls.
+# What one process runs: argv = shapes (comma-separated NxKxD), threads, dtype, task, calls, and the
+# benchmarks folder, whose providers.py gives the baselines' forwards (it imports only torch and the
+# vqvae_fast of the side that runs).
 _CHILD = """
 import statistics, sys, time
 import torch, vqvae_fast
 shapes, threads, dtype, task, calls = sys.argv[1].split(","), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4], int(sys.argv[5])
+sys.path.insert(0, sys.argv[6])
+import providers
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 for shape in shapes:
@@ -41,20 +45,12 @@ for shape in shapes:
         call = lambda: vqvae_fast.quantize(z, codebook, beta=0.25, backend="cpu")
     elif task == "nearest":
         call = lambda: vqvae_fast.nearest_code(z, codebook, backend="cpu")
-    else:  # a baseline's forward as providers.lookup_forward builds it: indices, gather, loss, output
-        if task == "cdist":
-            search = lambda: torch.cdist(z, codebook).argmin(1)
-        else:
-            import faiss
-            faiss.omp_set_num_threads(threads)
-            def search():  # the index built in each call, as the provider does
-                index = faiss.IndexFlatL2(d)
-                index.add(codebook.float().numpy())
-                return torch.from_numpy(index.search(z.float().numpy(), 1)[1][:, 0])
-        def call():
-            chosen = codebook[search()]
-            loss = torch.mean((chosen - z) ** 2) + 0.25 * torch.mean((z - chosen) ** 2)
-            return z + (chosen - z), loss
+    else:  # a baseline's forward as the benchmarks time it: search, gather, loss, output
+        search = providers.cdist_indices if task == "cdist" else providers.faiss_indices()
+        if search is None:
+            raise SystemExit("faiss is not importable: pip install faiss-cpu")
+        forward = providers.lookup_forward(search)
+        call = lambda: forward(z, codebook)
     for _ in range(3):
         call()
     times = []
@@ -71,7 +67,7 @@ def run_build(base: str | None, extra_env: dict[str, str], args: argparse.Namesp
     if base is not None:
         env["PYTHONPATH"] = base + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-c", _CHILD, ",".join(args.shapes), str(args.threads), args.dtype, args.task,
-               str(args.calls)]
+               str(args.calls), os.path.dirname(os.path.abspath(__file__))]
     # Not from the repository root: there `import vqvae_fast` would find the checkout before PYTHONPATH's build.
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=os.path.expanduser("~"))
     if done.returncode != 0:
