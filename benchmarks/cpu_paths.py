@@ -30,6 +30,7 @@ PATH_ENV = {
     "native": {},  # nothing forced: every library (ours too) picks its path for this CPU
     "amx": dict(VQVAE_FAST_CPU_SCAN="amx"),
     "avx512bf16": dict(VQVAE_FAST_CPU_SCAN="avx512bf16"),  # bf16 inputs: the bf16 scan (others: avx512)
+    "avx512bf16rounded": dict(VQVAE_FAST_CPU_SCAN="avx512bf16rounded"),  # fp32/fp16 rounded to bf16, any D
     "avx512": dict(VQVAE_FAST_CPU_SCAN="avx512", ONEDNN_MAX_CPU_ISA="AVX512_CORE", OPENBLAS_CORETYPE="SkylakeX",
                    VQVAE_FAST_BENCH_FAISS_SIMD="AVX512"),
     "avx2": dict(VQVAE_FAST_CPU_SCAN="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",

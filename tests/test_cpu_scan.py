@@ -23,8 +23,9 @@ from vqvae_fast import nearest_code, quantize
 
 TESTS = Path(__file__).parent
 # What each forced path reports where the CPU can run it.
-REPORTED = {"amx": "fused-amx", "avx512": "fused-avx512", "avx512bf16": "fused-avx512-bf16", "avx2": "fused-avx2",
-            "portable": "fused-portable", "gemm": "gemm"}
+REPORTED = {"amx": "fused-amx", "avx512": "fused-avx512", "avx512bf16": "fused-avx512-bf16",
+            "avx512bf16rounded": "fused-avx512-bf16-rounded", "avx2": "fused-avx2", "portable": "fused-portable",
+            "gemm": "gemm"}
 # The dtype a forced path is reported for (the bf16 scan takes bf16 inputs only; others get the float scan).
 FORCED_DTYPE = {"avx512bf16": torch.bfloat16}
 
@@ -65,6 +66,13 @@ def test_reported_path_matches_the_cpu(monkeypatch):
     assert large == ("fused-amx" if amx else small) or (amx and large == "fused-avx512")
     bf16 = avx512 and "avx512_bf16" in flags  # bf16 inputs below AMX's D: the bf16 scan
     assert torch.ops.vqvae_fast.cpu_forward_path(15, torch.bfloat16) == ("fused-avx512-bf16" if bf16 else small)
+    # float32 and fp16 from D = 24 on where AMX does not run: the rounded bf16 scan.
+    rounded = "fused-avx512-bf16-rounded" if bf16 else small
+    for dtype in (torch.float32, torch.float16):
+        assert torch.ops.vqvae_fast.cpu_forward_path(23, dtype) == (large if amx else small)
+        assert torch.ops.vqvae_fast.cpu_forward_path(24, dtype) in ((large, "fused-avx512-bf16-rounded") if amx
+                                                                    else (rounded,))
+    assert torch.ops.vqvae_fast.cpu_forward_path(256, torch.float64) == small
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "gemm")
     assert torch.ops.vqvae_fast.cpu_forward_path(256) == "gemm"
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "avx512")
@@ -77,6 +85,7 @@ def test_reported_path_matches_the_cpu(monkeypatch):
 
 # Profiler events the kernel records for each stage it runs (csrc/cpu/settle.cpp).
 STAGE_EVENTS = {"vqvae_fast::cpu_scan_amx": "fused-amx", "vqvae_fast::cpu_scan_avx512_bf16": "fused-avx512-bf16",
+                "vqvae_fast::cpu_scan_avx512_bf16_rounded": "fused-avx512-bf16-rounded",
                 "vqvae_fast::cpu_scan_avx512": "fused-avx512",
                 "vqvae_fast::cpu_scan_avx2": "fused-avx2", "vqvae_fast::cpu_scan_portable": "fused-portable",
                 "vqvae_fast::cpu_settle_gemm": "gemm"}
@@ -88,12 +97,12 @@ def path_taken(z: torch.Tensor, codebook: torch.Tensor) -> str:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         quantize(z, codebook, backend="cpu")
     stages = {STAGE_EVENTS[e.name] for e in prof.events() if e.name in STAGE_EVENTS}
-    return next(path for path in ("fused-amx", "fused-avx512-bf16", "fused-avx512", "fused-avx2", "fused-portable",
-                                  "gemm")
+    return next(path for path in ("fused-amx", "fused-avx512-bf16", "fused-avx512-bf16-rounded", "fused-avx512",
+                                  "fused-avx2", "fused-portable", "gemm")
                 if path in stages)
 
 
-@pytest.mark.parametrize("forced", ("", "amx", "avx512", "avx512bf16", "avx2", "portable", "gemm"))
+@pytest.mark.parametrize("forced", ("", *REPORTED))
 def test_reported_path_is_the_kernels(forced, monkeypatch):
     """cpu_forward_path(D, dtype, K) names the path the kernel takes for those inputs, for every
     dtype, D on both sides of the AMX threshold (16) and each forced path."""
@@ -236,9 +245,60 @@ def test_bf16_scan_leaves_subnormals_and_offsets_to_the_float_scan(monkeypatch):
     assert path_taken(z + 100, far) == "fused-avx512"  # the centre is not small: centred float scores
     assert path_taken(z, codebook) == "fused-avx512-bf16"
     assert_nearest(z + 100, far, nearest_code(z + 100, far, backend="cpu"), 1e-12)
+    # From D = 24 on the centred values are rounded to bf16 again instead (the rounded scan).
+    wide, wide_z = (torch.randn(200, 40) + 100).bfloat16(), (torch.randn(300, 40) + 100).bfloat16()
+    assert path_taken(wide_z, wide) == "fused-avx512-bf16-rounded"
+    assert_nearest(wide_z, wide, nearest_code(wide_z, wide, backend="cpu"), 1e-12)
+    wide[3, 7] = 1e-39  # a subnormal code: rounded off (flushed) like any other dropped part
+    assert path_taken(wide_z, wide) == "fused-avx512-bf16-rounded"
+    assert_nearest(wide_z, wide, nearest_code(wide_z, wide, backend="cpu"), 1e-12)
 
 
 # Every body that packs rows for a scan (the op cpu_pack_norms reaches each by name).
+def circumcentres(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Per row, the point of the plane through a, b and c equidistant from all three (float64)."""
+    u, v = (b - a).double(), (c - a).double()
+    gram = torch.stack([torch.stack([(u * u).sum(1), (u * v).sum(1)], 1),
+                        torch.stack([(u * v).sum(1), (v * v).sum(1)], 1)], 1)
+    rhs = torch.stack([(u * u).sum(1), (v * v).sum(1)], 1) / 2
+    st = torch.linalg.solve(gram, rhs)
+    return a.double() + st[:, :1] * u + st[:, 1:] * v
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+@pytest.mark.parametrize("d", (5, 48, 200))
+def test_rounded_bf16_scan_two_three_and_tied_candidates(dtype, d, monkeypatch):
+    """float32 (fp16) rows and codes rounded to bf16 move a score by up to ~2^-8 |z| |e|: rows
+    with two codes inside that (settled from both exact distances, at every distance from their
+    midpoint), with three (handed to the float scan), exact ties of two codes (the lower index,
+    whichever of them the scan ranked first), subnormal entries beside normal ones; all exact."""
+    force("avx512bf16rounded", monkeypatch)
+    g = torch.Generator().manual_seed(d)
+    codebook = torch.randn(120, d, generator=g)
+    a, b, c = codebook[0:30], codebook[30:60], codebook[60:90]
+    mid, step = (a + b) / 2, (b - a) / (b - a).norm(dim=1, keepdim=True)
+    pairs = [mid + sign * eps * step for eps in torch.logspace(-7, -1, 13).tolist() for sign in (1, -1)]
+    triples = circumcentres(a, b, c).float()
+    triples = [triples, triples + 1e-4 * torch.randn(triples.shape, generator=g)]
+    tied_book = codebook.clone()
+    tied_book[90:100] *= 0.1  # the nearest codes to 0
+    tied_book[100:110] = -tied_book[90:100]  # code 90 + j and 100 + j: equal distances from 0
+    z = torch.cat(pairs + triples + [torch.randn(64, d, generator=g)]).to(dtype)
+    book = codebook.to(dtype)
+    assert path_taken(z, book) == "fused-avx512-bf16-rounded"
+    assert_nearest(z, book, nearest_code(z, book, backend="cpu"), 1e-12)
+    zero, tied_book = torch.zeros(4, d).to(dtype), tied_book.to(dtype)
+    indices = nearest_code(zero, tied_book, backend="cpu")
+    assert_nearest(zero, tied_book, indices, 0.0)
+    norms = (tied_book.double() ** 2).sum(1)
+    assert int(indices[0]) == int(torch.nonzero(norms == norms.min())[0]) < 100  # the lower of two equal distances
+    tiny = z.clone()
+    tiny[::3, :: 2] = 1e-39 if dtype == torch.float32 else 1e-7  # subnormal in the dtype
+    tiny_book = book.clone()
+    tiny_book[::5, 1] = 1e-39 if dtype == torch.float32 else 1e-7
+    assert_nearest(tiny, tiny_book, nearest_code(tiny, tiny_book, backend="cpu"), 1e-12)
+
+
 PACK_BODIES = ("avx512", "avx2", "portable", "amx", "avx512bf16")
 
 

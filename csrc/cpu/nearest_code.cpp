@@ -78,12 +78,19 @@ namespace {
 // where it has AVX2 and FMA but not AVX-512F, the float form with AVX2 instructions; on aarch64,
 // the float form in portable C++ (NEON). bf16 inputs that AMX does not take, on CPUs with
 // AVX512-BF16 (AMD Zen 4/5): the bf16 form, on the uncentred codebook where its centre is small
-// (else the float form). Scan states index codes with int32 (so K <= INT32_MAX).
+// (else the float form); float32 and fp16 inputs there: the rounded bf16 form from D =
+// kRoundedMinD on. Scan states index codes with int32 (so K <= INT32_MAX).
 // Otherwise (other CPUs, other ISAs) one BLAS GEMM per block of rows.
-// VQVAE_FAST_CPU_SCAN=gemm | portable | avx2 | avx512 | avx512bf16 | amx forces a path where the
-// CPU and the inputs allow it (tests, comparisons; portable runs everywhere); it is read on every
-// call. Forced avx512bf16 uncentres whatever the centre (more rows then go to the fallbacks).
-enum class ForwardPath { kGemm, kFusedPortable, kFusedAvx2, kFusedAvx512, kFusedBf16, kFusedAmx };
+// VQVAE_FAST_CPU_SCAN=gemm | portable | avx2 | avx512 | avx512bf16 | avx512bf16rounded | amx forces
+// a path where the CPU and the inputs allow it (tests, comparisons; portable runs everywhere); it is
+// read on every call. Forced avx512bf16 uncentres whatever the centre (more rows then go to the
+// fallbacks); forced avx512bf16rounded takes float32 and fp16 inputs at every D.
+enum class ForwardPath { kGemm, kFusedPortable, kFusedAvx2, kFusedAvx512, kFusedBf16, kFusedBf16Rounded, kFusedAmx };
+
+// From this D on, float32 and fp16 rows on CPUs with AVX512-BF16 but not AMX take the rounded bf16
+// scan (twice the products an instruction; rows it cannot settle go to the float scan). Below it
+// the float scan: TODO measure.
+constexpr int64_t kRoundedMinD = 24;
 
 // Below, storing and folding the score tiles costs more than the tiles save: measured 0.5-0.7x the
 // AVX-512 scan's speed at D = 8 (Intel Xeon with AMX, 2026-11-26; benchmarks/RESULTS.md "CPU: the
@@ -101,6 +108,8 @@ const char* path_name(ForwardPath path) {
       return "fused-avx512";
     case ForwardPath::kFusedBf16:
       return "fused-avx512-bf16";
+    case ForwardPath::kFusedBf16Rounded:
+      return "fused-avx512-bf16-rounded";
     case ForwardPath::kFusedAvx2:
       return "fused-avx2";
     case ForwardPath::kFusedPortable:
@@ -131,9 +140,15 @@ ForwardPath choose_forward_path(at::ScalarType dtype, int64_t D, int64_t K) {
   // does not take them; nearest_code_kernel may still fall back to the float scan (see there).
   const bool bf16 = dtype == at::kBFloat16 && bf16_scan_available() && (forced.empty() || forced == "avx512bf16");
   const bool amx = amx_scan_available() && dtype != at::kDouble && forced != "avx512" && forced != "avx512bf16" &&
-                   (forced == "amx" || D >= kAmxMinD);
+                   forced != "avx512bf16rounded" && (forced == "amx" || D >= kAmxMinD);
   if (amx) return ForwardPath::kFusedAmx;
-  return bf16 ? ForwardPath::kFusedBf16 : ForwardPath::kFusedAvx512;
+  if (bf16) return ForwardPath::kFusedBf16;
+  // float32 and fp16 rows rounded to bf16, where the CPU has AVX512-BF16 (AMD Zen 4/5).
+  const bool roundable = (dtype == at::kFloat || dtype == at::kHalf) && bf16_scan_available();
+  if (roundable && (forced == "avx512bf16rounded" || (forced.empty() && D >= kRoundedMinD))) {
+    return ForwardPath::kFusedBf16Rounded;
+  }
+  return ForwardPath::kFusedAvx512;
 }
 
 // Fills indices (N,) and, unless quantized is null, quantized (N, D, contiguous); returns
@@ -145,12 +160,14 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
   ForwardPath path = choose_forward_path(z.scalar_type(), codebook.size(1), codebook.size(0));
   // The bf16 scan's operands are the bf16 values themselves: the codebook uncentred, which costs
   // little where its mean is small next to the codes (forced: always), and no subnormal code (the
-  // instruction reads it as zero); else the float scan on the centred codebook.
+  // instruction reads it as zero); else the rounded bf16 scan (below kRoundedMinD the float scan)
+  // on the centred codebook.
   PreparedCodebook cb(codebook, View2D<scalar_t>(codebook), path != ForwardPath::kFusedBf16);
   if (path == ForwardPath::kFusedBf16 &&
       (cb.bf16_subnormal || (forced_scan() != "avx512bf16" && !cb.mean_is_small()))) {
     cb.recentre(View2D<scalar_t>(codebook));
-    path = ForwardPath::kFusedAvx512;
+    // Centred bf16 values are no longer bf16: rounded again (a subnormal code is flushed there).
+    path = codebook.size(1) >= kRoundedMinD ? ForwardPath::kFusedBf16Rounded : ForwardPath::kFusedAvx512;
   }
   std::vector<double> row_err(N);
   RowSettler<scalar_t> settler(cb, z, codebook, indices, quantized, row_err);
@@ -189,6 +206,13 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
         break;
       }
       TORCH_INTERNAL_ASSERT(false, "choose_forward_path chose the bf16 scan for another dtype");
+    case ForwardPath::kFusedBf16Rounded:
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        const std::vector<int64_t> undecided = settle_rows_bf16_rounded(settler, N);
+        if (!undecided.empty()) rows = settle_rows_float(settler, static_cast<int64_t>(undecided.size()), &undecided);
+        break;
+      }
+      TORCH_INTERNAL_ASSERT(false, "choose_forward_path chose the rounded bf16 scan for float64");
     case ForwardPath::kFusedAvx512:
     case ForwardPath::kFusedAvx2:
     case ForwardPath::kFusedPortable:
@@ -240,7 +264,8 @@ std::tuple<Tensor, Tensor, Tensor> quantize_fwd_cpu(const Tensor& z, const Tenso
 }
 
 // The path the forward takes on this machine for rows of D elements of `dtype` (default float32)
-// and a codebook of K codes: "fused-amx", "fused-avx512", "fused-avx2", "fused-portable" or "gemm".
+// and a codebook of K codes: "fused-amx", "fused-avx512", "fused-avx512-bf16", "fused-avx512-bf16-rounded",
+// "fused-avx2", "fused-portable" or "gemm".
 std::string cpu_forward_path(int64_t D, std::optional<at::ScalarType> dtype, int64_t K) {
   const at::ScalarType t = dtype.value_or(at::kFloat);
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,

@@ -70,8 +70,10 @@ bool amx_scan_available() { return false; }
 bool bf16_scan_available() { return false; }
 void bf16_pack_codes(const float*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { no_amx(); }
 void bf16_pack_panel(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*, float*) { no_amx(); }
+void bf16_round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, float*, float*) { no_amx(); }
+void bf16_pack_code_rows(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { no_amx(); }
 void bf16_scan_panel(const uint32_t*, const uint32_t*, const float*, int64_t, int64_t, int64_t, ScanState&, bool,
-                     LinePrefetch&) {
+                     LinePrefetch&, bool) {
   no_amx();
 }
 int64_t bf16_code_in_group(const uint32_t*, int64_t, const uint32_t*, const float*, int64_t, int64_t, float,

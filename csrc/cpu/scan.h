@@ -21,10 +21,13 @@ constexpr int64_t kScanCodes = 12;  // codes per group: 24 accumulators, the res
 // smallest (over all other codes, ties included) and the index of the smallest. With a group
 // index: the group of the smallest, and as `second` the smallest score of the other groups (the
 // best group's own second comes from code_in_group).
+// The rounded bf16 scan also keeps the third-smallest score and the second-smallest's code.
 struct ScanState {
   alignas(64) float best[kScanRows];
   alignas(64) float second[kScanRows];
   alignas(64) int32_t index[kScanRows];
+  alignas(64) float third[kScanRows];
+  alignas(64) int32_t index2[kScanRows];
 };
 
 // Cache lines a scan asks for while it runs, a few at a time between steps of its arithmetic: the
@@ -139,11 +142,22 @@ void bf16_pack_codes(const float* ec, int64_t K, int64_t D, int64_t g0, int64_t 
 // and their squared norms summed in float (+inf for a row with a subnormal, which the instruction
 // would read as zero: the caller leaves such rows to another scan).
 void bf16_pack_panel(const uint16_t* z, int64_t ld, int64_t n, int64_t D, uint32_t* zt, float* norms);
-// As scan_panel and code_in_group, on packed words (P = bf16_pairs(D)).
+// As scan_panel and code_in_group, on packed words (P = bf16_pairs(D)). With top3 (no group
+// index) the state's third and index2 are kept too (the rounded scan's fold).
 void bf16_scan_panel(const uint32_t* zt, const uint32_t* codes, const float* norms, int64_t P, int64_t g0,
-                     int64_t g1, ScanState& state, bool group_index, LinePrefetch& fetch);
+                     int64_t g1, ScanState& state, bool group_index, LinePrefetch& fetch, bool top3 = false);
 int64_t bf16_code_in_group(const uint32_t* zt, int64_t row, const uint32_t* codes, const float* norms, int64_t P,
                            int64_t g, float best, float* second);
+// The rounded bf16 scan (float and fp16 inputs): centred float values rounded to bf16 (nearest
+// even; results below bf16's normal range flushed to zero, which VDPBF16PS would read as zero
+// anyway), scanned as above; the rounding's effect on a score is bounded from the norms of what
+// was rounded off (settle.cpp, RoundedBf16Scan). Rounds n rows of D floats (row r at src + r *
+// ld) into dst (row r at dst + r * D, bf16 bits) and reports, per row, the squared norms of the
+// part rounded off and of the rounded row, summed in float.
+void bf16_round_rows(const float* src, int64_t ld, int64_t n, int64_t D, uint16_t* dst, float* dropped_norm2,
+                     float* rounded_norm2);
+// As bf16_pack_codes, from bf16 rows (code k at rows + k * D).
+void bf16_pack_code_rows(const uint16_t* rows, int64_t K, int64_t D, int64_t g0, int64_t g1, uint32_t* packed);
 
 // The AMX variant (D >= 16 where the CPU has AMX-BF16). Scores come from split operands: the
 // centred row x and code y (float) are each split into bf16 parts, x = xh + xl + rx with |rx| <=

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include <c10/util/Exception.h>
 
@@ -29,11 +30,18 @@ __attribute__((target("avx512f,avx512bf16"), always_inline)) inline __m512 dot2(
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 
-template <bool kGroupIndex>
+template <bool kGroupIndex, bool kTop3 = false>
 __attribute__((target("avx512f,avx512bf16"))) void scan(const uint32_t* zt, const uint32_t* codes, const float* norms,
                                                         int64_t P, int64_t g0, int64_t g1, ScanState& state,
                                                         LinePrefetch& fetch) {
-  PanelFold f = load_fold(state);
+  static_assert(!(kGroupIndex && kTop3), "the top-3 fold keeps codes, not groups");
+  using Fold = std::conditional_t<kTop3, PanelFold3, PanelFold>;
+  Fold f;
+  if constexpr (kTop3) {
+    f = load_fold3(state);
+  } else {
+    f = load_fold(state);
+  }
   for (int64_t g = g0; g < g1; ++g) {
     const uint32_t* group = codes + g * P * kScanCodes;
     const float* norm = norms + g * kScanCodes;
@@ -52,9 +60,17 @@ __attribute__((target("avx512f,avx512bf16"))) void scan(const uint32_t* zt, cons
         acc1[j] = dot2(acc1[j], row1, cj);
       }
     }
-    fold_group<kGroupIndex>(f, acc0, acc1, g);
+    if constexpr (kTop3) {
+      fold_group3(f, acc0, acc1, g);
+    } else {
+      fold_group<kGroupIndex>(f, acc0, acc1, g);
+    }
   }
-  store_fold(f, state);
+  if constexpr (kTop3) {
+    store_fold3(f, state);
+  } else {
+    store_fold(f, state);
+  }
 }
 
 }  // namespace
@@ -65,9 +81,13 @@ bool bf16_scan_available() {
   return available;
 }
 
-void bf16_pack_codes(const float* ec, int64_t K, int64_t D, int64_t g0, int64_t g1, uint32_t* packed) {
+namespace {
+
+// Codes of groups [g0, g1) as pairs x kScanCodes words per group, bits(k, d) the bf16 bits of
+// coordinate d of code k; codes past K and coordinates past D are zero.
+template <typename Bits>
+void pack_code_words(int64_t K, int64_t D, int64_t g0, int64_t g1, uint32_t* packed, Bits bits) {
   const int64_t P = bf16_pairs(D);
-  uint32_t dropped = 0;  // low halves of the floats: zero when every value is a bf16
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t p = 0; p < P; ++p) {
       for (int64_t j = 0; j < kScanCodes; ++j) {
@@ -75,17 +95,61 @@ void bf16_pack_codes(const float* ec, int64_t K, int64_t D, int64_t g0, int64_t 
         uint32_t word = 0;
         for (int64_t half = 0; half < 2; ++half) {
           const int64_t d = 2 * p + half;
-          if (k >= K || d >= D) continue;
-          uint32_t bits;
-          std::memcpy(&bits, ec + k * D + d, sizeof(bits));
-          dropped |= bits & 0xFFFFu;
-          word |= (bits >> 16) << (16 * half);
+          if (k < K && d < D) word |= static_cast<uint32_t>(bits(k, d)) << (16 * half);
         }
         packed[(g * P + p) * kScanCodes + j] = word;
       }
     }
   }
+}
+
+}  // namespace
+
+void bf16_pack_codes(const float* ec, int64_t K, int64_t D, int64_t g0, int64_t g1, uint32_t* packed) {
+  uint32_t dropped = 0;  // low halves of the floats: zero when every value is a bf16
+  pack_code_words(K, D, g0, g1, packed, [&](int64_t k, int64_t d) {
+    uint32_t bits;
+    std::memcpy(&bits, ec + k * D + d, sizeof(bits));
+    dropped |= bits & 0xFFFFu;
+    return static_cast<uint16_t>(bits >> 16);
+  });
   TORCH_INTERNAL_ASSERT(dropped == 0, "bf16_pack_codes: a code is not exact in bf16 (the codebook must be uncentred)");
+}
+
+void bf16_pack_code_rows(const uint16_t* rows, int64_t K, int64_t D, int64_t g0, int64_t g1, uint32_t* packed) {
+  pack_code_words(K, D, g0, g1, packed, [&](int64_t k, int64_t d) { return rows[k * D + d]; });
+}
+
+// VCVTNE2PS2BF16 rounds to nearest even and flushes subnormal inputs and results to zero, so
+// what is rounded off (x minus the bf16 value, exact in float) includes what the flush drops.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_round_rows(const float* src, int64_t ld, int64_t n,
+                                                                            int64_t D, uint16_t* dst,
+                                                                            float* dropped_norm2,
+                                                                            float* rounded_norm2) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = src + r * ld;
+    uint16_t* out = dst + r * D;
+    __m512 dropped = _mm512_setzero_ps(), rounded = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const int64_t elems = std::min<int64_t>(32, D - d);
+      const __mmask16 lo = elems >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << elems) - 1);
+      const __mmask16 hi = elems >= 32 ? 0xFFFF : elems <= 16 ? 0 : static_cast<__mmask16>((1u << (elems - 16)) - 1);
+      const __m512 a = _mm512_maskz_loadu_ps(lo, x + d), b = _mm512_maskz_loadu_ps(hi, x + d + 16);
+      __m512i words = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // element e: a's lanes, then b's
+      // Whatever this CPU's conversion does with tiny values, no subnormal reaches VDPBF16PS.
+      words = _mm512_mask_mov_epi16(words, _mm512_testn_epi16_mask(words, _mm512_set1_epi16(0x7F80)),
+                                    _mm512_setzero_si512());
+      const __m512 ra = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), 16));
+      const __m512 rb =
+          _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), 16));
+      const __m512 da = _mm512_sub_ps(a, ra), db = _mm512_sub_ps(b, rb);
+      dropped = _mm512_fmadd_ps(db, db, _mm512_fmadd_ps(da, da, dropped));
+      rounded = _mm512_fmadd_ps(rb, rb, _mm512_fmadd_ps(ra, ra, rounded));
+      _mm512_mask_storeu_epi16(out + d, elems == 32 ? ~0u : (1u << elems) - 1, words);
+    }
+    dropped_norm2[r] = _mm512_reduce_add_ps(dropped);
+    rounded_norm2[r] = _mm512_reduce_add_ps(rounded);
+  }
 }
 
 // Blocks of 16 rows x 16 words (32 bf16), transposed in registers, as scan_avx512.cpp's pack: a
@@ -128,8 +192,11 @@ __attribute__((target("avx512f,avx512bw"))) void bf16_pack_panel(const uint16_t*
 }
 
 void bf16_scan_panel(const uint32_t* zt, const uint32_t* codes, const float* norms, int64_t P, int64_t g0, int64_t g1,
-                     ScanState& state, bool group_index, LinePrefetch& fetch) {
-  if (group_index) {
+                     ScanState& state, bool group_index, LinePrefetch& fetch, bool top3) {
+  TORCH_INTERNAL_ASSERT(!(top3 && group_index), "bf16_scan_panel: the top-3 fold keeps codes, not groups");
+  if (top3) {
+    scan<false, true>(zt, codes, norms, P, g0, g1, state, fetch);
+  } else if (group_index) {
     scan<true>(zt, codes, norms, P, g0, g1, state, fetch);
   } else {
     scan<false>(zt, codes, norms, P, g0, g1, state, fetch);

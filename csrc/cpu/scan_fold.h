@@ -73,4 +73,50 @@ __attribute__((target("avx512f"), always_inline)) inline void fold_group(PanelFo
   }
 }
 
+// The fold of the rounded bf16 scan (scan_bf16.cpp): besides the best and second-best score it
+// keeps the third-best and the second's code, so a row with two codes inside its (wide) bound can
+// still be settled from their exact distances instead of being scanned again.
+struct PanelFold3 {
+  PanelFold f;
+  __m512 third0, third1;
+  __m512i index2_0, index2_1;
+};
+
+__attribute__((target("avx512f"), always_inline)) inline PanelFold3 load_fold3(const ScanState& state) {
+  return {load_fold(state), _mm512_load_ps(state.third), _mm512_load_ps(state.third + 16),
+          _mm512_load_si512(state.index2), _mm512_load_si512(state.index2 + 16)};
+}
+
+__attribute__((target("avx512f"), always_inline)) inline void store_fold3(const PanelFold3& f, ScanState& state) {
+  store_fold(f.f, state);
+  _mm512_store_ps(state.third, f.third0);
+  _mm512_store_ps(state.third + 16, f.third1);
+  _mm512_store_si512(state.index2, f.index2_0);
+  _mm512_store_si512(state.index2 + 16, f.index2_1);
+}
+
+// One code's 16 scores s into best / second / third and the codes of the first two: a score
+// below the best moves the best's code to second; a score below the second takes its place (a
+// score equal to the best becomes the second: ties are settled from exact distances).
+__attribute__((target("avx512f"), always_inline)) inline void fold3(__m512 s, __m512i k, __m512& best, __m512& second,
+                                                                     __m512& third, __m512i& index, __m512i& index2) {
+  const __mmask16 below_best = _mm512_cmp_ps_mask(s, best, _CMP_LT_OQ);
+  const __mmask16 below_second = _mm512_cmp_ps_mask(s, second, _CMP_LT_OQ);
+  index2 = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(index2, below_second, k), below_best, index);
+  index = _mm512_mask_mov_epi32(index, below_best, k);
+  third = _mm512_min_ps(third, _mm512_max_ps(second, s));
+  second = _mm512_min_ps(second, _mm512_max_ps(best, s));
+  best = _mm512_min_ps(best, s);
+}
+
+__attribute__((target("avx512f"), always_inline)) inline void fold_group3(PanelFold3& f, const __m512 (&a0)[kScanCodes],
+                                                                            const __m512 (&a1)[kScanCodes], int64_t g) {
+#pragma GCC unroll 12
+  for (int j = 0; j < kScanCodes; ++j) {
+    const __m512i k = _mm512_set1_epi32(static_cast<int32_t>(g * kScanCodes + j));
+    fold3(a0[j], k, f.f.best0, f.f.second0, f.third0, f.f.index0, f.index2_0);
+    fold3(a1[j], k, f.f.best1, f.f.second1, f.third1, f.f.index1, f.index2_1);
+  }
+}
+
 }  // namespace vqvae_fast

@@ -77,7 +77,9 @@ void settle_with_code_bounds(RowSettler<scalar_t>& settler, int64_t i, const flo
 void reset(ScanState& state) {
   std::fill(state.best, state.best + kScanRows, std::numeric_limits<float>::infinity());
   std::fill(state.second, state.second + kScanRows, std::numeric_limits<float>::infinity());
+  std::fill(state.third, state.third + kScanRows, std::numeric_limits<float>::infinity());
   std::fill(state.index, state.index + kScanRows, 0);
+  std::fill(state.index2, state.index2 + kScanRows, 0);
 }
 
 // Row j of a scan is row (*subset)[j] of z, or row j when there is no subset.
@@ -278,6 +280,112 @@ struct Bf16Scan {
   };
 };
 
+// An upper bound of sqrt(x) for x a sum of n squares computed in float by FMAs and a lane
+// reduction: each square and addition is within (n + 4) u of the true sum (u = 2^-24), and each
+// term loses at most 2^-126 to underflow (also with denormals flushed to zero).
+double float_norm_upper(float norm2, int64_t n) {
+  const double slack = static_cast<double>(n + 4);
+  return std::sqrt(static_cast<double>(norm2) + slack * 0x1p-126) * (1.0 + slack * 0x1p-23);
+}
+
+// The rounded bf16 scan (scan.h, bf16_round_rows + bf16_scan_panel with top3), as
+// settle_rows_scan drives it: the centred float rows x and codes c = -2 (e - mu) rounded to bf16
+// (x^, c^), scores e_norm + x^.c^ summed in float. Against the float scan's score, the rounding
+// moves a score by |x^.c^ - x.c| <= ||x|| ||c - c^|| + ||x - x^|| ||c^|| (Cauchy-Schwarz, with
+// the norms of what each rounding dropped, about 2^-9 of a value's size); the float accumulation,
+// norms and centring keep RowSettler's bound (exact products, as in the bf16 scan). That rounding
+// term, for two codes, widens each row's threshold: several times the float one, so where a
+// row's second-best lies inside it the scan's third-best decides whether the best two codes are
+// the only candidates (then both are re-scored exactly); else the row goes to the float scan.
+// VDPBF16PS does twice the products of an FMA: measured in benchmarks/RESULTS.md.
+template <typename scalar_t>
+struct RoundedBf16Scan {
+  static const char* event(const RowSettler<scalar_t>&) { return "vqvae_fast::cpu_scan_avx512_bf16_rounded"; }
+  const RowSettler<scalar_t>& settler;
+  int64_t D, P, groups;
+  std::vector<uint32_t> codes;
+  std::vector<float> norms;
+  double code_dropped = 0.0, code_rounded = 0.0;  // the largest ||c - c^|| and ||c^|| (upper bounds)
+  int64_t panel_bytes, group_bytes;
+
+  explicit RoundedBf16Scan(const RowSettler<scalar_t>& settler)
+      : settler(settler), D(settler.cb.D), P(bf16_pairs(D)), groups(ceil_div(settler.cb.K, kScanCodes)),
+        codes(groups * P * kScanCodes), norms(groups * kScanCodes, std::numeric_limits<float>::infinity()),
+        panel_bytes(kScanRows * P * 4), group_bytes(P * kScanCodes * 4) {
+    const PreparedCodebook& cb = settler.cb;
+    const int64_t K = cb.K;
+    std::vector<uint16_t> rounded(K * D);
+    std::vector<float> dropped2(K), rounded2(K);
+    const float* ecp = cb.ec_m2.const_data_ptr<float>();  // zero rows for the codes never chosen
+    at::parallel_for(0, K, grain_for(D), [&](int64_t k0, int64_t k1) {
+      bf16_round_rows(ecp + k0 * D, D, k1 - k0, D, rounded.data() + k0 * D, dropped2.data() + k0, rounded2.data() + k0);
+    });
+    for (int64_t k = 0; k < K; ++k) {
+      code_dropped = std::max(code_dropped, float_norm_upper(dropped2[k], D));
+      code_rounded = std::max(code_rounded, float_norm_upper(rounded2[k], D));
+    }
+    at::parallel_for(0, groups, grain_for(D * kScanCodes), [&](int64_t g0, int64_t g1) {
+      bf16_pack_code_rows(rounded.data(), K, D, g0, g1, codes.data());
+    });
+    std::copy(cb.e_norm.begin(), cb.e_norm.end(), norms.begin());
+  }
+
+  double threshold(float best, double bound, double zc_norm2) const { return settler.threshold(best, bound, zc_norm2); }
+
+  // One thread's block of packed panels; rows [0, N) only.
+  struct Panels {
+    const RoundedBf16Scan& scan;
+    std::vector<float> centred, dropped2, rounded2;
+    std::vector<uint16_t> rounded;
+    std::vector<uint32_t> zt;
+    std::vector<double> widen;  // per scan row, what the rounding adds to its threshold
+
+    Panels(const RoundedBf16Scan& scan, int64_t block, RowMap row_of)
+        : scan(scan), centred(kScanRows * scan.D), dropped2(kScanRows), rounded2(kScanRows),
+          rounded(kScanRows * scan.D), zt(block * scan.P * kScanRows), widen(block * kScanRows) {
+      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the rounded bf16 scan reads rows [0, N)");
+    }
+    uint32_t* panel(int64_t p) { return zt.data() + p * scan.P * kScanRows; }
+
+    void pack(int64_t p, int64_t first, int64_t rows, float* zc_norm2) {
+      const RowSettler<scalar_t>& settler = scan.settler;
+      const int64_t D = scan.D;
+      centre_panel_rows(settler.row_ptr(first), settler.z_type, settler.z_ld, rows, settler.cb.centre.data(), D,
+                        centred.data(), zc_norm2);
+      bf16_round_rows(centred.data(), D, kScanRows, D, rounded.data(), dropped2.data(), rounded2.data());
+      bf16_pack_panel(rounded.data(), D, kScanRows, D, panel(p), rounded2.data());  // its norms are not needed
+      for (int64_t t = 0; t < rows; ++t) {  // two codes' scores moved by the rounding
+        widen[p * kScanRows + t] = 2.0 * (float_norm_upper(zc_norm2[t], D) * scan.code_dropped +
+                                          float_norm_upper(dropped2[t], D) * scan.code_rounded);
+      }
+    }
+
+    void scan_groups(int64_t p, int64_t g0, int64_t g1, ScanState& state, LinePrefetch& fetch) {
+      bf16_scan_panel(panel(p), scan.codes.data(), scan.norms.data(), scan.P, g0, g1, state, false, fetch, true);
+    }
+
+    // One candidate (second-best beyond the threshold) or two (third-best beyond it): settled
+    // from exact distances, ties to the lower index; more go back (nan thresholds included).
+    bool settle(int64_t p, int64_t t, const ScanState& s, int64_t i, RowSettler<scalar_t>& settler,
+                double threshold) {
+      const double limit = threshold + widen[p * kScanRows + t];
+      if (static_cast<double>(s.second[t]) > limit) {
+        settler.finish(i, s.index[t], settler.exact_dist(i, s.index[t]));
+        return true;
+      }
+      if (!(static_cast<double>(s.third[t]) > limit)) return false;
+      const int64_t a = std::min(s.index[t], s.index2[t]), b = std::max(s.index[t], s.index2[t]);
+      const double da = settler.exact_dist(i, a), db = settler.exact_dist(i, b);
+      if (db < da) {
+        settler.finish(i, b, db);
+      } else {
+        settler.finish(i, a, da);
+      }
+      return true;
+    }
+  };
+};
+
 // The AMX scan (scan.h, amx_scan_panel), as settle_rows_scan drives it: scores from bf16 tile
 // products of split operands. Their error per score is at most
 //   3.1 * 2^-16 * 2 ||zc|| M                     the dropped parts of the split (xl.yl and the remainders)
@@ -437,6 +545,12 @@ std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N) {
   return settle_rows_scan<AmxScan<scalar_t>>(settler, N, RowMap{nullptr});
 }
 
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_bf16_rounded(RowSettler<scalar_t>& settler, int64_t N) {
+  static_assert(!std::is_same_v<scalar_t, double>, "the rounded bf16 scan reads float32, fp16 and bf16 rows");
+  return settle_rows_scan<RoundedBf16Scan<scalar_t>>(settler, N, RowMap{nullptr});
+}
+
 std::vector<int64_t> settle_rows_bf16(RowSettler<at::BFloat16>& settler, int64_t N) {
   TORCH_INTERNAL_ASSERT(std::all_of(settler.cb.centre.begin(), settler.cb.centre.end(), [](float c) { return c == 0.0f; }),
                         "the bf16 scan reads an uncentred codebook");
@@ -505,5 +619,8 @@ VQVAE_FAST_SETTLE_STAGES(at::Half)
 template std::vector<int64_t> settle_rows_amx<float>(RowSettler<float>&, int64_t);
 template std::vector<int64_t> settle_rows_amx<at::BFloat16>(RowSettler<at::BFloat16>&, int64_t);
 template std::vector<int64_t> settle_rows_amx<at::Half>(RowSettler<at::Half>&, int64_t);
+template std::vector<int64_t> settle_rows_bf16_rounded<float>(RowSettler<float>&, int64_t);
+template std::vector<int64_t> settle_rows_bf16_rounded<at::Half>(RowSettler<at::Half>&, int64_t);
+template std::vector<int64_t> settle_rows_bf16_rounded<at::BFloat16>(RowSettler<at::BFloat16>&, int64_t);
 
 }  // namespace vqvae_fast

@@ -315,6 +315,8 @@ struct RowSettler {
 // scores cannot be trusted), in no particular order.
 //   settle_rows_float   the float scan (scan_panel, settler.isa) over rows [0, N), or over subset[0, N) if given
 //   settle_rows_amx     the bf16 tile scan (amx_scan_panel; not double) over rows [0, N)
+//   settle_rows_bf16    the bf16 scan of bf16 rows (bf16_scan_panel) over rows [0, N)
+//   settle_rows_bf16_rounded  the same scan of centred rows rounded to bf16, over rows [0, N)
 //   settle_rows_gemm    settles every row it is given: one float GEMM per block of rows
 template <typename scalar_t>
 std::vector<int64_t> settle_rows_float(RowSettler<scalar_t>& settler, int64_t N,
@@ -322,6 +324,8 @@ std::vector<int64_t> settle_rows_float(RowSettler<scalar_t>& settler, int64_t N,
 template <typename scalar_t>
 std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N);
 std::vector<int64_t> settle_rows_bf16(RowSettler<at::BFloat16>& settler, int64_t N);
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_bf16_rounded(RowSettler<scalar_t>& settler, int64_t N);  // not double
 template <typename scalar_t>
 void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>& rows);
 

@@ -23,7 +23,7 @@ What the arguments and outputs mean:
 - `normalize` (the Triton ops' last argument): the cosine quantizer, everything between the
   l2-normalised rows of z and codes, gradients through the normalisation.
 - cpu_forward_path (C++, no tensors, so no dispatch): the CPU forward's path ("fused-amx",
-  "fused-avx512", "fused-avx512-bf16", "fused-avx2", "fused-portable" or "gemm") for rows of D elements of dtype (None: float32) and K codes.
+  "fused-avx512", "fused-avx512-bf16", "fused-avx512-bf16-rounded", "fused-avx2", "fused-portable" or "gemm") for rows of D elements of dtype (None: float32) and K codes.
 - cpu_pack_norms (C++, a test hook): the squared norms ||z_i - centre||^2 that a CPU scan body's
   packing reports (they enter only the float error bound, so no result shows a wrong one).
 - triton_residual_nearest_code: the (N, S) codes of residual quantization with codebooks
