@@ -261,12 +261,13 @@ def bench_layer_compat_table(data: dict) -> str:
                if any(r["kind"] == kind for res in data["results"] for r in res["rows"])]
     precision = SHORT_DTYPE[s["dtype"]] + (f", {s['autocast']} autocast" if s["autocast"] != "none" else "")
     names = " / ".join(name for _, name in present)
+    compat = any(kind == "compat" for kind, _ in present)  # the drop-in's column only where it ran
     lines = [f"**{precision}**, {s['device']}, median of {s['rounds']} interleaved rounds",
              "",
              "| shape (N×K×D) | " + " | ".join(f"{name} ms" for _, name in present)
-             + " | **compat vs peer** | ours vs peer | peak extra MiB (" + names + ") | rows not nearest, % ("
-             + names + ") | load average (1 min) | other processes' CPU share |",
-             "|---|" + "---:|" * (len(present) + 3) + "---|---:|---:|"]
+             + (" | **compat vs peer**" if compat else "") + " | ours vs peer | peak extra MiB (" + names
+             + ") | rows not nearest, % (" + names + ") | load average (1 min) | other processes' CPU share |",
+             "|---|" + "---:|" * (len(present) + 2 + compat) + "---|---:|---:|"]
     for result in data["results"]:
         sh = result["shape"]
         rows = {r["kind"]: r for r in result["rows"]}
@@ -279,7 +280,8 @@ def bench_layer_compat_table(data: dict) -> str:
                              if ok[k] and "inexact_fraction" in (rows[k].get("check") or {}) else "–"
                              for k, _ in present)
         lines.append(f"| {sh['name']} {sh['n']}×{sh['k']}×{sh['d']}{', cosine' if sh.get('cosine') else ''} | "
-                     + " | ".join(times) + f" | **{ratio('compat')}** | {ratio('ours')} | {memory} | {inexact} | "
+                     + " | ".join(times) + (f" | **{ratio('compat')}**" if compat else "")
+                     + f" | {ratio('ours')} | {memory} | {inexact} | "
                      f"{result['load_average'][0]:.2f} | {result['other_processes_cpu_share']:.0%} |")
     lines += ["", f"<sub>`{m['command']}`; {_machine(m)}</sub>"]
     return "\n".join(lines)

@@ -299,6 +299,42 @@ def test_rounded_bf16_scan_two_three_and_tied_candidates(dtype, d, monkeypatch):
     assert_nearest(tiny, tiny_book, nearest_code(tiny, tiny_book, backend="cpu"), 1e-12)
 
 
+def events(z: torch.Tensor, codebook: torch.Tensor) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        indices = nearest_code(z, codebook, backend="cpu")
+    assert_nearest(z, codebook, indices, 1e-12)
+    return {e.name for e in prof.events()}
+
+
+def kmeans_codebook(k: int, d: int, generator: torch.Generator, per_code: int = 8, steps: int = 5) -> torch.Tensor:
+    """Codes as k-means leaves them on Gaussian data: means of a few points, short and close together."""
+    data = torch.randn(per_code * k, d, generator=generator)
+    codes = data[:k].clone()
+    for _ in range(steps):
+        nearest = nearest_code(data, codes, backend="cpu")
+        counts = torch.bincount(nearest, minlength=k)[:, None]
+        sums = torch.zeros_like(codes).index_add_(0, nearest, data)
+        codes = torch.where(counts > 0, sums / counts.clamp_min(1), codes)
+    return codes
+
+
+def test_rounded_bf16_scan_gives_way_where_it_hands_back_too_many_rows(monkeypatch):
+    """With a k-means-like codebook at D = 256 about half the rows have three codes or more inside
+    the rounding's bound (benchmarks/rounded_candidates.py): after its first block of rows the scan
+    gives way to the float scan (unforced); random codes keep it for every block, and forcing it
+    keeps it whatever it hands back. Exact every way."""
+    monkeypatch.delenv("VQVAE_FAST_CPU_SCAN", raising=False)
+    if torch.ops.vqvae_fast.cpu_forward_path(256) != "fused-avx512-bf16-rounded":
+        pytest.skip("this CPU does not take the rounded bf16 scan for float32 rows")
+    g = torch.Generator().manual_seed(0)
+    trained, z = kmeans_codebook(256, 256, g), torch.randn(5000, 256, generator=g)
+    declined = "vqvae_fast::cpu_rounded_scan_declined"
+    assert declined in events(z, trained)
+    assert declined not in events(z, torch.randn(256, 256, generator=g))
+    monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "avx512bf16rounded")
+    assert declined not in events(z, trained)
+
+
 PACK_BODIES = ("avx512", "avx2", "portable", "amx", "avx512bf16")
 
 

@@ -29,6 +29,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -151,6 +152,35 @@ ForwardPath choose_forward_path(at::ScalarType dtype, int64_t D, int64_t K) {
   return ForwardPath::kFusedAvx512;
 }
 
+// The rounded bf16 scan pays for itself only while it hands few rows back to the float scan:
+// about 5-11 % on random data, but 29 % at D = 128 and 57 % at D = 256 with k-means-like
+// codebooks (codes shorter than the rows and close together; benchmarks/rounded_candidates.py),
+// where it was 0.87x the float scan (D = 256, 1 thread). So it runs on a first block of rows, and
+// the rest take the float scan if more than kRoundedMaxHandBack of those came back (unless forced).
+// Not tuned: the share where it breaks even is about 0.3 at D = 32 and 0.4 at D = 256 (the scan
+// alone takes 0.6-0.7 of the float scan's time; benchmarks/RESULTS.md); the probe is 64 panels.
+constexpr int64_t kRoundedProbeRows = 2048;
+constexpr double kRoundedMaxHandBack = 0.25;
+
+// Rows [0, N) by the rounded bf16 scan (or, after its probe, the float scan); returns the rows
+// left for the GEMM path.
+template <typename scalar_t>
+std::vector<int64_t> settle_rows_rounded_or_float(RowSettler<scalar_t>& settler, int64_t N, bool forced) {
+  int64_t stopped_at = N;
+  const std::vector<int64_t> undecided =
+      settle_rows_bf16_rounded(settler, N, forced ? N : kRoundedProbeRows, kRoundedMaxHandBack, &stopped_at);
+  std::vector<int64_t> left;
+  if (stopped_at < N) {
+    RECORD_USER_SCOPE("vqvae_fast::cpu_rounded_scan_declined");
+    left = settle_rows_float(settler, N - stopped_at, nullptr, stopped_at);
+  }
+  if (!undecided.empty()) {
+    const std::vector<int64_t> near_ties = settle_rows_float(settler, static_cast<int64_t>(undecided.size()), &undecided);
+    left.insert(left.end(), near_ties.begin(), near_ties.end());
+  }
+  return left;
+}
+
 // Fills indices (N,) and, unless quantized is null, quantized (N, D, contiguous); returns
 // sum_i ||z_i - e_{idx_i}||^2, summed in row order (independent of the thread count).
 template <typename scalar_t>
@@ -208,8 +238,7 @@ double nearest_code_kernel(const Tensor& z, const Tensor& codebook, int64_t* ind
       TORCH_INTERNAL_ASSERT(false, "choose_forward_path chose the bf16 scan for another dtype");
     case ForwardPath::kFusedBf16Rounded:
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        const std::vector<int64_t> undecided = settle_rows_bf16_rounded(settler, N);
-        if (!undecided.empty()) rows = settle_rows_float(settler, static_cast<int64_t>(undecided.size()), &undecided);
+        rows = settle_rows_rounded_or_float(settler, N, forced_scan() == "avx512bf16rounded");
         break;
       }
       TORCH_INTERNAL_ASSERT(false, "choose_forward_path chose the rounded bf16 scan for float64");

@@ -82,10 +82,11 @@ void reset(ScanState& state) {
   std::fill(state.index2, state.index2 + kScanRows, 0);
 }
 
-// Row j of a scan is row (*subset)[j] of z, or row j when there is no subset.
+// Row j of a scan is row (*subset)[j] of z, or row first + j when there is no subset.
 struct RowMap {
   const std::vector<int64_t>* subset;
-  int64_t operator()(int64_t j) const { return subset != nullptr ? (*subset)[j] : j; }
+  int64_t first = 0;
+  int64_t operator()(int64_t j) const { return subset != nullptr ? (*subset)[j] : first + j; }
 };
 
 // The cache lines of scan rows [first, first + rows) of z where they are one run of memory (no
@@ -93,8 +94,8 @@ struct RowMap {
 template <typename scalar_t>
 LinePrefetch contiguous_rows(const RowSettler<scalar_t>& settler, RowMap row_of, int64_t first, int64_t rows) {
   if (settler.z_rows == nullptr || row_of.subset != nullptr || settler.z_ld != settler.cb.D || rows <= 0) return {};
-  const char* begin = static_cast<const char*>(settler.row_ptr(first));
-  const char* end = static_cast<const char*>(settler.row_ptr(first + rows));
+  const char* begin = static_cast<const char*>(settler.row_ptr(row_of(first)));
+  const char* end = static_cast<const char*>(settler.row_ptr(row_of(first) + rows));
   return {begin - reinterpret_cast<uintptr_t>(begin) % 64, end};
 }
 
@@ -188,7 +189,7 @@ struct FloatScan {
       const std::vector<float>& centre = settler.cb.centre;
       if constexpr (!std::is_same_v<scalar_t, double>) {  // read by pack_panel
         const int64_t elem_bytes = RowSettler<scalar_t>::elem_bytes;
-        const void* z_first = settler.row_ptr(first);
+        const void* z_first = settler.row_ptr(row_of(first));
         int64_t ld = settler.z_ld;
         if (row_of.subset != nullptr) {  // gather the panel's rows
           for (int64_t t = 0; t < rows; ++t)
@@ -256,14 +257,17 @@ struct Bf16Scan {
     const Bf16Scan& scan;
     std::vector<uint32_t> zt;
 
-    Panels(const Bf16Scan& scan, int64_t block, RowMap row_of) : scan(scan), zt(block * scan.P * kScanRows) {
-      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the bf16 scan reads rows [0, N)");
+    RowMap row_of;
+
+    Panels(const Bf16Scan& scan, int64_t block, RowMap row_of)
+        : scan(scan), zt(block * scan.P * kScanRows), row_of(row_of) {
+      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the bf16 scan reads a run of rows");
     }
     uint32_t* panel(int64_t p) { return zt.data() + p * scan.P * kScanRows; }
 
     void pack(int64_t p, int64_t first, int64_t rows, float* zc_norm2) {
       const RowSettler<scalar_t>& settler = scan.settler;
-      bf16_pack_panel(static_cast<const uint16_t*>(settler.row_ptr(first)), settler.z_ld, rows, scan.D, panel(p),
+      bf16_pack_panel(static_cast<const uint16_t*>(settler.row_ptr(row_of(first))), settler.z_ld, rows, scan.D, panel(p),
                       zc_norm2);
     }
 
@@ -339,18 +343,19 @@ struct RoundedBf16Scan {
     std::vector<uint16_t> rounded;
     std::vector<uint32_t> zt;
     std::vector<double> widen;  // per scan row, what the rounding adds to its threshold
+    RowMap row_of;
 
     Panels(const RoundedBf16Scan& scan, int64_t block, RowMap row_of)
         : scan(scan), centred(kScanRows * scan.D), dropped2(kScanRows), rounded2(kScanRows),
-          rounded(kScanRows * scan.D), zt(block * scan.P * kScanRows), widen(block * kScanRows) {
-      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the rounded bf16 scan reads rows [0, N)");
+          rounded(kScanRows * scan.D), zt(block * scan.P * kScanRows), widen(block * kScanRows), row_of(row_of) {
+      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the rounded bf16 scan reads a run of rows");
     }
     uint32_t* panel(int64_t p) { return zt.data() + p * scan.P * kScanRows; }
 
     void pack(int64_t p, int64_t first, int64_t rows, float* zc_norm2) {
       const RowSettler<scalar_t>& settler = scan.settler;
       const int64_t D = scan.D;
-      centre_panel_rows(settler.row_ptr(first), settler.z_type, settler.z_ld, rows, settler.cb.centre.data(), D,
+      centre_panel_rows(settler.row_ptr(row_of(first)), settler.z_type, settler.z_ld, rows, settler.cb.centre.data(), D,
                         centred.data(), zc_norm2);
       bf16_round_rows(centred.data(), D, kScanRows, D, rounded.data(), dropped2.data(), rounded2.data());
       bf16_pack_panel(rounded.data(), D, kScanRows, D, panel(p), rounded2.data());  // its norms are not needed
@@ -437,7 +442,7 @@ struct AmxScan {
         : scan(scan), centred(kAmxRows * scan.D),
           a_buffer(at::empty({block * scan.panel_elems}, at::TensorOptions().dtype(at::kBFloat16))),
           a(reinterpret_cast<uint16_t*>(a_buffer.data_ptr())) {
-      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the AMX scan reads rows [0, N)");
+      TORCH_INTERNAL_ASSERT(row_of.subset == nullptr && row_of.first == 0, "the AMX scan reads rows [0, N)");
     }
 
     void pack(int64_t p, int64_t first, int64_t rows, float* zc_norm2) {
@@ -470,10 +475,9 @@ struct AmxScan {
 // at D = 8 unchanged with AVX-512; with the AVX2 scan forced 3 % slower, about half of it won back
 // by fetching all at once below D = 16; benchmarks/RESULTS.md).
 template <typename Scan, typename scalar_t>
-std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, RowMap row_of) {
+std::vector<int64_t> settle_rows_scan(const Scan& scan, RowSettler<scalar_t>& settler, int64_t N, RowMap row_of) {
   RECORD_USER_SCOPE(Scan::event(settler));
   static_assert(kAmxRows == kScanRows, "both scans fill ScanState's panels");
-  const Scan scan(settler);
   const int64_t panels = ceil_div(N, kScanRows);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   // Blocks go to whichever thread is free (a shared counter), at least kBlocksPerThread per
@@ -535,26 +539,39 @@ std::vector<int64_t> settle_rows_scan(RowSettler<scalar_t>& settler, int64_t N, 
 }  // namespace
 
 template <typename scalar_t>
-std::vector<int64_t> settle_rows_float(RowSettler<scalar_t>& settler, int64_t N, const std::vector<int64_t>* subset) {
-  return settle_rows_scan<FloatScan<scalar_t>>(settler, N, RowMap{subset});
+std::vector<int64_t> settle_rows_float(RowSettler<scalar_t>& settler, int64_t N, const std::vector<int64_t>* subset,
+                                        int64_t first) {
+  return settle_rows_scan(FloatScan<scalar_t>(settler), settler, N, RowMap{subset, first});
 }
 
 template <typename scalar_t>
 std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N) {
   static_assert(!std::is_same_v<scalar_t, double>, "the AMX scan reads float, bf16 and fp16 rows");
-  return settle_rows_scan<AmxScan<scalar_t>>(settler, N, RowMap{nullptr});
+  return settle_rows_scan(AmxScan<scalar_t>(settler), settler, N, RowMap{nullptr});
 }
 
 template <typename scalar_t>
-std::vector<int64_t> settle_rows_bf16_rounded(RowSettler<scalar_t>& settler, int64_t N) {
+std::vector<int64_t> settle_rows_bf16_rounded(RowSettler<scalar_t>& settler, int64_t N, int64_t probe,
+                                              double max_share, int64_t* stopped_at) {
   static_assert(!std::is_same_v<scalar_t, double>, "the rounded bf16 scan reads float32, fp16 and bf16 rows");
-  return settle_rows_scan<RoundedBf16Scan<scalar_t>>(settler, N, RowMap{nullptr});
+  const RoundedBf16Scan<scalar_t> scan(settler);  // the codes rounded and packed once for both parts
+  probe = std::min(probe, N);
+  std::vector<int64_t> back = settle_rows_scan(scan, settler, probe, RowMap{nullptr, 0});
+  *stopped_at = N;
+  if (probe == N) return back;
+  if (static_cast<double>(back.size()) > max_share * static_cast<double>(probe)) {
+    *stopped_at = probe;
+    return back;
+  }
+  const std::vector<int64_t> more = settle_rows_scan(scan, settler, N - probe, RowMap{nullptr, probe});
+  back.insert(back.end(), more.begin(), more.end());
+  return back;
 }
 
 std::vector<int64_t> settle_rows_bf16(RowSettler<at::BFloat16>& settler, int64_t N) {
   TORCH_INTERNAL_ASSERT(std::all_of(settler.cb.centre.begin(), settler.cb.centre.end(), [](float c) { return c == 0.0f; }),
                         "the bf16 scan reads an uncentred codebook");
-  return settle_rows_scan<Bf16Scan<at::BFloat16>>(settler, N, RowMap{nullptr});
+  return settle_rows_scan(Bf16Scan<at::BFloat16>(settler), settler, N, RowMap{nullptr});
 }
 
 // Settles the given rows with one float32 GEMM per block of rows: scores
@@ -609,7 +626,7 @@ void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>&
 }
 
 #define VQVAE_FAST_SETTLE_STAGES(T)                                                                        \
-  template std::vector<int64_t> settle_rows_float<T>(RowSettler<T>&, int64_t, const std::vector<int64_t>*); \
+  template std::vector<int64_t> settle_rows_float<T>(RowSettler<T>&, int64_t, const std::vector<int64_t>*, int64_t); \
   template void settle_rows_gemm<T>(RowSettler<T>&, const std::vector<int64_t>&);
 VQVAE_FAST_SETTLE_STAGES(float)
 VQVAE_FAST_SETTLE_STAGES(double)
@@ -619,8 +636,11 @@ VQVAE_FAST_SETTLE_STAGES(at::Half)
 template std::vector<int64_t> settle_rows_amx<float>(RowSettler<float>&, int64_t);
 template std::vector<int64_t> settle_rows_amx<at::BFloat16>(RowSettler<at::BFloat16>&, int64_t);
 template std::vector<int64_t> settle_rows_amx<at::Half>(RowSettler<at::Half>&, int64_t);
-template std::vector<int64_t> settle_rows_bf16_rounded<float>(RowSettler<float>&, int64_t);
-template std::vector<int64_t> settle_rows_bf16_rounded<at::Half>(RowSettler<at::Half>&, int64_t);
-template std::vector<int64_t> settle_rows_bf16_rounded<at::BFloat16>(RowSettler<at::BFloat16>&, int64_t);
+#define VQVAE_FAST_ROUNDED_STAGE(T) \
+  template std::vector<int64_t> settle_rows_bf16_rounded<T>(RowSettler<T>&, int64_t, int64_t, double, int64_t*);
+VQVAE_FAST_ROUNDED_STAGE(float)
+VQVAE_FAST_ROUNDED_STAGE(at::Half)
+VQVAE_FAST_ROUNDED_STAGE(at::BFloat16)
+#undef VQVAE_FAST_ROUNDED_STAGE
 
 }  // namespace vqvae_fast

@@ -313,19 +313,22 @@ struct RowSettler {
 // The stages (settle.cpp, instantiated for float, double, BFloat16 and Half). Each scan settles
 // the rows whose best code it can vouch for and returns the others (near-ties, rows whose float
 // scores cannot be trusted), in no particular order.
-//   settle_rows_float   the float scan (scan_panel, settler.isa) over rows [0, N), or over subset[0, N) if given
+//   settle_rows_float   the float scan (scan_panel, settler.isa) over rows [first, first + N), or over subset[0, N) if given
 //   settle_rows_amx     the bf16 tile scan (amx_scan_panel; not double) over rows [0, N)
 //   settle_rows_bf16    the bf16 scan of bf16 rows (bf16_scan_panel) over rows [0, N)
-//   settle_rows_bf16_rounded  the same scan of centred rows rounded to bf16, over rows [0, N)
+//   settle_rows_bf16_rounded  the same scan of centred rows rounded to bf16, over rows [0, N) (see below)
 //   settle_rows_gemm    settles every row it is given: one float GEMM per block of rows
 template <typename scalar_t>
 std::vector<int64_t> settle_rows_float(RowSettler<scalar_t>& settler, int64_t N,
-                                        const std::vector<int64_t>* subset = nullptr);
+                                        const std::vector<int64_t>* subset = nullptr, int64_t first = 0);
 template <typename scalar_t>
 std::vector<int64_t> settle_rows_amx(RowSettler<scalar_t>& settler, int64_t N);
 std::vector<int64_t> settle_rows_bf16(RowSettler<at::BFloat16>& settler, int64_t N);
+// Not double. Rows [0, probe) first: if more than max_share of them come back, it stops there
+// (*stopped_at = probe: rows [probe, N) are the caller's), else it scans the rest (*stopped_at = N).
 template <typename scalar_t>
-std::vector<int64_t> settle_rows_bf16_rounded(RowSettler<scalar_t>& settler, int64_t N);  // not double
+std::vector<int64_t> settle_rows_bf16_rounded(RowSettler<scalar_t>& settler, int64_t N, int64_t probe,
+                                              double max_share, int64_t* stopped_at);
 template <typename scalar_t>
 void settle_rows_gemm(RowSettler<scalar_t>& settler, const std::vector<int64_t>& rows);
 
