@@ -61,17 +61,17 @@ def test_reported_path_matches_the_cpu(monkeypatch):
     large, small = torch.ops.vqvae_fast.cpu_forward_path(16), torch.ops.vqvae_fast.cpu_forward_path(15)
     native = "fused-portable" if platform.machine() in ("aarch64", "arm64") else "gemm"  # NEON
     assert small == ("fused-avx512" if avx512 else "fused-avx2" if avx2 else native)
+    # From D = 16 on: the rounded bf16 scan where the CPU has AVX512-BF16 but AMX does not run.
     # AMX also needs the kernel's permission for this process (Linux 5.16 on): where the flags
-    # say AMX, the AVX-512 scan is the only other acceptable answer.
-    assert large == ("fused-amx" if amx else small) or (amx and large == "fused-avx512")
+    # say AMX, the rounded scan (AMX CPUs have AVX512-BF16) is the only other acceptable answer.
     bf16 = avx512 and "avx512_bf16" in flags  # bf16 inputs below AMX's D: the bf16 scan
-    assert torch.ops.vqvae_fast.cpu_forward_path(15, torch.bfloat16) == ("fused-avx512-bf16" if bf16 else small)
-    # float32 and fp16 from D = 24 on where AMX does not run: the rounded bf16 scan.
     rounded = "fused-avx512-bf16-rounded" if bf16 else small
+    assert large == ("fused-amx" if amx else rounded) or (amx and large == rounded)
+    assert torch.ops.vqvae_fast.cpu_forward_path(15, torch.bfloat16) == ("fused-avx512-bf16" if bf16 else small)
+    # float32 and fp16 from D = 16 on where AMX does not run: the rounded bf16 scan.
     for dtype in (torch.float32, torch.float16):
-        assert torch.ops.vqvae_fast.cpu_forward_path(23, dtype) == (large if amx else small)
-        assert torch.ops.vqvae_fast.cpu_forward_path(24, dtype) in ((large, "fused-avx512-bf16-rounded") if amx
-                                                                    else (rounded,))
+        assert torch.ops.vqvae_fast.cpu_forward_path(15, dtype) == small
+        assert torch.ops.vqvae_fast.cpu_forward_path(16, dtype) in ((large, rounded) if amx else (rounded,))
     assert torch.ops.vqvae_fast.cpu_forward_path(256, torch.float64) == small
     monkeypatch.setenv("VQVAE_FAST_CPU_SCAN", "gemm")
     assert torch.ops.vqvae_fast.cpu_forward_path(256) == "gemm"
@@ -245,7 +245,7 @@ def test_bf16_scan_leaves_subnormals_and_offsets_to_the_float_scan(monkeypatch):
     assert path_taken(z + 100, far) == "fused-avx512"  # the centre is not small: centred float scores
     assert path_taken(z, codebook) == "fused-avx512-bf16"
     assert_nearest(z + 100, far, nearest_code(z + 100, far, backend="cpu"), 1e-12)
-    # From D = 24 on the centred values are rounded to bf16 again instead (the rounded scan).
+    # From D = 16 on the centred values are rounded to bf16 again instead (the rounded scan).
     wide, wide_z = (torch.randn(200, 40) + 100).bfloat16(), (torch.randn(300, 40) + 100).bfloat16()
     assert path_taken(wide_z, wide) == "fused-avx512-bf16-rounded"
     assert_nearest(wide_z, wide, nearest_code(wide_z, wide, backend="cpu"), 1e-12)

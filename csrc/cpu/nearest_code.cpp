@@ -89,9 +89,10 @@ namespace {
 enum class ForwardPath { kGemm, kFusedPortable, kFusedAvx2, kFusedAvx512, kFusedBf16, kFusedBf16Rounded, kFusedAmx };
 
 // From this D on, float32 and fp16 rows on CPUs with AVX512-BF16 but not AMX take the rounded bf16
-// scan (twice the products an instruction; rows it cannot settle go to the float scan). Below it
-// the float scan: TODO measure.
-constexpr int64_t kRoundedMinD = 24;
+// scan (twice the products an instruction; rows it cannot settle go to the float scan). Measured
+// against the float scan (AMD Zen 4, 1 thread, benchmarks/RESULTS.md): 1.00-1.32x at D = 16,
+// 1.05-1.19x at D = 12 (not taken: more rows inside its bound there), 0.66x at D = 8.
+constexpr int64_t kRoundedMinD = 16;
 
 // Below, storing and folding the score tiles costs more than the tiles save: measured 0.5-0.7x the
 // AVX-512 scan's speed at D = 8 (Intel Xeon with AMX, 2026-11-26; benchmarks/RESULTS.md "CPU: the

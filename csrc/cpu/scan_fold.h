@@ -109,13 +109,30 @@ __attribute__((target("avx512f"), always_inline)) inline void fold3(__m512 s, __
   best = _mm512_min_ps(best, s);
 }
 
+// A score changes a row's three only if it is below the row's third: from group kFoldEveryGroup
+// on, a group whose minimum is not, for any of the 16 rows, is skipped (11 operations instead of
+// 60). For a row's k-th code the chance of entering its three is about 3/k, so for 16 rows and 12
+// codes the skip pays only once k is several hundred: measured (Zen 4, 1 thread) 1.10-1.20x at
+// D = 32 with K >= 4096, 1.05x at D = 64, K = 4096, and 0.97-0.99x at K = 1024 when every group
+// was tested. Only NaN scores would be folded differently, from rows whose scores are never trusted.
+constexpr int64_t kFoldEveryGroup = 48;  // 576 codes
+
 __attribute__((target("avx512f"), always_inline)) inline void fold_group3(PanelFold3& f, const __m512 (&a0)[kScanCodes],
                                                                             const __m512 (&a1)[kScanCodes], int64_t g) {
+  const bool test = g >= kFoldEveryGroup;
+  if (!test || _mm512_cmp_ps_mask(min_of(a0), f.third0, _CMP_LT_OQ) != 0) {
 #pragma GCC unroll 12
-  for (int j = 0; j < kScanCodes; ++j) {
-    const __m512i k = _mm512_set1_epi32(static_cast<int32_t>(g * kScanCodes + j));
-    fold3(a0[j], k, f.f.best0, f.f.second0, f.third0, f.f.index0, f.index2_0);
-    fold3(a1[j], k, f.f.best1, f.f.second1, f.third1, f.f.index1, f.index2_1);
+    for (int j = 0; j < kScanCodes; ++j) {
+      const __m512i k = _mm512_set1_epi32(static_cast<int32_t>(g * kScanCodes + j));
+      fold3(a0[j], k, f.f.best0, f.f.second0, f.third0, f.f.index0, f.index2_0);
+    }
+  }
+  if (!test || _mm512_cmp_ps_mask(min_of(a1), f.third1, _CMP_LT_OQ) != 0) {
+#pragma GCC unroll 12
+    for (int j = 0; j < kScanCodes; ++j) {
+      const __m512i k = _mm512_set1_epi32(static_cast<int32_t>(g * kScanCodes + j));
+      fold3(a1[j], k, f.f.best1, f.f.second1, f.third1, f.f.index1, f.index2_1);
+    }
   }
 }
 
