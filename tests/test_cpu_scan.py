@@ -299,6 +299,21 @@ def test_rounded_bf16_scan_two_three_and_tied_candidates(dtype, d, monkeypatch):
     assert_nearest(tiny, tiny_book, nearest_code(tiny, tiny_book, backend="cpu"), 1e-12)
 
 
+@pytest.mark.parametrize("d", (20, 48, 160))
+def test_rounded_bf16_scan_third_candidate_in_a_late_group(d, monkeypatch):
+    """Rows nearly equidistant from codes a, b (early) and c (after code 576, where the fold skips
+    groups whose minimum is below no row's third), a hair nearer c: all three are inside the
+    rounding's bound, so c's group must be folded whenever its score is below the row's third."""
+    force("avx512bf16rounded", monkeypatch)
+    g = torch.Generator().manual_seed(d)
+    codebook = torch.randn(700, d, generator=g)
+    a, b, c = codebook[0:40], codebook[40:80], codebook[600:640]
+    centre = circumcentres(a, b, c)
+    toward_c = (c.double() - centre) / (c.double() - centre).norm(dim=1, keepdim=True)
+    z = torch.cat([centre + eps * toward_c for eps in (1e-4, 3e-4, 1e-3)]).float()
+    assert_nearest(z, codebook, nearest_code(z, codebook, backend="cpu"), 1e-12)
+
+
 def events(z: torch.Tensor, codebook: torch.Tensor) -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         indices = nearest_code(z, codebook, backend="cpu")
