@@ -153,7 +153,7 @@ int64_t bf16_code_in_group(const uint32_t* zt, int64_t row, const uint32_t* code
 // anyway), scanned as above; the rounding's effect on a score is bounded from the norms of what
 // was rounded off (settle.cpp, RoundedBf16Scan). Rounds n rows of D floats (row r at src + r *
 // ld) into dst (row r at dst + r * D, bf16 bits) and reports, per row, the squared norms of the
-// part rounded off and of the rounded row, summed in float.
+// part rounded off and (unless rounded_norm2 is null) of the rounded row, summed in float.
 void bf16_round_rows(const float* src, int64_t ld, int64_t n, int64_t D, uint16_t* dst, float* dropped_norm2,
                      float* rounded_norm2);
 // As bf16_pack_codes, from bf16 rows (code k at rows + k * D).

@@ -144,11 +144,11 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_round_rows(cons
           _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), 16));
       const __m512 da = _mm512_sub_ps(a, ra), db = _mm512_sub_ps(b, rb);
       dropped = _mm512_fmadd_ps(db, db, _mm512_fmadd_ps(da, da, dropped));
-      rounded = _mm512_fmadd_ps(rb, rb, _mm512_fmadd_ps(ra, ra, rounded));
+      if (rounded_norm2 != nullptr) rounded = _mm512_fmadd_ps(rb, rb, _mm512_fmadd_ps(ra, ra, rounded));
       _mm512_mask_storeu_epi16(out + d, elems == 32 ? ~0u : (1u << elems) - 1, words);
     }
     dropped_norm2[r] = _mm512_reduce_add_ps(dropped);
-    rounded_norm2[r] = _mm512_reduce_add_ps(rounded);
+    if (rounded_norm2 != nullptr) rounded_norm2[r] = _mm512_reduce_add_ps(rounded);
   }
 }
 

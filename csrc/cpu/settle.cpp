@@ -336,17 +336,17 @@ struct RoundedBf16Scan {
 
   double threshold(float best, double bound, double zc_norm2) const { return settler.threshold(best, bound, zc_norm2); }
 
-  // One thread's block of packed panels; rows [0, N) only.
+  // One thread's block of packed panels; a run of rows (no subset).
   struct Panels {
     const RoundedBf16Scan& scan;
-    std::vector<float> centred, dropped2, rounded2;
+    std::vector<float> centred, dropped2, unused_norms;
     std::vector<uint16_t> rounded;
     std::vector<uint32_t> zt;
     std::vector<double> widen;  // per scan row, what the rounding adds to its threshold
     RowMap row_of;
 
     Panels(const RoundedBf16Scan& scan, int64_t block, RowMap row_of)
-        : scan(scan), centred(kScanRows * scan.D), dropped2(kScanRows), rounded2(kScanRows),
+        : scan(scan), centred(kScanRows * scan.D), dropped2(kScanRows), unused_norms(kScanRows),
           rounded(kScanRows * scan.D), zt(block * scan.P * kScanRows), widen(block * kScanRows), row_of(row_of) {
       TORCH_INTERNAL_ASSERT(row_of.subset == nullptr, "the rounded bf16 scan reads a run of rows");
     }
@@ -357,8 +357,8 @@ struct RoundedBf16Scan {
       const int64_t D = scan.D;
       centre_panel_rows(settler.row_ptr(row_of(first)), settler.z_type, settler.z_ld, rows, settler.cb.centre.data(), D,
                         centred.data(), zc_norm2);
-      bf16_round_rows(centred.data(), D, kScanRows, D, rounded.data(), dropped2.data(), rounded2.data());
-      bf16_pack_panel(rounded.data(), D, kScanRows, D, panel(p), rounded2.data());  // its norms are not needed
+      bf16_round_rows(centred.data(), D, kScanRows, D, rounded.data(), dropped2.data(), nullptr);
+      bf16_pack_panel(rounded.data(), D, kScanRows, D, panel(p), unused_norms.data());  // the bound uses zc_norm2
       for (int64_t t = 0; t < rows; ++t) {  // two codes' scores moved by the rounding
         widen[p * kScanRows + t] = 2.0 * (float_norm_upper(zc_norm2[t], D) * scan.code_dropped +
                                           float_norm_upper(dropped2[t], D) * scan.code_rounded);
